@@ -1,0 +1,203 @@
+"""The blending engine: K experts as one K×N matrix per dtype, so θ(α) for M coefficient sets is one product.
+
+Both perturbed models of an SPSA step come from a single ``[α₊; α₋] @ E`` per (dtype, group) segment, so
+every expert byte is read once per step; model parameters are views into the product's output. Half-precision
+experts are multiplied in float32 chunks and rounded once (float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .experts import Expert
+
+#: Columns converted to float32 at a time for half-precision experts (bounds the temporary K×chunk copy).
+HALF_CHUNK = 1 << 22
+_LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
+
+
+def group_of(name: str, granularity: str) -> str:
+    """The coefficient group of a parameter: one for the model, one per numbered block, or one per tensor."""
+    if granularity == "model":
+        return "model"
+    if granularity == "tensor":
+        return name
+    match = _LAYER_INDEX.match(name)
+    if match:
+        return match.group(1)
+    if any(tag in name for tag in ("embed", "wte", "wpe", "patch")):
+        return "embeddings"
+    return "head"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor lives: its dtype buffer, group and column range."""
+
+    name: str
+    dtype: torch.dtype
+    group: int
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class ExpertMatrix:
+    """The experts' floating tensors, stacked as one ``K × N`` matrix per dtype, ready to blend."""
+
+    def __init__(
+        self,
+        expert_names: Sequence[str],
+        groups: Sequence[str],
+        slots: dict[str, Slot],
+        buffers: dict[torch.dtype, torch.Tensor],
+        constants: dict[str, torch.Tensor],
+    ) -> None:
+        self.expert_names = list(expert_names)
+        self.groups = list(groups)
+        self.slots = slots
+        self.buffers = buffers
+        self.constants = constants
+        # per dtype: [(group index, start, end)], contiguous because slots are laid out group by group
+        self.segments: dict[torch.dtype, list[tuple[int, int, int]]] = {}
+        for dtype in buffers:
+            spans: dict[int, list[int]] = {}
+            for slot in slots.values():
+                if slot.dtype == dtype:
+                    lo_hi = spans.setdefault(slot.group, [slot.offset, slot.offset + slot.numel])
+                    lo_hi[0] = min(lo_hi[0], slot.offset)
+                    lo_hi[1] = max(lo_hi[1], slot.offset + slot.numel)
+            self.segments[dtype] = sorted((g, lo, hi) for g, (lo, hi) in spans.items())
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.buffers.values())).device
+
+    def group_sizes(self) -> torch.Tensor:
+        """Number of blended elements per group (weights the per-expert summary of per-group α)."""
+        sizes = torch.zeros(self.num_groups, dtype=torch.float64)
+        for slot in self.slots.values():
+            sizes[slot.group] += slot.numel
+        return sizes
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: Sequence[Expert],
+        granularity: str = "model",
+        dtype: Optional[torch.dtype] = None,
+        device: torch.device | str = "cpu",
+    ) -> "ExpertMatrix":
+        """Stream every expert's tensors into the matrices; non-float tensors are taken from the first expert."""
+        ref = experts[0]
+        float_infos = [i for i in ref.tensors.values() if i.dtype.is_floating_point]
+        group_names: list[str] = []
+        for info in float_infos:
+            g = group_of(info.name, granularity)
+            if g not in group_names:
+                group_names.append(g)
+        group_names = _order_groups(group_names)
+        group_index = {g: i for i, g in enumerate(group_names)}
+        # lay out each dtype buffer group by group, tensors in checkpoint order within a group
+        ordered = sorted(float_infos, key=lambda i: group_index[group_of(i.name, granularity)])
+        sizes: dict[torch.dtype, int] = {}
+        slots: dict[str, Slot] = {}
+        for info in ordered:
+            work = dtype or info.dtype
+            slots[info.name] = Slot(info.name, work, group_index[group_of(info.name, granularity)],
+                                    sizes.get(work, 0), info.shape)
+            sizes[work] = sizes.get(work, 0) + info.numel
+        buffers = {dt: torch.empty(len(experts), n, dtype=dt, device=device) for dt, n in sizes.items()}
+        for k, expert in enumerate(experts):
+            for name, tensor in expert.iter_tensors(set(slots)):
+                slot = slots[name]
+                buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(tensor.reshape(-1))
+        constants = {
+            name: tensor.to(device)
+            for name, tensor in ref.iter_tensors({i.name for i in ref.tensors.values() if not i.dtype.is_floating_point})
+        }
+        return cls([e.name for e in experts], group_names, slots, buffers, constants)
+
+    def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """θ for each of M coefficient sets ``alphas[M, G, K]``: one product per (dtype, group) segment.
+
+        Returns M name → tensor dicts whose tensors are views of the products (no copy), plus the
+        non-float constants. Differentiable in ``alphas`` when grad is enabled.
+        """
+        if alphas.dim() == 2:
+            alphas = alphas.unsqueeze(0)
+        m = alphas.shape[0]
+        views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
+        for dtype, buffer in self.buffers.items():
+            outputs = {}
+            for g, lo, hi in self.segments[dtype]:
+                outputs[g] = (lo, _matmul(alphas[:, g, :], buffer[:, lo:hi]))
+            for slot in self.slots.values():
+                if slot.dtype != dtype:
+                    continue
+                lo, out = outputs[slot.group]
+                start = slot.offset - lo
+                for i in range(m):
+                    views[i][slot.name] = out[i, start: start + slot.numel].view(slot.shape)
+        return views
+
+    def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
+        """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""
+        alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
+        weights = self.group_sizes()
+        mean = (weights[:, None] * alpha).sum(0) / weights.sum()
+        return {name: float(v) for name, v in zip(self.expert_names, mean)}
+
+    def by_group(self, alpha: torch.Tensor) -> dict[str, dict[str, float]]:
+        alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
+        return {g: {n: float(v) for n, v in zip(self.expert_names, row)} for g, row in zip(self.groups, alpha)}
+
+
+def _matmul(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``a[M, K] @ e[K, n]`` accumulated in float32 at least, returned in ``e``'s dtype."""
+    if e.dtype in (torch.float32, torch.float64):
+        return torch.mm(a.to(e.dtype), e)
+    a32 = a.to(torch.float32)
+    if e.shape[1] <= HALF_CHUNK:
+        return torch.mm(a32, e.to(torch.float32)).to(e.dtype)
+    out = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+    for lo in range(0, e.shape[1], HALF_CHUNK):
+        hi = min(lo + HALF_CHUNK, e.shape[1])
+        out[:, lo:hi] = torch.mm(a32, e[:, lo:hi].to(torch.float32))
+    return out
+
+
+def _order_groups(names: list[str]) -> list[str]:
+    """embeddings first, numbered blocks in numeric order, the rest (heads) last."""
+
+    def key(name: str):
+        if name == "embeddings":
+            return (0, [])
+        match = _LAYER_INDEX.match(name + ".")
+        if match:
+            parts = [(int(p) if p.isdigit() else p) for p in name.split(".")]
+            return (1, [(0, p) if isinstance(p, int) else (1, p) for p in parts])
+        return (2, [])
+
+    return sorted(names, key=key)

@@ -1,0 +1,106 @@
+"""The model card: a pure function of ``merge_result.json`` (so ``hf-glue card DIR`` can regenerate it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+TEMPLATE = Path(__file__).parent / "model_cards" / "merge.md"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def generate_card(result: dict, *, trajectory_png: Optional[str] = None, comparison: Optional[dict] = None) -> str:
+    """Render the card for a merge result dict (the content of ``merge_result.json``)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .methods import get_method
+    from .tasks import get_task
+
+    method = get_method(result["method"])
+    task = get_task(result["task"])
+    experts = [
+        {
+            "id": e["id"],
+            "revision": e.get("revision"),
+            "alpha": result["coefficients"][e["name"]],
+            "link": f"https://huggingface.co/{e['id']}" if e.get("revision") else e["id"],
+        }
+        for e in result["experts"]
+    ]
+    hub_experts = [e["id"] for e in result["experts"] if e.get("revision")]
+    dataset = result["dataset"]
+    card_data = ModelCardData(
+        base_model=hub_experts or None,
+        base_model_relation="merge",
+        datasets=[dataset["id"]] if dataset.get("revision") else None,
+        library_name="transformers",
+        pipeline_tag=task.pipeline_tag,
+        tags=["merge", "hf-glue", task.pipeline_tag],
+        eval_results=_eval_results(result, task),
+        model_name=result.get("model_name") or "hf-glue-merge",
+    )
+    groups = result.get("group_coefficients") or {}
+    metrics_rows, metric_names = _metric_rows(result)
+    comparison_rows, comparison_columns = _comparison_rows(comparison)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        title=result.get("model_name") or f"GLUE merge of {len(experts)} experts",
+        method=result["method"],
+        method_pretty=method.pretty_name,
+        method_description=method.description,
+        experts=experts,
+        granularity=result["granularity"],
+        group_rows=[{"group": g, "values": [row[e["name"]] for e in result["experts"]]} for g, row in groups.items()],
+        dataset=dataset,
+        metrics_rows=metrics_rows,
+        metric_names=metric_names,
+        comparison_rows=comparison_rows,
+        comparison_columns=comparison_columns,
+        trajectory_png=trajectory_png,
+        forward_passes=result.get("forward_passes", 0),
+        backward_passes=result.get("backward_passes", 0),
+        seconds=result.get("seconds", 0.0),
+        command=result.get("command", ""),
+        versions=result.get("versions", {}),
+    )
+    return str(card)
+
+
+def _metric_rows(result: dict) -> tuple[list[dict], list[str]]:
+    stages = [("merged", result.get("eval_before") or result.get("eval")), ("fine-tuned", result.get("eval_after"))]
+    stages = [(s, m) for s, m in stages if m]
+    names = sorted({k for _, m in stages for k in m})
+    return [{"stage": s, "values": [_fmt(m.get(k, "")) for k in names]} for s, m in stages], names
+
+
+def _comparison_rows(comparison: Optional[dict]) -> tuple[list[dict], list[str]]:
+    if not comparison:
+        return [], []
+    columns = comparison["columns"]
+    return [{"method": r["method"], "values": [r.get(c, "") for c in columns]} for r in comparison["rows"]], columns
+
+
+def _eval_results(result: dict, task) -> Optional[list]:
+    from huggingface_hub import EvalResult
+
+    dataset = result["dataset"]
+    out = []
+    for stage, metrics in (("merged", result.get("eval_before") or result.get("eval")),
+                           ("fine-tuned", result.get("eval_after"))):
+        if not metrics or task.primary_metric not in metrics:
+            continue
+        out.append(EvalResult(
+            task_type=task.pipeline_tag,
+            dataset_type=dataset["id"],
+            dataset_name=dataset["id"],
+            dataset_split=dataset.get("eval_split"),
+            dataset_revision=dataset.get("revision"),
+            metric_type=task.primary_metric,
+            metric_name=f"{task.primary_metric} ({stage})",
+            metric_value=round(float(metrics[task.primary_metric]), 6),
+        ))
+    return out or None

@@ -1,0 +1,148 @@
+"""`hf-glue` command line: argument parsing only; every command calls the same functions as the Python API.
+
+Options come from the dataclasses in `config.py` (their help text is `--help`); ``--config FILE.yaml`` sets
+defaults that flags on the command line override; unknown keys in the file are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .config import DataConfig, ExpertsConfig, GlueConfig, OutputConfig
+from .errors import GlueError
+
+MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, OutputConfig)
+
+
+def _dataclass_parser(subparsers, name: str, help: str, description: str, configs: Sequence[type]):
+    parser = subparsers.add_parser(
+        name, help=help, description=description, dataclass_types=list(configs),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags given here win).")
+    return parser
+
+
+def _build_configs(parser, configs: Sequence[type], argv: Sequence[str]) -> list:
+    """Parse ``argv`` into the dataclasses, taking defaults from ``--config FILE.yaml`` when given."""
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise GlueError("--config needs a YAML file path.")
+        path = Path(argv[i + 1])
+        del argv[i: i + 2]
+        parser.set_defaults(**_read_yaml(path, configs))
+    try:
+        # the parser's own --config option comes back as a trailing namespace: keep the dataclasses
+        return list(parser.parse_args_into_dataclasses(args=argv))[: len(configs)]
+    except (TypeError, ValueError) as err:
+        if isinstance(err, GlueError):
+            raise
+        raise GlueError(str(err)) from None
+
+
+def _read_yaml(path: Path, configs: Sequence[type]) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise GlueError(f"config file {str(path)!r} does not exist.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise GlueError(f"config file {str(path)!r} must hold a mapping of option: value.")
+    known = {f.name for c in configs for f in fields(c)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GlueError(f"unknown options in {str(path)!r}: {unknown}; remove them or check their spelling.")
+    return values
+
+
+def merge_command(args: list[str], parser) -> int:
+    from .pipeline import run_merge
+
+    experts, data, glue, output = _build_configs(parser, MERGE_CONFIGS, args)
+    if not experts.experts:
+        raise GlueError("no experts: pass --experts ORG/A ORG/B ... (Hub repo ids or local folders).")
+    if not output.output_dir:
+        raise GlueError("no output folder: pass --output-dir DIR.")
+    result = run_merge(experts, data, glue, output, command=shlex.join(["hf-glue", "merge", *args]))
+    if result.model is not None and _is_main():
+        _print_summary(result, output.output_dir)
+    return 0
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _print_summary(result, output_dir: Optional[str]) -> None:
+    width = max(len(n) for n in result.coefficients)
+    print(f"Learned coefficients ({result.method}, {result.forward_passes} forward passes, {result.seconds:.1f} s):")
+    for name, value in result.coefficients.items():
+        print(f"  {name:<{width}}  {value:.4f}")
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.eval_after or result.eval).items())
+    if metrics:
+        print(f"Held-out target: {metrics}")
+    if output_dir:
+        print(f"Saved to {output_dir}")
+
+
+COMMANDS: dict[str, tuple[str, str, Sequence[type], Callable]] = {
+    "merge": (
+        "Learn merge coefficients on target data and save the merged model.",
+        "Merge fine-tuned experts of one architecture into one model for a target dataset: α is learned with "
+        "two-point SPSA (GLUE), the experts are blended as θ = Σ α_k θ_k, and the model, tokenizer, model card "
+        "and merge_result.json are written to --output-dir.\n\nExample:\n  hf-glue merge --experts org/a org/b "
+        "--dataset org/target --output-dir merged --steps 100",
+        MERGE_CONFIGS,
+        merge_command,
+    ),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    from transformers import HfArgumentParser
+
+    parser = argparse.ArgumentParser(
+        prog="hf-glue",
+        description="Gradient-free learning to unify experts (GLUE): merge fine-tuned checkpoints into one model "
+        "for a new target domain.",
+    )
+    from importlib.metadata import version
+
+    parser.add_argument("--version", action="version", version=f"hf-glue {version('hf-glue')}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+    parsers = {}
+    for name, (help_text, description, configs, _) in COMMANDS.items():
+        parsers[name] = _dataclass_parser(subparsers, name, help_text, description, configs)
+    return parser, parsers
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help/version/usage errors and exits
+        parser.print_help()
+        return 2
+    name = argv[0]
+    try:
+        return COMMANDS[name][3](argv[1:], parsers[name])
+    except GlueError as err:
+        print(f"hf-glue {name}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hf-glue {name}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""Dataclass configs shared by the CLI (via `HfArgumentParser`), YAML files and the Python API.
+
+Each field's `metadata["help"]` is its `--help` text; `__post_init__` rejects bad values by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, Optional
+
+from .errors import GlueError
+
+PARAMETRIZATIONS = ("simplex", "softmax")
+GRANULARITIES = ("model", "block", "tensor")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class GlueConfig:
+    """How the coefficients α are learned (the method and its optimiser)."""
+
+    method: str = field(
+        default="glue",
+        metadata={"help": "How α is chosen: glue (SPSA, default), uniform, data-size, proxy, full-gradient."},
+    )
+    steps: int = field(default=100, metadata={"help": "Optimisation steps (each SPSA step costs two forward passes)."})
+    batch_size: int = field(
+        default=32, metadata={"help": "Global batch size per step, split across processes when several run."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for data order and SPSA perturbations: same seed, same α."})
+    parametrization: Literal["simplex", "softmax"] = field(
+        default="simplex",
+        metadata={"help": "simplex: SPSA on α with projection onto the simplex (default); softmax: SPSA on logits."},
+    )
+    granularity: Literal["model", "block", "tensor"] = field(
+        default="model",
+        metadata={"help": "One α per expert (model, the paper's), per transformer block (block), or per tensor."},
+    )
+    init: Literal["uniform", "data-size"] = field(
+        default="uniform", metadata={"help": "Starting point: uniform α, or α ∝ --data-sizes."}
+    )
+    data_sizes: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Training-set size of each expert, in --experts order (for data-size init/method)."},
+    )
+    perturbation: Optional[float] = field(
+        default=None, metadata={"help": "SPSA perturbation size c (default 0.05 simplex, 0.1 softmax)."}
+    )
+    perturbation_decay: float = field(default=0.101, metadata={"help": "SPSA γ: c_t = c / (t + 1)^γ."})
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "SPSA gain a; default: calibrated so the first update moves α by --first-step."},
+    )
+    first_step: Optional[float] = field(
+        default=None,
+        metadata={"help": "Size of the first update when a is calibrated (default 0.1 simplex, 0.5 softmax)."},
+    )
+    stability: Optional[float] = field(
+        default=None, metadata={"help": "SPSA A in a_t = a / (t + 1 + A)^0.602 (default 10% of --steps)."}
+    )
+    spsa_samples: int = field(default=1, metadata={"help": "Perturbations averaged per step (q); 2q forward passes."})
+    calibration_samples: int = field(
+        default=4, metadata={"help": "Probe perturbations used once to calibrate a when --learning-rate is unset."}
+    )
+    parallel: Literal["data", "perturbation"] = field(
+        default="data",
+        metadata={"help": "Several processes: shard each batch (data) or draw one Δ per process (perturbation)."},
+    )
+    eval_batch_size: int = field(default=64, metadata={"help": "Batch size for held-out evaluation."})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise GlueError(f"steps must be at least 1, got {self.steps}.")
+        if self.batch_size < 1:
+            raise GlueError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise GlueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}.")
+        if self.granularity not in GRANULARITIES:
+            raise GlueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}.")
+        if self.spsa_samples < 1:
+            raise GlueError(f"spsa_samples must be at least 1, got {self.spsa_samples}.")
+        if self.perturbation is not None and self.perturbation <= 0:
+            raise GlueError(f"perturbation must be positive, got {self.perturbation}.")
+        if self.init == "data-size" and not self.data_sizes:
+            raise GlueError("init='data-size' needs --data-sizes n1 n2 ... (one per expert).")
+        if self.data_sizes is not None and any(n <= 0 for n in self.data_sizes):
+            raise GlueError(f"data_sizes must all be positive, got {self.data_sizes}.")
+
+    @property
+    def c(self) -> float:
+        return self.perturbation or (0.05 if self.parametrization == "simplex" else 0.1)
+
+    @property
+    def first_move(self) -> float:
+        return self.first_step or (0.1 if self.parametrization == "simplex" else 0.5)
+
+    @property
+    def A(self) -> float:
+        return self.stability if self.stability is not None else 0.1 * self.steps
+
+
+@dataclass
+class ExpertsConfig:
+    """Which experts to merge and how to load them."""
+
+    experts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Expert checkpoints: Hub repo ids (org/name or org/name@revision) or local folders."},
+    )
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "Allow pickled .bin weights when an expert has no safetensors (unsafe)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code shipped in the expert repos (off unless you trust them)."}
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Dtype experts are held and blended in (auto: as stored); blending accumulates in float32."},
+    )
+    cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise GlueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        duplicates = sorted({e for e in self.experts if self.experts.count(e) > 1})
+        if duplicates:
+            raise GlueError(f"expert {duplicates[0]!r} is listed more than once in --experts; list each once.")
+
+
+@dataclass
+class DataConfig:
+    """The target dataset α is learned on, and how its columns map to model inputs."""
+
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Target dataset: Hub repo id (org/name[@revision]), a local folder, or a data file."},
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration (subset) name."})
+    train_split: str = field(default="train", metadata={"help": "Split α is learned on."})
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out split (default: validation or test if present, else 10% of the train split)."},
+    )
+    task: Optional[str] = field(
+        default=None,
+        metadata={"help": "Task family (default: from the experts' architecture): sequence-classification, "
+                  "causal-lm, image-classification."},
+    )
+    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: detected)."})
+    text_pair_column: Optional[str] = field(
+        default=None, metadata={"help": "Second text column for sentence-pair classification."}
+    )
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default: detected)."})
+    image_column: Optional[str] = field(default=None, metadata={"help": "Image column (default: detected)."})
+    max_length: int = field(default=128, metadata={"help": "Truncate tokenised text to this many tokens."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many train rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many eval rows."})
+
+
+@dataclass
+class OutputConfig:
+    """Where the merged model goes."""
+
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the merged model, card and result."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output-dir if it exists."})
+
+
+def non_default_items(config: object) -> dict:
+    """The fields of a dataclass config that differ from their defaults (for the reproduction command)."""
+    defaults = type(config)()  # type: ignore[call-arg]
+    return {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def to_dict(config: object) -> dict:
+    return asdict(config)  # type: ignore[arg-type]
+
+
+def _cli_args(config: object) -> list[str]:
+    """Flags reproducing a config's non-default fields."""
+    import shlex
+
+    args = []
+    for name, value in non_default_items(config).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else [flag, "false"]
+        elif isinstance(value, (list, tuple)):
+            args += [flag] + [shlex.quote(str(v)) for v in value]
+        elif value is not None:
+            args += [flag, shlex.quote(str(value))]
+    return args
+
+
+def merge_command(
+    experts: ExpertsConfig, data: DataConfig, glue: GlueConfig, output: Optional[OutputConfig] = None
+) -> str:
+    """The `hf-glue merge` command line that reproduces this run (never includes a token)."""
+    parts = ["hf-glue", "merge"] + _cli_args(experts) + _cli_args(data) + _cli_args(glue)
+    if output is not None:
+        parts += _cli_args(output)
+    return " ".join(parts)

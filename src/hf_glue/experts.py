@@ -1,0 +1,234 @@
+"""Expert checkpoints: resolve their metadata, refuse incompatible ones early, then read weights lazily.
+
+Order matters for users: configs, tokenizers and parameter shapes are checked from small metadata files
+before any weight file is downloaded; weights are then streamed tensor by tensor from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from . import hub
+from .errors import GlueError
+
+#: Small files fetched first: configs, weight indexes, tokenizer and processor files.
+METADATA_PATTERNS = ("*.json", "*.txt", "*.model")
+SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+PICKLE_PATTERNS = ("*.bin", "*.bin.index.json")
+#: Files that define tokenisation / preprocessing: they must be identical across experts.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a checkpoint tensor lives and what it is, read from file headers without loading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Expert:
+    """One resolved expert: its pinned snapshot, parsed ``config.json`` and (after fetch) its tensor index."""
+
+    repo: hub.ResolvedRepo
+    config: dict
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The key used for this expert in coefficients: the spec the user gave (unique per run)."""
+        return self.repo.spec
+
+    def processor_hashes(self) -> dict[str, str]:
+        return {
+            f: hashlib.sha256((self.repo.path / f).read_bytes()).hexdigest()
+            for f in PROCESSOR_FILES
+            if (self.repo.path / f).is_file()
+        }
+
+    def iter_tensors(self, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, one weight file open at a time."""
+        by_file: dict[Path, list[str]] = {}
+        for info in self.tensors.values():
+            if names is None or info.name in names:
+                by_file.setdefault(info.file, []).append(info.name)
+        for file, keys in by_file.items():
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in keys:
+                        yield key, f.get_tensor(key)
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                for key in keys:
+                    yield key, state[key]
+                del state
+
+
+def resolve_experts(specs: Sequence[str]) -> list[Expert]:
+    """Pin every expert and fetch only its metadata files; fails fast on missing repos or configs."""
+    if len(specs) < 2:
+        raise GlueError(f"GLUE merges at least two experts; got {len(specs)} ({list(specs)}). Pass --experts A B ...")
+    experts = []
+    for spec in specs:
+        repo = hub.resolve(spec, allow_patterns=METADATA_PATTERNS, what="expert")
+        config_file = repo.path / "config.json"
+        if not config_file.is_file():
+            raise GlueError(f"expert {spec!r} has no config.json in {repo.path}: is it a transformers model?")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise GlueError(f"expert {spec!r}: config.json is not valid JSON ({err}).") from None
+        experts.append(Expert(repo=repo, config=config))
+    return experts
+
+
+def expected_state_shapes(expert: Expert, model_class, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the model class builds from this expert's config (on the meta device: no memory)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(expert.repo.path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise GlueError(
+                f"expert {expert.name!r} needs custom model code; pass --trust-remote-code if you trust the repo."
+            ) from None
+        raise GlueError(f"expert {expert.name!r}: cannot build {model_class.__name__} from its config: {err}") from None
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+def check_compatible(experts: Sequence[Expert], model_class, trust_remote_code: bool = False) -> None:
+    """Refuse experts that differ in architecture, parameter names/shapes or tokenizer files, naming the first."""
+    ref = experts[0]
+    ref_type = ref.config.get("model_type")
+    for other in experts[1:]:
+        if other.config.get("model_type") != ref_type:
+            raise GlueError(
+                f"expert {other.name!r} is a {other.config.get('model_type')!r} model but {ref.name!r} is "
+                f"{ref_type!r}: all experts must share one architecture."
+            )
+    ref_shapes = expected_state_shapes(ref, model_class, trust_remote_code)
+    for other in experts[1:]:
+        _compare_shapes(ref.name, ref_shapes, other.name, expected_state_shapes(other, model_class, trust_remote_code),
+                        where="from its config.json")
+    ref_hashes = ref.processor_hashes()
+    for other in experts[1:]:
+        hashes = other.processor_hashes()
+        for name in sorted(set(ref_hashes) | set(hashes)):
+            if ref_hashes.get(name) != hashes.get(name):
+                if name in ref_hashes and name in hashes:
+                    what = f"its {name} differs from {ref.name!r}'s"
+                else:
+                    has, lacks = (ref.name, other.name) if name in ref_hashes else (other.name, ref.name)
+                    what = f"{name} is present in {has!r} but not in {lacks!r}"
+                raise GlueError(f"expert {other.name!r}: {what}; all experts must share one tokenizer/processor.")
+
+
+def _compare_shapes(ref_name: str, ref: dict, name: str, shapes: dict, where: str) -> None:
+    missing = [k for k in ref if k not in shapes]
+    extra = [k for k in shapes if k not in ref]
+    if missing or extra:
+        key = (missing or extra)[0]
+        side = f"lacks parameter {key!r} that {ref_name!r} has" if missing else f"has parameter {key!r} that {ref_name!r} lacks"
+        raise GlueError(f"expert {name!r} {side} ({where}): all experts must share one architecture.")
+    for key, shape in ref.items():
+        if shapes[key] != shape:
+            raise GlueError(
+                f"expert {name!r}: parameter {key!r} has shape {list(shapes[key])} but {ref_name!r} has "
+                f"{list(shape)} ({where}); all experts must share one architecture and size."
+            )
+
+
+def fetch_weights(experts: Sequence[Expert], allow_pickle: bool = False) -> None:
+    """Download the weight files and index every tensor from file headers; checks names and shapes agree."""
+    for expert in experts:
+        path = hub.download(expert.repo, SAFETENSORS_PATTERNS)
+        files = _weight_files(path, ".safetensors", "model.safetensors.index.json", "model.safetensors")
+        if not files:
+            if not allow_pickle:
+                found = sorted(p.name for p in path.glob("*.bin"))
+                raise GlueError(
+                    f"expert {expert.name!r} has no *.safetensors weights"
+                    + (f" (found {', '.join(found)})" if found else "")
+                    + ": convert it to safetensors, or pass --allow-pickle to load pickled .bin files "
+                    "(this runs pickle: only for repos you trust)."
+                )
+            path = hub.download(expert.repo, PICKLE_PATTERNS)
+            files = _weight_files(path, ".bin", "pytorch_model.bin.index.json", "pytorch_model.bin")
+            if not files:
+                raise GlueError(f"expert {expert.name!r} has no weight files (*.safetensors or *.bin) in {path}.")
+        expert.tensors = _index_files(files, expert.name)
+    ref = experts[0]
+    ref_shapes = {k: v.shape for k, v in ref.tensors.items()}
+    for other in experts[1:]:
+        _compare_shapes(ref.name, ref_shapes, other.name, {k: v.shape for k, v in other.tensors.items()},
+                        where="in its weight files")
+
+
+def _weight_files(path: Path, suffix: str, index_name: str, single_name: str) -> list[Path]:
+    index = path / index_name
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / single_name).is_file():
+        return [path / single_name]
+    return sorted(p for p in path.glob(f"*{suffix}") if p.is_file())
+
+
+def _index_files(files: Sequence[Path], expert_name: str) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        if not file.is_file():
+            raise GlueError(f"expert {expert_name!r}: weight file {file.name} listed in the index is missing.")
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        tensors[key] = TensorInfo(key, tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()], file)
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise GlueError(f"expert {expert_name!r}: cannot read {file.name}: {err}") from None
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for key, t in state.items():
+                tensors[key] = TensorInfo(key, tuple(t.shape), t.dtype, file)
+    return tensors

@@ -1,0 +1,119 @@
+"""Resolve repo ids (``org/name[@revision]``) or local folders to pinned local snapshots.
+
+Everything downstream reads files from the returned folder; the commit sha goes into the result and card.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import GlueError
+
+
+@dataclass(frozen=True)
+class ResolvedRepo:
+    """One input pinned to a local folder: ``revision`` is the commit sha (None for a local folder)."""
+
+    spec: str
+    repo_id: str
+    revision: Optional[str]
+    path: Path
+    repo_type: str = "model"
+
+    @property
+    def is_local(self) -> bool:
+        return self.revision is None
+
+    def to_dict(self) -> dict:
+        return {"id": self.repo_id, "revision": self.revision}
+
+
+def split_spec(spec: str) -> tuple[str, Optional[str]]:
+    """``org/name@rev`` -> (``org/name``, ``rev``)."""
+    if "@" in spec:
+        repo_id, revision = spec.rsplit("@", 1)
+        return repo_id, revision or None
+    return spec, None
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve(
+    spec: str,
+    *,
+    repo_type: str = "model",
+    allow_patterns: Optional[Sequence[str]] = None,
+    what: str = "expert",
+) -> ResolvedRepo:
+    """Pin ``spec`` to a local snapshot, downloading only ``allow_patterns``; errors name ``what`` and ``spec``."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        return ResolvedRepo(spec=spec, repo_id=spec, revision=None, path=local.resolve(), repo_type=repo_type)
+    repo_id, revision = split_spec(spec)
+    path = _snapshot(repo_id, revision=revision, repo_type=repo_type, allow_patterns=allow_patterns, what=what, spec=spec)
+    return ResolvedRepo(spec=spec, repo_id=repo_id, revision=path.name, path=path, repo_type=repo_type)
+
+
+def download(repo: ResolvedRepo, allow_patterns: Sequence[str], what: str = "expert") -> Path:
+    """Fetch more files of an already pinned repo (same commit); a no-op for local folders."""
+    if repo.is_local:
+        return repo.path
+    return _snapshot(
+        repo.repo_id, revision=repo.revision, repo_type=repo.repo_type, allow_patterns=allow_patterns, what=what,
+        spec=repo.spec,
+    )
+
+
+def _snapshot(
+    repo_id: str, *, revision: Optional[str], repo_type: str, allow_patterns, what: str, spec: str
+) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, repo_type=repo_type, allow_patterns=list(allow_patterns or []) or None
+        )
+    except HFValidationError:
+        raise GlueError(
+            f"{what} {spec!r} is neither an existing local folder nor a valid Hub repo id (expected org/name)."
+        ) from None
+    except GatedRepoError:
+        raise GlueError(
+            f"{what} {spec!r} is gated: accept its terms on the Hub and log in with `hf auth login`."
+        ) from None
+    except RevisionNotFoundError:
+        raise GlueError(f"{what} {spec!r}: revision {revision!r} does not exist in {repo_id}.") from None
+    except RepositoryNotFoundError:
+        raise GlueError(
+            f"{what} {spec!r} was not found on the Hub: check the id, or log in with `hf auth login` "
+            "if it is private."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise GlueError(
+            f"{what} {spec!r} is not in the local Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is set: "
+            f"check the id, or download it first (`hf download {repo_id}"
+            f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`)."
+        ) from None
+    except OSError as err:  # network errors, disk errors
+        raise GlueError(f"{what} {spec!r} could not be downloaded: {err}") from None
+    return Path(path)
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return os.fspath(constants.HF_HUB_CACHE)

@@ -1,0 +1,22 @@
+"""Merge-method registry: each module registers one method with ``@register_method``."""
+
+from . import glue, uniform  # noqa: F401  (registration)
+from .base import (
+    MergeContext,
+    MergeMethod,
+    MethodOutput,
+    available_methods,
+    get_method,
+    initial_alpha,
+    register_method,
+)
+
+__all__ = [
+    "MergeContext",
+    "MergeMethod",
+    "MethodOutput",
+    "available_methods",
+    "get_method",
+    "initial_alpha",
+    "register_method",
+]

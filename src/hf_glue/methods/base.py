@@ -1,0 +1,120 @@
+"""The merge-method interface: every method learns or picks α and returns the same `MethodOutput`."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Optional
+
+import torch
+
+from ..blend import ExpertMatrix
+from ..config import GlueConfig
+from ..errors import GlueError
+from ..objective import Objective
+
+_METHODS: dict[str, "MergeMethod"] = {}
+
+
+@dataclass
+class MergeContext:
+    """What a method may use: the experts' matrix, the target objective, endless train batches."""
+
+    matrix: ExpertMatrix
+    objective: Objective
+    batches: Iterator[dict]
+    config: GlueConfig
+    accelerator: Any = None
+    is_main_process: bool = True
+
+
+@dataclass
+class MethodOutput:
+    """α (``[G, K]``) and what it cost; ``history`` holds one dict per optimisation step."""
+
+    alpha: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    forward_passes: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: Optional[int] = None
+    details: dict = field(default_factory=dict)
+
+
+class MergeMethod(ABC):
+    """A named way of choosing α; registered with ``@register_method``."""
+
+    name: ClassVar[str]
+    pretty_name: ClassVar[str]
+    description: ClassVar[str]
+    reference_url: ClassVar[Optional[str]] = None
+
+    @abstractmethod
+    def _run(self, ctx: MergeContext) -> MethodOutput:
+        """Choose α; fill history and backward passes (forward passes and time are measured by `run`)."""
+
+    def run(self, ctx: MergeContext) -> MethodOutput:
+        device = ctx.matrix.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        passes, start = ctx.objective.forward_passes, time.perf_counter()
+        out = self._run(ctx)
+        out.seconds = time.perf_counter() - start
+        out.forward_passes = ctx.objective.forward_passes - passes
+        out.peak_memory_bytes = peak_memory_bytes(device)
+        return out
+
+
+def peak_memory_bytes(device: torch.device) -> Optional[int]:
+    """Peak accelerator memory since the last reset, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: add a method under its lowercase, unique ``name``."""
+    name = cls.name
+    if name != name.lower():
+        raise ValueError(f"Merge method names are lowercase; got {name!r}.")
+    if name in _METHODS:
+        raise KeyError(f"There is already a merge method called {name!r}; choose a unique name.")
+    _METHODS[name] = cls()
+    return cls
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise GlueError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}.") from None
+
+
+def available_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def initial_alpha(config: GlueConfig, groups: int, experts: int) -> torch.Tensor:
+    """Uniform α, or α ∝ --data-sizes, repeated for every group: ``[G, K]`` float64."""
+    if config.init == "data-size":
+        sizes = torch.tensor(check_data_sizes(config, experts), dtype=torch.float64)
+        alpha = sizes / sizes.sum()
+    else:
+        alpha = torch.full((experts,), 1.0 / experts, dtype=torch.float64)
+    return alpha.repeat(groups, 1)
+
+
+def check_data_sizes(config: GlueConfig, experts: int) -> list[int]:
+    if not config.data_sizes:
+        raise GlueError("this needs the experts' training-set sizes: pass --data-sizes n1 n2 ... (one per expert).")
+    if len(config.data_sizes) != experts:
+        raise GlueError(
+            f"--data-sizes has {len(config.data_sizes)} values but there are {experts} experts; give one per expert."
+        )
+    return list(config.data_sizes)

@@ -1,0 +1,63 @@
+"""The target objective: loss (and metrics) of blended models on a batch, reduced across processes."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch.func import functional_call
+
+from .blend import ExpertMatrix
+from .tasks import Task
+
+
+class Objective:
+    """Evaluates θ(α) for many α at once: one blend product, then one forward pass per α.
+
+    Statistics are sums, all-reduced over processes, so a run on N processes sees the loss of the global
+    batch exactly as one process would.
+    """
+
+    def __init__(self, matrix: ExpertMatrix, model: torch.nn.Module, task: Task, accelerator=None) -> None:
+        self.matrix = matrix
+        self.model = model
+        self.task = task
+        self.accelerator = accelerator
+        self.forward_passes = 0
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            return self.accelerator.reduce(t, reduction="sum")
+        return t
+
+    def stats(self, alphas: torch.Tensor, batch: dict) -> list[dict[str, torch.Tensor]]:
+        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]``."""
+        params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32))
+        inputs = self.task.model_inputs(batch)
+        out = []
+        for p in params:
+            outputs = functional_call(self.model, p, args=(), kwargs=inputs, tie_weights=True, strict=False)
+            out.append(self.task.batch_stats(outputs, batch))
+            self.forward_passes += 1
+        return out
+
+    @torch.no_grad()
+    def losses(self, alphas: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean loss of each blended model over the (global) batch: ``[M]``."""
+        stats = self.stats(alphas, batch)
+        sums = torch.stack([s["loss_sum"] for s in stats] + [stats[0]["count"]])
+        sums = self._reduce(sums)
+        return (sums[:-1] / sums[-1]).cpu()
+
+    @torch.no_grad()
+    def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:
+        """Task metrics of θ(α) over all batches (e.g. the held-out split)."""
+        totals: Optional[dict[str, torch.Tensor]] = None
+        for batch in batches:
+            stats = self.stats(alpha.unsqueeze(0) if alpha.dim() == 2 else alpha, batch)[0]
+            totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
+        if totals is None:
+            return {}
+        keys = sorted(totals)
+        reduced = self._reduce(torch.stack([totals[k].float() for k in keys]))
+        return {k: float(v) for k, v in self.task.finalize(dict(zip(keys, reduced.tolist()))).items()}

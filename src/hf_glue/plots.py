@@ -1,0 +1,32 @@
+"""PNG of the coefficient and loss trajectories, embedded in the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+def plot_trajectories(result: dict, path: Path) -> Optional[Path]:
+    """Two panels: α per expert over steps, and the SPSA losses L±. Returns the path, or None without history."""
+    history = result.get("history") or []
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for expert in result["experts"]:
+        ax_a.plot(steps, [h["coefficients"][expert["name"]] for h in history], label=expert["name"])
+    ax_a.set(title="Coefficients α", xlabel="step", ylim=(-0.02, 1.02))
+    ax_a.legend(fontsize=8)
+    ax_l.plot(steps, [h["loss_plus"] for h in history], label="L+", alpha=0.8)
+    ax_l.plot(steps, [h["loss_minus"] for h in history], label="L−", alpha=0.8)
+    ax_l.set(title="Target loss of the perturbed blends", xlabel="step")
+    ax_l.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,114 @@
+"""`MergeResult`: what a merge produced (α, costs, metrics, the blended model) and how it is saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .experts import PROCESSOR_FILES
+from .output import atomic_dir
+
+#: Tokenizer/processor files copied verbatim from the first expert into the output.
+COPIED_FILES = PROCESSOR_FILES + ("tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                                  "processor_config.json")
+RESULT_FILE = "merge_result.json"
+
+
+@dataclass
+class MergeResult:
+    """The outcome of a merge; ``model`` is a ready `PreTrainedModel` (hand it to `transformers.Trainer`)."""
+
+    method: str
+    task: str
+    granularity: str
+    experts: list[dict]
+    dataset: dict
+    coefficients: dict[str, float]
+    alpha: torch.Tensor
+    group_coefficients: Optional[dict[str, dict[str, float]]] = None
+    history: list[dict] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+    eval_before: Optional[dict[str, float]] = None
+    eval_after: Optional[dict[str, float]] = None
+    forward_passes: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: Optional[int] = None
+    command: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False)
+    processor: Any = field(default=None, repr=False)
+    source_dir: Optional[Path] = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """The content of ``merge_result.json`` (no model, no tokens)."""
+        out = {
+            "method": self.method,
+            "task": self.task,
+            "granularity": self.granularity,
+            "experts": self.experts,
+            "dataset": self.dataset,
+            "coefficients": self.coefficients,
+        }
+        if self.granularity != "model":
+            out["group_coefficients"] = self.group_coefficients
+        out.update({
+            "history": self.history,
+            "eval": self.eval,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "command": self.command,
+            "versions": self.versions,
+            "config": self.config,
+        })
+        if self.eval_before is not None:
+            out["eval_before"] = self.eval_before
+        if self.eval_after is not None:
+            out["eval_after"] = self.eval_after
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    def save_pretrained(self, output_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write model (safetensors), tokenizer/processor, ``merge_result.json`` and the card, atomically."""
+        with atomic_dir(output_dir, overwrite) as tmp:
+            self.write_into(tmp)
+        return Path(output_dir)
+
+    def write_into(self, folder: Path) -> None:
+        """Write everything into an existing folder (no atomicity: `save_pretrained` wraps this)."""
+        from .card import generate_card
+        from .plots import plot_trajectories
+
+        if self.model is not None:
+            self.model.save_pretrained(folder, safe_serialization=True)
+        if self.source_dir is not None:
+            for name in COPIED_FILES:
+                if (self.source_dir / name).is_file():
+                    shutil.copy2(self.source_dir / name, folder / name)
+        elif self.processor is not None:
+            self.processor.save_pretrained(folder)
+        data = self.to_dict()
+        (folder / RESULT_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        png = plot_trajectories(data, folder / "glue_trajectory.png") if self.history else None
+        comparison = _read_json(folder / "compare.json")
+        (folder / "README.md").write_text(
+            generate_card(data, trajectory_png=png.name if png else None, comparison=_card_comparison(comparison))
+        )
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _card_comparison(compare: Optional[dict]) -> Optional[dict]:
+    return compare.get("card") if compare else None

@@ -1,0 +1,183 @@
+"""Tiny experts and target data for tests and the bundled example (hidden 32, 2 layers, seconds on CPU).
+
+Experts are fine-tuned from one shared base on different synthetic domains, so they really differ, and can be
+published into a Hugging Face cache layout so ``org/name`` resolves offline through `huggingface_hub`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+N_CUES = 8
+N_FILLERS = 10
+CUES_PER_TEXT = 3
+TEXT_LENGTH = 9
+
+
+def make_tokenizer(words: Sequence[str]):
+    """A word-level tokenizer over ``words`` (whitespace split), wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]", bos_token="[CLS]")
+
+
+# --- sequence classification: shared cue words whose meaning depends on the domain --------------------------
+
+def classification_vocab(n_domains: int) -> list[str]:
+    return [f"c{i}" for i in range(N_CUES)] + [f"d{d}w{i}" for d in range(n_domains) for i in range(N_FILLERS)]
+
+
+def cue_sign(domain: int, cue: int) -> int:
+    """+1/-1: what cue word ``cue`` says about the label in ``domain`` (bit patterns: domains disagree)."""
+    return 1 if (cue >> (domain % 3)) & 1 else -1
+
+
+def classification_rows(domain: int, n: int, seed: int) -> list[dict]:
+    """Texts of 3 cue words among domain filler words; label = sign of the domain's cue votes."""
+    rng = random.Random(seed * 7919 + domain)
+    rows = []
+    for _ in range(n):
+        cues = [rng.randrange(N_CUES) for _ in range(CUES_PER_TEXT)]
+        words = [f"c{c}" for c in cues] + [f"d{domain}w{rng.randrange(N_FILLERS)}"
+                                           for _ in range(TEXT_LENGTH - CUES_PER_TEXT)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": int(sum(cue_sign(domain, c) for c in cues) > 0)})
+    return rows
+
+
+# --- causal LM: counting sequences with a domain-specific stride ---------------------------------------------
+
+LM_SYMBOLS = 16
+
+
+def lm_rows(domain: int, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed * 104729 + domain)
+    stride = 2 * domain + 1
+    rows = []
+    for _ in range(n):
+        x = rng.randrange(LM_SYMBOLS)
+        seq = [(x + stride * i) % LM_SYMBOLS for i in range(TEXT_LENGTH + 3)]
+        rows.append({"text": " ".join(f"t{s}" for s in seq)})
+    return rows
+
+
+# --- building and training -----------------------------------------------------------------------------------
+
+def tiny_model(task: str, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
+    """A freshly initialised tiny model (hidden 32, 2 layers) for ``task``."""
+    torch.manual_seed(seed)
+    if task == "sequence-classification":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return BertForSequenceClassification(config).to(dtype)
+    if task == "causal-lm":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                            bos_token_id=2, eos_token_id=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)
+        return GPT2LMHeadModel(config).to(dtype)
+    raise ValueError(f"no tiny model for task {task!r}")
+
+
+def train(model, tokenizer, rows: list[dict], task: str, steps: int, seed: int, lr: float = 3e-3,
+          batch_size: int = 32):
+    """A few steps of AdamW on ``rows`` (plain torch loop: fast and deterministic)."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(rows, min(batch_size, len(rows)))
+        enc = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True)
+        if task == "sequence-classification":
+            out = model(**enc, labels=torch.tensor([r["label"] for r in batch]))
+        else:
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            out = model(**enc, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def build_experts(
+    root: Path,
+    task: str = "sequence-classification",
+    n_experts: int = 3,
+    base_steps: int = 30,
+    expert_steps: int = 120,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[Path]:
+    """Save ``n_experts`` experts under ``root/expert-{d}``: one shared base, each fine-tuned on domain d."""
+    root = Path(root)
+    if task == "sequence-classification":
+        words, make_rows = classification_vocab(n_experts), classification_rows
+    else:
+        words, make_rows = [f"t{i}" for i in range(LM_SYMBOLS)], lm_rows
+    tokenizer = make_tokenizer(words)
+    base = tiny_model(task, len(tokenizer), seed)
+    mixed = [r for d in range(n_experts) for r in make_rows(d, 200, seed + 1)]
+    train(base, tokenizer, mixed, task, base_steps, seed)
+    paths = []
+    for d in range(n_experts):
+        import copy
+
+        expert = train(copy.deepcopy(base), tokenizer, make_rows(d, 400, seed + 2), task, expert_steps, seed + d)
+        path = root / f"expert-{d}"
+        expert.to(dtype).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def write_dataset(folder: Path, task: str, domain: int, n_train: int = 256, n_test: int = 128, seed: int = 0,
+                  mix: Optional[Sequence[int]] = None) -> Path:
+    """Target data as ``train.jsonl`` / ``test.jsonl`` from ``domain`` (or an even mix of ``mix`` domains)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    make_rows = classification_rows if task == "sequence-classification" else lm_rows
+    domains = list(mix) if mix else [domain]
+    for split, n, offset in (("train", n_train, 100), ("test", n_test, 200)):
+        rows = [r for d in domains for r in make_rows(d, n // len(domains), seed + offset)]
+        random.Random(seed).shuffle(rows)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def publish_to_cache(folder: Path, repo_id: str, cache_dir: Path, repo_type: str = "model") -> str:
+    """Copy ``folder`` into a Hugging Face cache as ``repo_id`` at a content-derived commit sha; returns the sha.
+
+    Afterwards ``snapshot_download(repo_id)`` resolves it with ``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE=cache_dir``.
+    """
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    digest = hashlib.sha1()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(folder).as_posix().encode())
+        digest.update(f.read_bytes())
+    sha = digest.hexdigest()
+    repo_dir = cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / sha
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+    return sha
