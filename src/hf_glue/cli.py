@@ -19,10 +19,14 @@ from .errors import GlueError
 MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, OutputConfig)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the description's examples keep their lines."""
+
+
 def _dataclass_parser(subparsers, name: str, help: str, description: str, configs: Sequence[type]):
     parser = subparsers.add_parser(
         name, help=help, description=description, dataclass_types=list(configs),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags given here win).")
     return parser

@@ -56,7 +56,7 @@ class GlueConfig:
         metadata={"help": "Size of the first update when a is calibrated (default 0.1 simplex, 0.5 softmax)."},
     )
     stability: Optional[float] = field(
-        default=None, metadata={"help": "SPSA A in a_t = a / (t + 1 + A)^0.602 (default 10% of --steps)."}
+        default=None, metadata={"help": "SPSA A in a_t = a / (t + 1 + A)^0.602 (default: a tenth of --steps)."}
     )
     spsa_samples: int = field(default=1, metadata={"help": "Perturbations averaged per step (q); 2q forward passes."})
     calibration_samples: int = field(
@@ -139,7 +139,7 @@ class DataConfig:
     train_split: str = field(default="train", metadata={"help": "Split α is learned on."})
     eval_split: Optional[str] = field(
         default=None,
-        metadata={"help": "Held-out split (default: validation or test if present, else 10% of the train split)."},
+        metadata={"help": "Held-out split (default: validation or test if present, else a tenth of the train split)."},
     )
     task: Optional[str] = field(
         default=None,

@@ -1,0 +1,96 @@
+"""Session fixtures: tiny experts and target datasets published into a temporary Hugging Face cache.
+
+The environment is set before anything imports huggingface_hub (which reads it at import time), so repo ids
+like ``org/expert-0`` resolve through the real client with ``HF_HUB_OFFLINE=1`` and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_ROOT = Path(tempfile.mkdtemp(prefix="hf-glue-tests-"))
+TEST_ENV = {
+    "HF_HOME": str(_ROOT / "hf-home"),
+    "HF_HUB_CACHE": str(_ROOT / "hub"),
+    "HF_DATASETS_CACHE": str(_ROOT / "datasets"),
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+os.environ.update(TEST_ENV)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_glue import testing  # noqa: E402
+
+HUB_CACHE = Path(TEST_ENV["HF_HUB_CACHE"])
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``hf-glue ARGS`` in a fresh process (as a user would), with the test cache and offline mode."""
+    full_env = {**os.environ, **TEST_ENV, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hf_glue", *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def build_root() -> Path:
+    path = _ROOT / "build"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cls_experts(build_root) -> dict:
+    """Three BERT classifiers (org/expert-{0,1,2}) fine-tuned on domains 0-2 and the target org/target (domain 0)."""
+    paths = testing.build_experts(build_root / "cls", task="sequence-classification", n_experts=3)
+    ids = []
+    for d, path in enumerate(paths):
+        testing.publish_to_cache(path, f"org/expert-{d}", HUB_CACHE)
+        ids.append(f"org/expert-{d}")
+    data = testing.write_dataset(build_root / "target", "sequence-classification", domain=0)
+    testing.publish_to_cache(data, "org/target", HUB_CACHE, repo_type="dataset")
+    # the same rows under unusual column names, for --text-column / --label-column
+    renamed = build_root / "target-renamed"
+    renamed.mkdir(exist_ok=True)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+        (renamed / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"utterance": r["text"], "verdict": r["label"]}) + "\n" for r in rows))
+    testing.publish_to_cache(renamed, "org/target-renamed", HUB_CACHE, repo_type="dataset")
+    return {"ids": ids, "paths": paths, "dataset": "org/target", "data_dir": data}
+
+
+@pytest.fixture(scope="session")
+def bf16_experts(cls_experts, build_root) -> list[str]:
+    """The classification experts stored in bfloat16 (org/bf16-expert-{d})."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    ids = []
+    for d, path in enumerate(cls_experts["paths"]):
+        out = build_root / f"bf16-{d}"
+        AutoModelForSequenceClassification.from_pretrained(path).to(torch.bfloat16).save_pretrained(out)
+        AutoTokenizer.from_pretrained(path).save_pretrained(out)
+        testing.publish_to_cache(out, f"org/bf16-expert-{d}", HUB_CACHE)
+        ids.append(f"org/bf16-expert-{d}")
+    return ids
+
+
+@pytest.fixture(scope="session")
+def lm_experts(build_root) -> dict:
+    """Three tiny GPT-2 experts (org/lm-{d}) on counting domains with strides 1, 3, 5; target org/lm-target."""
+    paths = testing.build_experts(build_root / "lm", task="causal-lm", n_experts=3, expert_steps=80)
+    ids = []
+    for d, path in enumerate(paths):
+        testing.publish_to_cache(path, f"org/lm-{d}", HUB_CACHE)
+        ids.append(f"org/lm-{d}")
+    data = testing.write_dataset(build_root / "lm-target", "causal-lm", domain=0)
+    testing.publish_to_cache(data, "org/lm-target", HUB_CACHE, repo_type="dataset")
+    return {"ids": ids, "paths": paths, "dataset": "org/lm-target"}

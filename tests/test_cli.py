@@ -1,0 +1,68 @@
+"""The command line as a user meets it: help, YAML configs, the README's own example command."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from hf_glue.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_commands_and_explains_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "merge" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--experts", "--dataset", "--steps", "--parametrization", "--granularity", "--text-column",
+                 "--allow-pickle", "--trust-remote-code", "--output-dir", "--config"):
+        assert flag in text, flag
+    assert "SPSA" in text and "simplex" in text
+
+
+def test_yaml_config_sets_defaults_and_flags_win(cls_experts, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "experts: [org/expert-0, org/expert-1]\ndataset: org/target\nsteps: 7\nseed: 3\nmethod: glue\n"
+    )
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(config), "--steps", "4", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "merge_result.json").read_text())
+    assert result["config"]["glue"]["steps"] == 4 and result["config"]["glue"]["seed"] == 3
+    assert len(result["history"]) == 4
+
+
+def test_yaml_unknown_key_is_an_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("experts: [a, b]\nstepz: 3\n")
+    assert main(["merge", "--config", str(config), "--output-dir", str(tmp_path / "o")]) == 1
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_readme_example_command_runs(tmp_path):
+    """The first README command, minus the install steps, run as written in a scratch folder."""
+    readme = (REPO / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if "scripts/make_example.py" in l and "hf-glue merge" in l)
+    steps = [s.strip() for s in line.split("&&")]
+    assert steps[0].startswith("python -m pip install torch==2.13.0")
+    runnable = " && ".join(s for s in steps if "pip install" not in s)
+    (tmp_path / "scripts").symlink_to(REPO / "scripts")
+    import subprocess
+    import sys
+
+    env_python = Path(sys.executable).parent
+    proc = subprocess.run(["bash", "-c", runnable], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PATH": f"{env_python}:{__import__('os').environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coefficients = dict(re.findall(r"(example/expert-\d)\s+([0-9.]+)", proc.stdout))
+    assert max(coefficients, key=lambda k: float(coefficients[k])) == "example/expert-0", proc.stdout
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -1,0 +1,105 @@
+"""Bad input: one clear line naming the culprit, non-zero exit, no traceback, no output folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import HUB_CACHE, run_cli
+from hf_glue import testing
+
+
+@pytest.fixture(scope="session")
+def odd_experts(cls_experts, build_root) -> dict:
+    """Experts that must be refused next to org/expert-0."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cls_experts["paths"][0])
+    # wider hidden size
+    wide = testing.tiny_model("sequence-classification", len(tok), seed=0)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(**{**wide.config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    path = build_root / "wide"
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    testing.publish_to_cache(path, "org/wide", HUB_CACHE)
+    # same weights, a different tokenizer
+    other_tok = build_root / "other-tok"
+    shutil.copytree(cls_experts["paths"][1], other_tok, dirs_exist_ok=True)
+    testing.make_tokenizer([f"x{i}" for i in range(len(tok) - 4)]).save_pretrained(other_tok)
+    testing.publish_to_cache(other_tok, "org/other-tokenizer", HUB_CACHE)
+    # pickled weights only
+    pickled = build_root / "pickled"
+    shutil.copytree(cls_experts["paths"][2], pickled, dirs_exist_ok=True)
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    testing.publish_to_cache(pickled, "org/pickled", HUB_CACHE)
+    return {"wide": "org/wide", "tokenizer": "org/other-tokenizer", "pickled": "org/pickled"}
+
+
+CASES = {
+    "shape": (["org/expert-0", "org/wide"], "org/target", [], ["org/wide", "shape"]),
+    "model_type": (["org/expert-0", "org/lm-0"], "org/target", [], ["org/lm-0", "gpt2"]),
+    "tokenizer": (["org/expert-0", "org/other-tokenizer"], "org/target", [], ["org/other-tokenizer", "tokenizer.json"]),
+    "missing_repo": (["org/expert-0", "org/does-not-exist"], "org/target", [], ["org/does-not-exist"]),
+    "missing_dataset": (["org/expert-0", "org/expert-1"], "org/no-such-data", [], ["org/no-such-data"]),
+    "columns": (["org/expert-0", "org/expert-1"], "org/target-renamed", [], ["utterance", "verdict", "--text-column"]),
+    "bad_column": (["org/expert-0", "org/expert-1"], "org/target-renamed", ["--text-column", "txt"],
+                   ["'txt'", "utterance"]),
+    "pickle": (["org/expert-0", "org/pickled"], "org/target", [], ["org/pickled", "--allow-pickle"]),
+    "one_expert": (["org/expert-0"], "org/target", [], ["at least two experts"]),
+    "data_sizes": (["org/expert-0", "org/expert-1"], "org/target", ["--init", "data-size", "--data-sizes", "5"],
+                   ["--data-sizes", "2 experts"]),
+    "method": (["org/expert-0", "org/expert-1"], "org/target", ["--method", "magic"], ["'magic'", "glue"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_early_and_clearly(case, cls_experts, lm_experts, odd_experts, tmp_path):
+    experts, dataset, extra, needles = CASES[case]
+    out = tmp_path / "out"
+    proc = run_cli("merge", "--experts", *experts, "--dataset", dataset, "--output-dir", str(out), *extra)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+    assert "SPSA" not in proc.stderr  # refused before any optimisation started
+
+
+def test_named_columns_then_work(cls_experts, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target-renamed",
+                   "--text-column", "utterance", "--label-column", "verdict", "--output-dir", str(out), "--steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_allow_pickle_loads_bin_weights(cls_experts, odd_experts):
+    from hf_glue import ExpertsConfig, GlueConfig, merge_experts
+
+    result = merge_experts(["org/expert-0", "org/pickled"], "org/target", GlueConfig(method="uniform"),
+                           experts_config=ExpertsConfig(allow_pickle=True))
+    assert result.coefficients == {"org/expert-0": 0.5, "org/pickled": 0.5}
+
+
+def test_existing_output_dir_is_refused_then_overwritten(cls_experts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
+                   "--output-dir", str(out), "--method", "uniform")
+    assert proc.returncode != 0 and "--overwrite-output-dir" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
+                   "--output-dir", str(out), "--method", "uniform", "--overwrite-output-dir")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
