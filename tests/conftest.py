@@ -94,3 +94,26 @@ def lm_experts(build_root) -> dict:
     data = testing.write_dataset(build_root / "lm-target", "causal-lm", domain=0)
     testing.publish_to_cache(data, "org/lm-target", HUB_CACHE, repo_type="dataset")
     return {"ids": ids, "paths": paths, "dataset": "org/lm-target"}
+
+
+@pytest.fixture(scope="session")
+def image_experts(build_root) -> dict:
+    """Tiny ViT (org/vit-{d}) and ResNet (org/resnet-{d}) experts on 3 image domains; target org/img-target."""
+    out = {}
+    for arch in ("vit", "resnet"):
+        paths = testing.build_experts(build_root / arch, task=arch, n_experts=3)
+        out[arch] = []
+        for d, path in enumerate(paths):
+            testing.publish_to_cache(path, f"org/{arch}-{d}", HUB_CACHE)
+            out[arch].append(f"org/{arch}-{d}")
+    data = testing.write_dataset(build_root / "img-target", "image-classification", domain=0)
+    testing.publish_to_cache(data, "org/img-target", HUB_CACHE, repo_type="dataset")
+    out["dataset"] = "org/img-target"
+    return out
+
+
+@pytest.fixture(scope="session")
+def readme_repos(cls_experts) -> None:
+    """The repo ids the README's examples use: org/a and org/b (experts 0 and 1), org/target."""
+    for name, path in (("org/a", cls_experts["paths"][0]), ("org/b", cls_experts["paths"][1])):
+        testing.publish_to_cache(path, name, HUB_CACHE)

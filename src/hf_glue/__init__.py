@@ -7,14 +7,17 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-from .api import merge_experts
-from .config import DataConfig, ExpertsConfig, GlueConfig, OutputConfig
+from .api import GlueCallback, merge_experts
+from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
 from .errors import GlueError
 from .result import MergeResult
 
 __all__ = [
+    "CompareConfig",
     "DataConfig",
     "ExpertsConfig",
+    "FinetuneConfig",
+    "GlueCallback",
     "GlueConfig",
     "GlueError",
     "MergeResult",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from .config import DataConfig, ExpertsConfig, GlueConfig, OutputConfig
+from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
 from .result import MergeResult
 
 
@@ -18,6 +18,7 @@ def merge_experts(
     experts_config: Optional[ExpertsConfig] = None,
     output_dir: Optional[str] = None,
     overwrite_output_dir: bool = False,
+    finetune_config: Optional[FinetuneConfig] = None,
 ) -> MergeResult:
     """Learn α for ``experts`` on ``dataset`` and return the result; ``result.model`` is ready for `Trainer`.
 
@@ -28,10 +29,65 @@ def merge_experts(
         data_config (`DataConfig`, *optional*): splits and columns; its ``dataset`` is replaced by ``dataset``.
         experts_config (`ExpertsConfig`, *optional*): loading options; its ``experts`` are replaced by ``experts``.
         output_dir (`str`, *optional*): also save the merged model, card and ``merge_result.json`` there.
+        finetune_config (`FinetuneConfig`, *optional*): fine-tune the merged model with the Trainer afterwards.
     """
     from .pipeline import run_merge
 
     experts_config = replace(experts_config or ExpertsConfig(), experts=list(experts))
     data_config = replace(data_config or DataConfig(), dataset=dataset)
     return run_merge(experts_config, data_config, config or GlueConfig(),
-                     OutputConfig(output_dir=output_dir, overwrite_output_dir=overwrite_output_dir))
+                     OutputConfig(output_dir=output_dir, overwrite_output_dir=overwrite_output_dir),
+                     finetune_config=finetune_config)
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class GlueCallback(_trainer_callback_base()):
+    """A `transformers.TrainerCallback` that starts training from the GLUE blend of ``experts``.
+
+    At ``on_train_begin`` it learns α on ``dataset`` (or takes a ready ``result``) and copies θ(α) into the
+    Trainer's model in place, so an existing fine-tune script gains GLUE with one line::
+
+        trainer = Trainer(model=model, ..., callbacks=[GlueCallback(["org/a", "org/b"], "org/target")])
+
+    The model must have the experts' architecture; after training, ``callback.result`` holds α for the card.
+    """
+
+    def __init__(
+        self,
+        experts: Optional[Sequence[str]] = None,
+        dataset: Optional[str] = None,
+        config: Optional[GlueConfig] = None,
+        *,
+        data_config: Optional[DataConfig] = None,
+        experts_config: Optional[ExpertsConfig] = None,
+        result: Optional[MergeResult] = None,
+    ) -> None:
+        if result is None and (not experts or not dataset):
+            raise ValueError("GlueCallback needs experts and dataset, or a ready result=.")
+        self.experts, self.dataset, self.config = experts, dataset, config
+        self.data_config, self.experts_config = data_config, experts_config
+        self.result = result
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        from .errors import GlueError
+
+        if self.result is None:
+            self.result = merge_experts(self.experts, self.dataset, self.config, data_config=self.data_config,
+                                        experts_config=self.experts_config)
+        blended = self.result.model.state_dict()
+        target = model.state_dict()
+        mismatched = [k for k, v in blended.items() if k not in target or target[k].shape != v.shape]
+        if mismatched:
+            raise GlueError(f"GlueCallback: the Trainer's model ({type(model).__name__}) does not match the experts' "
+                            f"architecture (first difference: {mismatched[0]!r}).")
+        with torch.no_grad():
+            for name, tensor in blended.items():
+                target[name].copy_(tensor)  # in place: the optimizer keeps its parameter references
+        return control

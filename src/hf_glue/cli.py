@@ -13,10 +13,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import DataConfig, ExpertsConfig, GlueConfig, OutputConfig
+from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
 from .errors import GlueError
 
-MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, OutputConfig)
+MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig)
+COMPARE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, CompareConfig)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -70,15 +71,29 @@ def _read_yaml(path: Path, configs: Sequence[type]) -> dict:
 def merge_command(args: list[str], parser) -> int:
     from .pipeline import run_merge
 
-    experts, data, glue, output = _build_configs(parser, MERGE_CONFIGS, args)
-    if not experts.experts:
-        raise GlueError("no experts: pass --experts ORG/A ORG/B ... (Hub repo ids or local folders).")
+    experts, data, glue, finetune, output = _build_configs(parser, MERGE_CONFIGS, args)
+    _require_experts(experts)
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
-    result = run_merge(experts, data, glue, output, command=shlex.join(["hf-glue", "merge", *args]))
+    result = run_merge(experts, data, glue, output, command=shlex.join(["hf-glue", "merge", *args]),
+                       finetune_config=finetune)
     if result.model is not None and _is_main():
         _print_summary(result, output.output_dir)
     return 0
+
+
+def compare_command(args: list[str], parser) -> int:
+    from .compare import run_compare
+
+    experts, data, glue, finetune, compare = _build_configs(parser, COMPARE_CONFIGS, args)
+    _require_experts(experts)
+    run_compare(experts, data, glue, finetune, compare)
+    return 0
+
+
+def _require_experts(experts: ExpertsConfig) -> None:
+    if not experts.experts:
+        raise GlueError("no experts: pass --experts ORG/A ORG/B ... (Hub repo ids or local folders).")
 
 
 def _is_main() -> bool:
@@ -108,6 +123,16 @@ COMMANDS: dict[str, tuple[str, str, Sequence[type], Callable]] = {
         "--dataset org/target --output-dir merged --steps 100",
         MERGE_CONFIGS,
         merge_command,
+    ),
+    "compare": (
+        "Compare GLUE with the baselines (and each expert alone) on the same inputs.",
+        "Run several merge methods on the same resolved experts and target data — GLUE, uniform, data-size "
+        "weighting, proxy selection, full-gradient mixing, and every expert alone — optionally fine-tune each "
+        "result, and print a table of coefficients, target metrics (mean ± std over --seeds), passes, time and "
+        "peak memory. Writes compare.json and compare.png to --output-dir.\n\nExample:\n  hf-glue compare "
+        "--experts org/a org/b org/c --dataset org/target --data-sizes 1000 5000 2000 --seeds 0 1 2",
+        COMPARE_CONFIGS,
+        compare_command,
     ),
 }
 

@@ -47,7 +47,7 @@ class GlueConfig:
         default=None, metadata={"help": "SPSA perturbation size c (default 0.05 simplex, 0.1 softmax)."}
     )
     perturbation_decay: float = field(default=0.101, metadata={"help": "SPSA γ: c_t = c / (t + 1)^γ."})
-    learning_rate: Optional[float] = field(
+    gain: Optional[float] = field(
         default=None,
         metadata={"help": "SPSA gain a; default: calibrated so the first update moves α by --first-step."},
     )
@@ -59,6 +59,14 @@ class GlueConfig:
         default=None, metadata={"help": "SPSA A in a_t = a / (t + 1 + A)^0.602 (default: a tenth of --steps)."}
     )
     spsa_samples: int = field(default=1, metadata={"help": "Perturbations averaged per step (q); 2q forward passes."})
+    proxy: Literal["loss", "accuracy", "logme"] = field(
+        default="loss",
+        metadata={"help": "proxy method: score each expert alone on target train data by loss, accuracy or LogME."},
+    )
+    proxy_batches: int = field(default=8, metadata={"help": "proxy method: train batches each expert is scored on."})
+    adam_lr: float = field(
+        default=0.05, metadata={"help": "full-gradient method: Adam learning rate on α (simplex) or its logits."}
+    )
     calibration_samples: int = field(
         default=4, metadata={"help": "Probe perturbations used once to calibrate a when --learning-rate is unset."}
     )
@@ -83,6 +91,8 @@ class GlueConfig:
             raise GlueError(f"perturbation must be positive, got {self.perturbation}.")
         if self.init == "data-size" and not self.data_sizes:
             raise GlueError("init='data-size' needs --data-sizes n1 n2 ... (one per expert).")
+        if self.proxy not in ("loss", "accuracy", "logme"):
+            raise GlueError(f"proxy must be one of loss, accuracy, logme; got {self.proxy!r}.")
         if self.data_sizes is not None and any(n <= 0 for n in self.data_sizes):
             raise GlueError(f"data_sizes must all be positive, got {self.data_sizes}.")
 
@@ -158,11 +168,49 @@ class DataConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Optional fine-tuning of the merged model with `transformers.Trainer` on the target train split."""
+
+    finetune_epochs: float = field(
+        default=0.0, metadata={"help": "Fine-tune the merged model for this many epochs (0: no fine-tuning)."}
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "Fine-tuning learning rate (Trainer)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Fine-tuning batch size per device."})
+    training_args: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON or YAML file with any other transformers.TrainingArguments fields."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.finetune_epochs < 0:
+            raise GlueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}.")
+
+
+@dataclass
 class OutputConfig:
     """Where the merged model goes."""
 
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the merged model, card and result."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output-dir if it exists."})
+
+
+@dataclass
+class CompareConfig:
+    """What `hf-glue compare` runs and where it writes its table and chart."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["glue", "uniform", "data-size", "proxy", "full-gradient"],
+        metadata={"help": "Methods to compare (data-size is skipped when no --data-sizes are given)."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds: each method runs once per seed."})
+    include_experts: bool = field(default=True, metadata={"help": "Also score every expert alone."})
+    output_dir: str = field(default="compare", metadata={"help": "Folder for compare.json and compare.png."})
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise GlueError("compare needs at least one method in --methods.")
+        if not self.seeds:
+            raise GlueError("compare needs at least one seed in --seeds.")
 
 
 def non_default_items(config: object) -> dict:
@@ -191,11 +239,10 @@ def _cli_args(config: object) -> list[str]:
     return args
 
 
-def merge_command(
-    experts: ExpertsConfig, data: DataConfig, glue: GlueConfig, output: Optional[OutputConfig] = None
-) -> str:
-    """The `hf-glue merge` command line that reproduces this run (never includes a token)."""
-    parts = ["hf-glue", "merge"] + _cli_args(experts) + _cli_args(data) + _cli_args(glue)
-    if output is not None:
-        parts += _cli_args(output)
+def merge_command(*configs: object, command: str = "merge") -> str:
+    """The `hf-glue` command line that reproduces a run from its configs (never includes a token)."""
+    parts = ["hf-glue", command]
+    for config in configs:
+        if config is not None:
+            parts += _cli_args(config)
     return " ".join(parts)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -66,6 +66,8 @@ class Expert:
     repo: hub.ResolvedRepo
     config: dict
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    #: set for architectures whose checkpoint keys differ from the module's: reads weights via from_pretrained
+    loader: Optional[Callable[[], dict[str, torch.Tensor]]] = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -81,6 +83,12 @@ class Expert:
 
     def iter_tensors(self, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, one weight file open at a time."""
+        if self.loader is not None:
+            state = self.loader()
+            for key in self.tensors:
+                if names is None or key in names:
+                    yield key, state[key]
+            return
         by_file: dict[Path, list[str]] = {}
         for info in self.tensors.values():
             if names is None or info.name in names:
@@ -232,3 +240,35 @@ def _index_files(files: Sequence[Path], expert_name: str) -> dict[str, TensorInf
             for key, t in state.items():
                 tensors[key] = TensorInfo(key, tuple(t.shape), t.dtype, file)
     return tensors
+
+
+def checkpoint_keys_are_module_keys(expert: Expert, model_class, trust_remote_code: bool = False) -> bool:
+    """True when every checkpoint tensor is named as in the module (no transformers key conversion applies)."""
+    expected = expected_state_shapes(expert, model_class, trust_remote_code)
+    return all(name in expected for name in expert.tensors)
+
+
+def read_through_transformers(experts: Sequence[Expert], model_class, trust_remote_code: bool = False) -> None:
+    """Index and read experts in the module's key space via ``from_pretrained``, which applies transformers'
+    checkpoint conversions (renames, fusions). They are linear, so blending after them is still Σ α_k θ_k."""
+    from transformers import AutoConfig
+
+    for expert in experts:
+        float_dtypes = [i.dtype for i in expert.tensors.values() if i.dtype.is_floating_point]
+        dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
+        config = AutoConfig.from_pretrained(expert.repo.path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            meta = model_class.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        infos, seen = {}, set()
+        for name, tensor in meta.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:  # tied weights: one entry, functional_call ties the rest
+                continue
+            seen.add(id(tensor))
+            infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, expert.repo.path)
+        expert.tensors = infos
+
+        def load(path=expert.repo.path, dtype=dtype) -> dict[str, torch.Tensor]:
+            model = model_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            return model.state_dict()
+
+        expert.loader = load

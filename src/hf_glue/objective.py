@@ -32,7 +32,7 @@ class Objective:
 
     def stats(self, alphas: torch.Tensor, batch: dict) -> list[dict[str, torch.Tensor]]:
         """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]``."""
-        params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32))
+        params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32))  # differentiable in alphas
         inputs = self.task.model_inputs(batch)
         out = []
         for p in params:
@@ -48,6 +48,27 @@ class Objective:
         sums = torch.stack([s["loss_sum"] for s in stats] + [stats[0]["count"]])
         sums = self._reduce(sums)
         return (sums[:-1] / sums[-1]).cpu()
+
+    def differentiable_loss(self, alpha: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
+        """This process's share of the global mean loss of θ(α) (differentiable), and the global mean value.
+
+        Summing the shares' gradients over processes gives the gradient of the global mean loss.
+        """
+        stats = self.stats(alpha.unsqueeze(0) if alpha.dim() == 2 else alpha, batch)[0]
+        totals = self._reduce(torch.stack([stats["loss_sum"].detach(), stats["count"]]))
+        return stats["loss_sum"] / totals[1], float(totals[0] / totals[1])
+
+    @torch.no_grad()
+    def features(self, alpha: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features (the input of the task's head) of θ(α) on a batch, and the batch labels."""
+        head = self.task.head_module(self.model)
+        captured = []
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.stats(alpha.unsqueeze(0) if alpha.dim() == 2 else alpha, batch)
+        finally:
+            handle.remove()
+        return captured[0].float().reshape(captured[0].shape[0], -1).cpu(), batch["labels"].cpu()
 
     @torch.no_grad()
     def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:

@@ -15,9 +15,16 @@ import torch
 
 from . import data as data_mod
 from .blend import ExpertMatrix
-from .config import DataConfig, ExpertsConfig, GlueConfig, OutputConfig
+from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
 from .errors import GlueError
-from .experts import Expert, check_compatible, fetch_weights, resolve_experts
+from .experts import (
+    Expert,
+    check_compatible,
+    checkpoint_keys_are_module_keys,
+    fetch_weights,
+    read_through_transformers,
+    resolve_experts,
+)
 from .methods import MergeContext, get_method
 from .methods.base import check_data_sizes
 from .objective import Objective
@@ -76,6 +83,10 @@ def prepare(
     # 3. weights (the long download), headers checked before any tensor is read
     with accelerator.main_process_first():
         fetch_weights(experts, experts_config.allow_pickle)
+    if not checkpoint_keys_are_module_keys(experts[0], task.model_class(), experts_config.trust_remote_code):
+        logger.info("checkpoint keys differ from %s's modules: reading experts through from_pretrained",
+                    task.model_class().__name__)
+        read_through_transformers(experts, task.model_class(), experts_config.trust_remote_code)
     processor = task.load_processor(experts[0].repo.path, experts_config.trust_remote_code)
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
@@ -132,9 +143,8 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def learn(prep: Prepared, config: GlueConfig, command: str = "") -> MergeResult:
-    """Run one method on prepared inputs, blend its α into the model, and evaluate it on the held-out split."""
-    method = get_method(config.method)
+def run_method(prep: Prepared, config: GlueConfig):
+    """Run ``config.method`` on prepared inputs: its α and what it cost (a `MethodOutput`)."""
     ctx = MergeContext(
         matrix=prep.matrix,
         objective=prep.objective,
@@ -143,13 +153,17 @@ def learn(prep: Prepared, config: GlueConfig, command: str = "") -> MergeResult:
         accelerator=prep.accelerator,
         is_main_process=prep.accelerator.is_main_process,
     )
-    out = method.run(ctx)
+    return get_method(config.method).run(ctx)
+
+
+def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> MergeResult:
+    """Evaluate a method's α on the held-out split and package everything as a `MergeResult`."""
     passes = prep.objective.forward_passes
     metrics = prep.objective.evaluate(out.alpha, eval_batches(prep, config))
     prep.objective.forward_passes = passes  # evaluation is not part of the method's cost
     matrix = prep.matrix
     return MergeResult(
-        method=method.name,
+        method=config.method,
         task=prep.task.name,
         granularity=config.granularity,
         experts=[{"name": e.name, **e.repo.to_dict()} for e in prep.experts],
@@ -173,6 +187,11 @@ def learn(prep: Prepared, config: GlueConfig, command: str = "") -> MergeResult:
     )
 
 
+def learn(prep: Prepared, config: GlueConfig, command: str = "") -> MergeResult:
+    """Run one method on prepared inputs and evaluate its blend on the held-out split."""
+    return to_result(prep, config, run_method(prep, config), command)
+
+
 def blended_model(prep: Prepared, alpha: torch.Tensor) -> torch.nn.Module:
     """A standalone copy of the experts' model class holding θ(α) (for saving, fine-tuning, the API)."""
     import copy
@@ -184,24 +203,42 @@ def blended_model(prep: Prepared, alpha: torch.Tensor) -> torch.nn.Module:
     return model
 
 
+def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig, seed: int) -> MergeResult:
+    """Fine-tune ``result.model`` with the Trainer; records ``eval_before`` / ``eval_after``."""
+    from .finetune import finetune
+
+    result.model, result.eval_before, result.eval_after = finetune(
+        result.model, prep.task, prep.processor, prep.train, prep.eval, config, prep.experts[0].config,
+        seed=seed, cpu=prep.experts_config.cpu,
+    )
+    result.config["finetune"] = asdict(config)
+    return result
+
+
 def run_merge(
     experts_config: ExpertsConfig,
     data_config: DataConfig,
     glue_config: GlueConfig,
     output_config: Optional[OutputConfig] = None,
     command: Optional[str] = None,
+    finetune_config: Optional[FinetuneConfig] = None,
 ) -> MergeResult:
-    """The whole `hf-glue merge`: validate, learn α, blend, save atomically (main process only)."""
+    """The whole `hf-glue merge`: validate, learn α, blend, (fine-tune), save atomically (main process only)."""
     from .config import merge_command
+    from .finetune import read_training_args
 
     output_config = output_config or OutputConfig()
+    finetune_config = finetune_config or FinetuneConfig()
     get_method(glue_config.method)  # unknown method: fail before any work
+    read_training_args(finetune_config.training_args)  # a bad --training-args file too
     if output_config.output_dir:
         check_output_dir(output_config.output_dir, output_config.overwrite_output_dir)
     prep = prepare(experts_config, data_config, glue_config)
-    command = command or merge_command(experts_config, data_config, glue_config, output_config)
+    command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config)
     result = learn(prep, glue_config, command)
     result.model = blended_model(prep, result.alpha)
+    if finetune_config.finetune_epochs > 0:
+        finetune_result(prep, result, finetune_config, glue_config.seed)
     if output_config.output_dir and prep.accelerator.is_main_process:
         result.save_pretrained(output_config.output_dir, overwrite=output_config.overwrite_output_dir)
     prep.accelerator.wait_for_everyone()

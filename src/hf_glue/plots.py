@@ -22,9 +22,13 @@ def plot_trajectories(result: dict, path: Path) -> Optional[Path]:
         ax_a.plot(steps, [h["coefficients"][expert["name"]] for h in history], label=expert["name"])
     ax_a.set(title="Coefficients α", xlabel="step", ylim=(-0.02, 1.02))
     ax_a.legend(fontsize=8)
-    ax_l.plot(steps, [h["loss_plus"] for h in history], label="L+", alpha=0.8)
-    ax_l.plot(steps, [h["loss_minus"] for h in history], label="L−", alpha=0.8)
-    ax_l.set(title="Target loss of the perturbed blends", xlabel="step")
+    if "loss_plus" in history[0]:
+        ax_l.plot(steps, [h["loss_plus"] for h in history], label="L+", alpha=0.8)
+        ax_l.plot(steps, [h["loss_minus"] for h in history], label="L−", alpha=0.8)
+        ax_l.set(title="Target loss of the perturbed blends", xlabel="step")
+    else:
+        ax_l.plot(steps, [h["loss"] for h in history], label="loss")
+        ax_l.set(title="Target training loss", xlabel="step")
     ax_l.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -45,6 +45,10 @@ class Parametrization:
     def direction(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
+    def tangent(self, grad: torch.Tensor) -> torch.Tensor:
+        """The part of a gradient in x that moves along the feasible set (for gradient-based optimisers)."""
+        return grad
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -62,6 +66,9 @@ class SimplexParametrization(Parametrization):
 
     def direction(self, delta):
         return delta - delta.mean(-1, keepdim=True)
+
+    def tangent(self, grad):
+        return grad - grad.mean(-1, keepdim=True)
 
     def project(self, x):
         return project_simplex(x)

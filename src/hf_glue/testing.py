@@ -74,6 +74,37 @@ def lm_rows(domain: int, n: int, seed: int) -> list[dict]:
     return rows
 
 
+# --- image classification: a bright patch whose position means different things per domain ----------------
+
+IMAGE_SIZE = 16
+
+
+def image_rows(domain: int, n: int, seed: int) -> list[dict]:
+    """16×16 images: tinted noise (domain-specific tint) with a bright 4×4 patch; the label says where the
+    patch is, by a domain-specific rule (0: top half, 1: bottom half, 2: left half)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed * 15485863 + domain)
+    tint = torch.tensor([[0.2, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.2]][domain % 3]).view(3, 1, 1)
+    rows = []
+    for _ in range(n):
+        img = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 0.3 + tint
+        y, x = (int(v) for v in torch.randint(0, IMAGE_SIZE - 4, (2,), generator=gen))
+        img[:, y: y + 4, x: x + 4] = 1.0
+        cy, cx = y + 2, x + 2
+        label = [cy < IMAGE_SIZE // 2, cy >= IMAGE_SIZE // 2, cx < IMAGE_SIZE // 2][domain % 3]
+        pixels = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        rows.append({"image": Image.fromarray(pixels), "label": int(label)})
+    return rows
+
+
+def image_processor():
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3)
+
+
 # --- building and training -----------------------------------------------------------------------------------
 
 def tiny_model(task: str, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
@@ -93,6 +124,19 @@ def tiny_model(task: str, vocab_size: int, seed: int, dtype: torch.dtype = torch
                             bos_token_id=2, eos_token_id=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_pdrop=0.0)
         return GPT2LMHeadModel(config).to(dtype)
+    if task in ("vit", "image-classification"):
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+        return ViTForImageClassification(config).to(dtype)
+    if task == "resnet":
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                              layer_type="basic", num_labels=2)
+        return ResNetForImageClassification(config).to(dtype)
     raise ValueError(f"no tiny model for task {task!r}")
 
 
@@ -104,6 +148,13 @@ def train(model, tokenizer, rows: list[dict], task: str, steps: int, seed: int, 
     model.train()
     for _ in range(steps):
         batch = rng.sample(rows, min(batch_size, len(rows)))
+        if "image" in batch[0]:
+            enc = tokenizer([r["image"] for r in batch], return_tensors="pt")
+            out = model(**enc, labels=torch.tensor([r["label"] for r in batch]))
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            continue
         enc = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True)
         if task == "sequence-classification":
             out = model(**enc, labels=torch.tensor([r["label"] for r in batch]))
@@ -126,14 +177,18 @@ def build_experts(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
-    """Save ``n_experts`` experts under ``root/expert-{d}``: one shared base, each fine-tuned on domain d."""
+    """Save ``n_experts`` experts under ``root/expert-{d}``: one shared base, each fine-tuned on domain d.
+
+    ``task``: sequence-classification (BERT), causal-lm (GPT-2), vit or resnet (image classification).
+    """
     root = Path(root)
     if task == "sequence-classification":
-        words, make_rows = classification_vocab(n_experts), classification_rows
+        tokenizer, make_rows = make_tokenizer(classification_vocab(n_experts)), classification_rows
+    elif task == "causal-lm":
+        tokenizer, make_rows = make_tokenizer([f"t{i}" for i in range(LM_SYMBOLS)]), lm_rows
     else:
-        words, make_rows = [f"t{i}" for i in range(LM_SYMBOLS)], lm_rows
-    tokenizer = make_tokenizer(words)
-    base = tiny_model(task, len(tokenizer), seed)
+        tokenizer, make_rows = image_processor(), image_rows
+    base = tiny_model(task, len(tokenizer) if make_rows is not image_rows else 0, seed)
     mixed = [r for d in range(n_experts) for r in make_rows(d, 200, seed + 1)]
     train(base, tokenizer, mixed, task, base_steps, seed)
     paths = []
@@ -150,15 +205,21 @@ def build_experts(
 
 def write_dataset(folder: Path, task: str, domain: int, n_train: int = 256, n_test: int = 128, seed: int = 0,
                   mix: Optional[Sequence[int]] = None) -> Path:
-    """Target data as ``train.jsonl`` / ``test.jsonl`` from ``domain`` (or an even mix of ``mix`` domains)."""
+    """Target data from ``domain`` (or an even mix of ``mix`` domains): ``train.jsonl`` / ``test.jsonl``, or for
+    images an imagefolder layout (``train/<label>/*.png``) that `datasets` loads with image and label columns."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    make_rows = classification_rows if task == "sequence-classification" else lm_rows
+    make_rows = {"sequence-classification": classification_rows, "causal-lm": lm_rows}.get(task, image_rows)
     domains = list(mix) if mix else [domain]
     for split, n, offset in (("train", n_train, 100), ("test", n_test, 200)):
         rows = [r for d in domains for r in make_rows(d, n // len(domains), seed + offset)]
         random.Random(seed).shuffle(rows)
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if make_rows is image_rows:
+            for i, row in enumerate(rows):
+                (folder / split / str(row["label"])).mkdir(parents=True, exist_ok=True)
+                row["image"].save(folder / split / str(row["label"]) / f"{i:05d}.png")
+        else:
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
 

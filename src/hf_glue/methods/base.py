@@ -56,8 +56,7 @@ class MergeMethod(ABC):
 
     def run(self, ctx: MergeContext) -> MethodOutput:
         device = ctx.matrix.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         passes, start = ctx.objective.forward_passes, time.perf_counter()
         out = self._run(ctx)
         out.seconds = time.perf_counter() - start
@@ -66,15 +65,34 @@ class MergeMethod(ABC):
         return out
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's RSS high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> Optional[int]:
     """Peak accelerator memory since the last reset, or this process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except (ImportError, OSError):
+    except ImportError:
         return None
 
 

@@ -25,7 +25,7 @@ class Glue(MergeMethod):
             cfg.parametrization,
             c=cfg.c,
             gamma=cfg.perturbation_decay,
-            a=cfg.learning_rate,
+            a=cfg.gain,
             A=cfg.A,
             seed=cfg.seed,
             samples=cfg.spsa_samples,
@@ -41,7 +41,7 @@ class Glue(MergeMethod):
 
         details = {}
         if spsa.a is None:
-            details["calibrated_learning_rate"] = spsa.calibrate(
+            details["calibrated_gain"] = spsa.calibrate(
                 loss_fn, cfg.first_move, cfg.calibration_samples, reduce_grad=reduce_grad
             )
         history = []

@@ -59,6 +59,18 @@ class Task(ABC):
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Metrics from summed stats: ``loss`` plus the task's metrics."""
 
+    def compute_metrics(self, model_config: dict) -> Optional[Callable]:
+        """A `transformers.Trainer` ``compute_metrics`` function for this task, or None."""
+        return None
+
+    def head_module(self, model) -> Optional[torch.nn.Module]:
+        """The classification head whose input are the penultimate features (for LogME); None if none."""
+        for name in ("classifier", "score"):
+            module = getattr(model, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module
+        return None
+
     def model_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != "labels"}
 

@@ -46,6 +46,9 @@ class CausalLM(Task):
 
         return DataCollatorForLanguageModeling(processor, mlm=False, return_tensors="pt")
 
+    def head_module(self, model):
+        return None  # next-token prediction has no class head: LogME does not apply
+
     def batch_stats(self, outputs, batch):
         logits = outputs.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
@@ -55,6 +58,9 @@ class CausalLM(Task):
                                         reduction="sum"),
             "count": mask.sum().float(),
         }
+
+    def compute_metrics(self, model_config: dict):
+        return None  # perplexity comes from the eval loss; no logits need to be gathered
 
     def finalize(self, sums):
         loss = sums["loss_sum"] / max(sums["count"], 1.0)

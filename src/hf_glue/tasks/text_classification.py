@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-
 from ..config import DataConfig
-from ..errors import GlueError
-from .base import Task, pick_column, register_task
+from .base import pick_column, register_task
+from .classification import ClassificationTask, label_mapper
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "sentence1", "question")
 PAIR_COLUMNS = ("sentence2", "text_pair", "question2")
@@ -17,18 +14,20 @@ LABEL_COLUMNS = ("label", "labels", "class", "target", "category")
 
 
 @register_task
-class SequenceClassification(Task):
+class SequenceClassification(ClassificationTask):
     name = "sequence-classification"
     pretty_name = "Sequence classification"
     auto_model = "AutoModelForSequenceClassification"
     pipeline_tag = "text-classification"
     architecture_suffixes = ("ForSequenceClassification",)
-    primary_metric = "accuracy"
 
     def load_processor(self, path, trust_remote_code=False):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
 
     def resolve_columns(self, column_names: Sequence[str], data: DataConfig) -> dict[str, str]:
         columns = {
@@ -43,12 +42,7 @@ class SequenceClassification(Task):
         return columns
 
     def preprocess(self, dataset, processor, columns, data: DataConfig, model_config: dict):
-        num_labels = len(model_config.get("id2label") or {}) or model_config.get("num_labels", 2)
-        if num_labels < 2:
-            raise GlueError("the experts have a single-output (regression) head; only classification is supported.")
-        to_id = _label_mapper(dataset, columns["label"], model_config, num_labels)
-        if processor.pad_token is None:
-            processor.pad_token = processor.eos_token
+        to_id = label_mapper(dataset, columns["label"], model_config)
 
         def encode(rows):
             pair = rows[columns["text_pair"]] if "text_pair" in columns else None
@@ -62,36 +56,3 @@ class SequenceClassification(Task):
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(processor, return_tensors="pt")
-
-    def batch_stats(self, outputs, batch):
-        logits = outputs.logits.float()
-        labels = batch["labels"]
-        return {
-            "loss_sum": F.cross_entropy(logits, labels, reduction="sum"),
-            "count": torch.tensor(float(labels.numel()), device=logits.device),
-            "correct": (logits.argmax(-1) == labels).sum().float(),
-        }
-
-    def finalize(self, sums):
-        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
-
-
-def _label_mapper(dataset, column: str, model_config: dict, num_labels: int):
-    """Map label values to class ids: ints as they are (range-checked), strings through the experts' label2id."""
-    values = dataset.unique(column)
-    if all(isinstance(v, (int,)) and not isinstance(v, bool) for v in values):
-        bad = [v for v in values if not 0 <= v < num_labels]
-        if bad:
-            raise GlueError(
-                f"label column {column!r} has value {bad[0]} but the experts' head has {num_labels} classes "
-                f"(0..{num_labels - 1}); check --label-column."
-            )
-        return int
-    label2id = model_config.get("label2id") or {}
-    missing = [v for v in values if str(v) not in label2id]
-    if missing:
-        raise GlueError(
-            f"label column {column!r} has value {missing[0]!r}, which is not among the experts' labels "
-            f"{sorted(label2id)}; check --label-column."
-        )
-    return lambda v: int(label2id[str(v)])

@@ -1,0 +1,97 @@
+"""Fine-tune the merged model with `transformers.Trainer` on the target train split; evaluate before and after."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import FinetuneConfig
+from .errors import GlueError
+from .tasks import Task
+
+
+def read_training_args(path: Optional[str]) -> dict:
+    """Extra `TrainingArguments` fields from a JSON or YAML file; unknown fields are an error naming them."""
+    if not path:
+        return {}
+    from transformers import TrainingArguments
+
+    file = Path(path)
+    if not file.is_file():
+        raise GlueError(f"--training-args file {path!r} does not exist.")
+    text = file.read_text()
+    if file.suffix == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise GlueError(f"--training-args file {path!r} must hold a mapping of TrainingArguments fields.")
+    known = {f.name for f in fields(TrainingArguments)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GlueError(f"--training-args file {path!r}: {unknown} are not transformers.TrainingArguments fields.")
+    return values
+
+
+def finetune(
+    model,
+    task: Task,
+    processor,
+    train_dataset,
+    eval_dataset,
+    config: FinetuneConfig,
+    model_config: dict,
+    seed: int = 0,
+    cpu: bool = False,
+) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """Train ``model`` in place for ``config.finetune_epochs``; returns (model, eval before, eval after)."""
+    from transformers import Trainer, TrainingArguments
+
+    overrides = read_training_args(config.training_args)
+    with tempfile.TemporaryDirectory(prefix="hf-glue-finetune-") as tmp:
+        values = {
+            "output_dir": tmp,
+            "num_train_epochs": config.finetune_epochs,
+            "learning_rate": config.learning_rate,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "per_device_eval_batch_size": max(config.per_device_train_batch_size, 32),
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "report_to": "none",
+            "seed": seed,
+            "remove_unused_columns": False,
+            "use_cpu": cpu,
+            "logging_strategy": "epoch",
+            "dataloader_pin_memory": not cpu and torch.cuda.is_available(),
+            **overrides,
+        }
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**values),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=task.collator(processor),
+            compute_metrics=task.compute_metrics(model_config),
+        )
+        before = _clean(trainer.evaluate(), task)
+        trainer.train()
+        after = _clean(trainer.evaluate(), task)
+    model.eval()
+    return model, before, after
+
+
+def _clean(metrics: dict, task: Task) -> dict[str, float]:
+    """Trainer's ``eval_*`` metrics as ``{loss, accuracy, f1}`` / ``{loss, perplexity}``."""
+    out = {k[len("eval_"):]: float(v) for k, v in metrics.items()
+           if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "epoch", "preparation_time"))}
+    if task.primary_metric == "perplexity" and "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out

@@ -1,0 +1,137 @@
+"""Baselines, fine-tuning, `hf-glue compare`, image classification (issue: baselines and compare)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from hf_glue import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, merge_experts
+from hf_glue.methods.proxy import logme
+
+# the target is expert-0's domain, but expert-1 has by far the most data
+DATA_SIZES = ["300", "3000", "1200"]
+
+
+def test_compare_shows_glue_beats_data_size_and_uniform(cls_experts, tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_cli("compare", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--data-sizes",
+                   *DATA_SIZES, "--steps", "40", "--seeds", "0", "1", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "compare.json").read_text())
+    summary = {s["method"]: s for s in report["summary"]}
+    assert set(summary) == {"glue", "uniform", "data-size", "proxy", "full-gradient", "expert: org/expert-0",
+                            "expert: org/expert-1", "expert: org/expert-2"}
+    loss = {m: s["merged"]["loss"]["mean"] for m, s in summary.items()}
+    assert loss["glue"] < loss["data-size"] and loss["glue"] < loss["uniform"]
+    assert loss["glue"] <= loss["full-gradient"] + 0.05  # within a small margin of the backprop reference
+    assert summary["glue"]["merged"]["accuracy"]["n"] == 2  # two seeds
+    assert summary["glue"]["backward_passes"] == 0 and summary["full-gradient"]["backward_passes"] == 40
+    assert summary["data-size"]["coefficients"]["org/expert-1"] == pytest.approx(3000 / 4500)
+    # the printed table and the chart
+    assert "data-size" in proc.stdout and "full-gradient" in proc.stdout and "±" in proc.stdout
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert report["card"]["rows"][0]["method"] == "glue"
+
+
+def test_full_gradient_matches_finite_differences(cls_experts):
+    from hf_glue.config import DataConfig as DC, ExpertsConfig as EC
+    from hf_glue.methods.full_gradient import loss_and_grad
+    from hf_glue.pipeline import batch_iterator, prepare
+    from hf_glue.spsa import PARAMETRIZATIONS
+
+    glue = GlueConfig(batch_size=64)
+    prep = prepare(EC(experts=cls_experts["ids"]), DC(dataset="org/target"), glue)
+    batch = next(batch_iterator(prep, glue))
+    for name, x in (("softmax", torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)),
+                    ("simplex", torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))):
+        param = PARAMETRIZATIONS[name]
+        _, grad = loss_and_grad(prep.objective, param, x, batch)
+        eps = 1e-3
+        for i in range(3):
+            e = torch.zeros_like(x)
+            e[0, i] = eps
+            up, _ = loss_and_grad(prep.objective, param, x + e, batch)
+            down, _ = loss_and_grad(prep.objective, param, x - e, batch)
+            assert float(grad[0, i]) == pytest.approx((up - down) / (2 * eps), rel=2e-2, abs=2e-3), (name, i)
+
+
+@pytest.mark.parametrize("proxy", ["loss", "accuracy", "logme"])
+def test_proxy_selects_the_target_expert(cls_experts, proxy):
+    result = merge_experts(cls_experts["ids"], "org/target", GlueConfig(method="proxy", proxy=proxy))
+    assert result.coefficients == {"org/expert-0": 1.0, "org/expert-1": 0.0, "org/expert-2": 0.0}
+    assert set(result.details["proxy_scores"]) == set(cls_experts["ids"])
+
+
+def test_logme_prefers_informative_features():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (200,), generator=gen)
+    noise = torch.randn(200, 16, generator=gen)
+    informative = noise * 0.1 + labels[:, None].float() * torch.ones(16)
+    assert logme(informative, labels) > logme(noise, labels) + 0.5
+
+
+def test_data_size_weights(cls_experts):
+    result = merge_experts(cls_experts["ids"], "org/target", GlueConfig(method="data-size", data_sizes=[1, 2, 1]))
+    assert result.coefficients == {"org/expert-0": 0.25, "org/expert-1": 0.5, "org/expert-2": 0.25}
+    assert result.forward_passes == 0 and result.backward_passes == 0
+
+
+def test_finetuning_improves_the_merge_and_the_card_keeps_both(cls_experts, tmp_path):
+    """Two experts from other domains: the merge is poor on the target; one epoch of the Trainer helps."""
+    out = tmp_path / "ft"
+    proc = run_cli("merge", "--experts", "org/expert-1", "org/expert-2", "--dataset", "org/target", "--steps", "10",
+                   "--finetune-epochs", "1", "--learning-rate", "3e-3", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "merge_result.json").read_text())
+    before, after = result["eval_before"], result["eval_after"]
+    assert after["accuracy"] > before["accuracy"] + 0.05 and after["loss"] < before["loss"]
+    assert {"accuracy", "f1", "loss"} <= set(after)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["org/expert-1", "org/expert-2"] and card.data.base_model_relation == "merge"
+    metrics = [m for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]]
+    assert {m["name"] for m in metrics} == {"accuracy (merged)", "accuracy (fine-tuned)"}
+    assert "| fine-tuned |" in card.text and "| merged |" in card.text
+    # the saved model is the fine-tuned one
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model is not None
+
+
+def test_training_args_file(cls_experts, tmp_path):
+    args = tmp_path / "args.yaml"
+    args.write_text("weight_decay: 0.01\nwarmup_steps: 1\n")
+    result = merge_experts(cls_experts["ids"][:2], "org/target", GlueConfig(method="uniform"),
+                           finetune_config=FinetuneConfig(finetune_epochs=1, training_args=str(args)))
+    assert result.eval_after is not None and result.config["finetune"]["training_args"] == str(args)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not_a_field": 1}')
+    from hf_glue import GlueError
+
+    with pytest.raises(GlueError, match="not_a_field"):
+        merge_experts(cls_experts["ids"][:2], "org/target", GlueConfig(method="uniform"),
+                      finetune_config=FinetuneConfig(finetune_epochs=1, training_args=str(bad)))
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_image_classification_merges_end_to_end(image_experts, arch, tmp_path):
+    out = tmp_path / arch
+    result = merge_experts(image_experts[arch], image_experts["dataset"], GlueConfig(steps=30, seed=1),
+                           output_dir=str(out))
+    uniform = merge_experts(image_experts[arch], image_experts["dataset"], GlueConfig(method="uniform"))
+    assert result.eval["loss"] < uniform.eval["loss"]
+    assert sum(result.coefficients.values()) == pytest.approx(1.0)
+    assert (out / "preprocessor_config.json").is_file() and (out / "model.safetensors").is_file()
+    from transformers import AutoModelForImageClassification
+
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    merged_sd = result.model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, merged_sd[name])
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card
