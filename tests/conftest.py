@@ -20,6 +20,7 @@ TEST_ENV = {
     "HF_DATASETS_CACHE": str(_ROOT / "datasets"),
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_XET": "1",  # the loopback Hub stand-in speaks LFS, not Xet
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
 }

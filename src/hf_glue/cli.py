@@ -13,10 +13,19 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
+from .config import (
+    CompareConfig,
+    DataConfig,
+    ExpertsConfig,
+    FinetuneConfig,
+    GlueConfig,
+    OutputConfig,
+    PushConfig,
+)
 from .errors import GlueError
 
-MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig)
+MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig, PushConfig)
+PUSH_CONFIGS = (PushConfig,)
 COMPARE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, CompareConfig)
 
 
@@ -34,7 +43,8 @@ def _dataclass_parser(subparsers, name: str, help: str, description: str, config
 
 
 def _build_configs(parser, configs: Sequence[type], argv: Sequence[str]) -> list:
-    """Parse ``argv`` into the dataclasses, taking defaults from ``--config FILE.yaml`` when given."""
+    """Parse ``argv`` into the dataclasses (then the namespace of any other options), taking defaults from
+    ``--config FILE.yaml`` when given."""
     argv = list(argv)
     if "--config" in argv:
         i = argv.index("--config")
@@ -44,8 +54,9 @@ def _build_configs(parser, configs: Sequence[type], argv: Sequence[str]) -> list
         del argv[i: i + 2]
         parser.set_defaults(**_read_yaml(path, configs))
     try:
-        # the parser's own --config option comes back as a trailing namespace: keep the dataclasses
-        return list(parser.parse_args_into_dataclasses(args=argv))[: len(configs)]
+        outputs = list(parser.parse_args_into_dataclasses(args=argv))
+        # options that are not dataclass fields (--config, positionals) come back as a trailing namespace
+        return outputs if len(outputs) > len(configs) else outputs + [argparse.Namespace()]
     except (TypeError, ValueError) as err:
         if isinstance(err, GlueError):
             raise
@@ -71,12 +82,12 @@ def _read_yaml(path: Path, configs: Sequence[type]) -> dict:
 def merge_command(args: list[str], parser) -> int:
     from .pipeline import run_merge
 
-    experts, data, glue, finetune, output = _build_configs(parser, MERGE_CONFIGS, args)
+    experts, data, glue, finetune, output, push, _ = _build_configs(parser, MERGE_CONFIGS, args)
     _require_experts(experts)
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
     result = run_merge(experts, data, glue, output, command=shlex.join(["hf-glue", "merge", *args]),
-                       finetune_config=finetune)
+                       finetune_config=finetune, push_config=push)
     if result.model is not None and _is_main():
         _print_summary(result, output.output_dir)
     return 0
@@ -85,9 +96,44 @@ def merge_command(args: list[str], parser) -> int:
 def compare_command(args: list[str], parser) -> int:
     from .compare import run_compare
 
-    experts, data, glue, finetune, compare = _build_configs(parser, COMPARE_CONFIGS, args)
+    experts, data, glue, finetune, compare, _ = _build_configs(parser, COMPARE_CONFIGS, args)
     _require_experts(experts)
     run_compare(experts, data, glue, finetune, compare)
+    return 0
+
+
+def push_command(args: list[str], parser) -> int:
+    from .hub import check_repo_id, push_folder
+    from .result import RESULT_FILE
+
+    push, extra = _build_configs(parser, PUSH_CONFIGS, args)
+    folder = Path(extra.folder)
+    if not (folder / "config.json").is_file() or not (folder / RESULT_FILE).is_file():
+        raise GlueError(f"{str(folder)!r} is not an hf-glue output folder (no config.json and {RESULT_FILE}).")
+    check_repo_id(extra.repo_id)
+    url = push_folder(folder, extra.repo_id, private=push.private, revision=push.revision,
+                      create_pr=push.create_pr, commit_message=push.commit_message)
+    print(f"Pushed {folder} to {url}")
+    return 0
+
+
+def card_command(args: list[str], parser) -> int:
+    import shutil
+
+    from .result import RESULT_FILE, write_card
+
+    (extra,) = _build_configs(parser, (), args)
+    folder = Path(extra.folder)
+    if not (folder / RESULT_FILE).is_file():
+        raise GlueError(f"{str(folder)!r} has no {RESULT_FILE}: is it an hf-glue output folder?")
+    if extra.compare:
+        source = Path(extra.compare)
+        source = source / "compare.json" if source.is_dir() else source
+        if not source.is_file():
+            raise GlueError(f"--compare {extra.compare!r}: no compare.json there (run `hf-glue compare` first).")
+        if source.resolve() != (folder / "compare.json").resolve():
+            shutil.copy2(source, folder / "compare.json")
+    print(f"Wrote {write_card(folder)}")
     return 0
 
 
@@ -112,6 +158,8 @@ def _print_summary(result, output_dir: Optional[str]) -> None:
         print(f"Held-out target: {metrics}")
     if output_dir:
         print(f"Saved to {output_dir}")
+    if result.details.get("pushed_to"):
+        print(f"Pushed to {result.details['pushed_to']}")
 
 
 COMMANDS: dict[str, tuple[str, str, Sequence[type], Callable]] = {
@@ -134,6 +182,21 @@ COMMANDS: dict[str, tuple[str, str, Sequence[type], Callable]] = {
         COMPARE_CONFIGS,
         compare_command,
     ),
+    "push": (
+        "Push an output folder to the Hub (e.g. to retry a failed push).",
+        "Upload an hf-glue output folder to a Hub repo, creating the repo (and --revision branch) if needed. The "
+        "token comes from HF_TOKEN or `hf auth login`.\n\nExample:\n  hf-glue push merged --repo-id org/merged",
+        PUSH_CONFIGS,
+        push_command,
+    ),
+    "card": (
+        "Regenerate the model card of an output folder from merge_result.json.",
+        "Rewrite README.md (and the trajectory PNG) of an hf-glue output folder from its merge_result.json; with "
+        "--compare, embed the table of an `hf-glue compare` run.\n\nExample:\n  hf-glue card merged --compare "
+        "compare/compare.json",
+        (),
+        card_command,
+    ),
 }
 
 
@@ -152,6 +215,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parsers = {}
     for name, (help_text, description, configs, _) in COMMANDS.items():
         parsers[name] = _dataclass_parser(subparsers, name, help_text, description, configs)
+    parsers["push"].add_argument("folder", help="The output folder to push (from hf-glue merge).")
+    parsers["push"].add_argument("--repo-id", required=True, help="Target Hub repo, org/name.")
+    parsers["card"].add_argument("folder", help="The output folder whose card to regenerate.")
+    parsers["card"].add_argument("--compare", help="compare.json (or its folder) from `hf-glue compare` to embed.")
     return parser, parsers
 
 

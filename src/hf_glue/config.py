@@ -188,10 +188,25 @@ class FinetuneConfig:
 
 @dataclass
 class OutputConfig:
-    """Where the merged model goes."""
+    """Where the merged model goes: a local folder, and optionally a Hub repo."""
 
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the merged model, card and result."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output-dir if it exists."})
+    push_to_hub: Optional[str] = field(
+        default=None,
+        metadata={"help": "Also push the output to this Hub repo (org/name); the token comes from HF_TOKEN or "
+                  "`hf auth login`."},
+    )
+
+
+@dataclass
+class PushConfig:
+    """How an output folder is pushed (shared by `merge --push-to-hub` and `hf-glue push`)."""
+
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Push to this branch (created if missing)."})
+    create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of committing."})
+    commit_message: Optional[str] = field(default=None, metadata={"help": "Commit message of the push."})
 
 
 @dataclass

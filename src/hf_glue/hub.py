@@ -39,10 +39,15 @@ def split_spec(spec: str) -> tuple[str, Optional[str]]:
     return spec, None
 
 
-def offline() -> bool:
-    from huggingface_hub import constants
+def check_repo_id(repo_id: str) -> None:
+    """Refuse, before any work, a push target that is not a valid ``org/name`` repo id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-    return bool(constants.HF_HUB_OFFLINE)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise GlueError(f"{repo_id!r} is not a valid Hub repo id for --push-to-hub/--repo-id (expected org/name).") from None
 
 
 def resolve(
@@ -117,3 +122,72 @@ def _cache_dir() -> str:
     from huggingface_hub import constants
 
     return os.fspath(constants.HF_HUB_CACHE)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    commit_message: Optional[str] = None,
+) -> str:
+    """Upload ``folder`` to ``repo_id`` (created if missing; ``revision`` branch created if missing).
+
+    The token comes from the environment (``HF_TOKEN``) or ``hf auth login``, never from an argument. Returns the
+    commit (or pull-request) URL. Any failure is a `GlueError` that says how to retry with ``hf-glue push``.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    retry = retry_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main" and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload GLUE merge (hf-glue)",
+            ignore_patterns=[".*"],
+        )
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        reason = f"HTTP {status}" if status else "HTTP error"
+        if status in (401, 403):
+            reason += " (not authorised: set HF_TOKEN or run `hf auth login` with a write token)"
+        raise GlueError(f"push to {repo_id!r} failed: {reason}. The output in {str(folder)!r} is intact; "
+                        f"retry with: {retry}") from None
+    except (OSError, ValueError) as err:  # network errors (connection refused, timeouts), malformed answers
+        raise GlueError(f"push to {repo_id!r} failed: {type(err).__name__}: {_first_line(err)}. The output in "
+                        f"{str(folder)!r} is intact; retry with: {retry}") from None
+    except Exception as err:  # httpx transport errors are not OSError subclasses
+        if type(err).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
+            raise
+        raise GlueError(f"push to {repo_id!r} failed: {type(err).__name__}: {_first_line(err)}. The output in "
+                        f"{str(folder)!r} is intact; retry with: {retry}") from None
+    return str(info.pr_url or info.commit_url)
+
+
+def retry_command(
+    folder: Path, repo_id: str, *, private: bool = False, revision: Optional[str] = None, create_pr: bool = False
+) -> str:
+    import shlex
+
+    parts = ["hf-glue", "push", shlex.quote(str(folder)), "--repo-id", shlex.quote(repo_id)]
+    if private:
+        parts.append("--private")
+    if revision:
+        parts += ["--revision", shlex.quote(revision)]
+    if create_pr:
+        parts.append("--create-pr")
+    return " ".join(parts)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""

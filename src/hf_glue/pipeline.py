@@ -7,16 +7,17 @@ Every check that can fail on user input runs before weights are downloaded or lo
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
 
 from . import data as data_mod
 from .blend import ExpertMatrix
-from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
+from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig
 from .errors import GlueError
+from .hub import check_repo_id
 from .experts import (
     Expert,
     check_compatible,
@@ -222,6 +223,7 @@ def run_merge(
     output_config: Optional[OutputConfig] = None,
     command: Optional[str] = None,
     finetune_config: Optional[FinetuneConfig] = None,
+    push_config: Optional[PushConfig] = None,
 ) -> MergeResult:
     """The whole `hf-glue merge`: validate, learn α, blend, (fine-tune), save atomically (main process only)."""
     from .config import merge_command
@@ -233,15 +235,28 @@ def run_merge(
     read_training_args(finetune_config.training_args)  # a bad --training-args file too
     if output_config.output_dir:
         check_output_dir(output_config.output_dir, output_config.overwrite_output_dir)
+    if output_config.push_to_hub:
+        if not output_config.output_dir:
+            raise GlueError("--push-to-hub needs --output-dir: the local copy is kept (and used to retry a push).")
+        check_repo_id(output_config.push_to_hub)
     prep = prepare(experts_config, data_config, glue_config)
     command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config)
     result = learn(prep, glue_config, command)
     result.model = blended_model(prep, result.alpha)
     if finetune_config.finetune_epochs > 0:
         finetune_result(prep, result, finetune_config, glue_config.seed)
+    result.model_name = output_config.push_to_hub
     if output_config.output_dir and prep.accelerator.is_main_process:
         result.save_pretrained(output_config.output_dir, overwrite=output_config.overwrite_output_dir)
     prep.accelerator.wait_for_everyone()
+    if output_config.push_to_hub and prep.accelerator.is_main_process:
+        from .hub import push_folder
+
+        push = push_config or PushConfig()
+        result.details["pushed_to"] = push_folder(
+            Path(output_config.output_dir), output_config.push_to_hub, private=push.private,
+            revision=push.revision, create_pr=push.create_pr, commit_message=push.commit_message,
+        )
     return result
 
 

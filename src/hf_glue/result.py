@@ -43,6 +43,7 @@ class MergeResult:
     versions: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    model_name: Optional[str] = None
     model: Any = field(default=None, repr=False)
     processor: Any = field(default=None, repr=False)
     source_dir: Optional[Path] = field(default=None, repr=False)
@@ -76,6 +77,8 @@ class MergeResult:
             out["eval_after"] = self.eval_after
         if self.details:
             out["details"] = self.details
+        if self.model_name:
+            out["model_name"] = self.model_name
         return out
 
     def save_pretrained(self, output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -86,9 +89,6 @@ class MergeResult:
 
     def write_into(self, folder: Path) -> None:
         """Write everything into an existing folder (no atomicity: `save_pretrained` wraps this)."""
-        from .card import generate_card
-        from .plots import plot_trajectories
-
         if self.model is not None:
             self.model.save_pretrained(folder, safe_serialization=True)
         if self.source_dir is not None:
@@ -97,18 +97,27 @@ class MergeResult:
                     shutil.copy2(self.source_dir / name, folder / name)
         elif self.processor is not None:
             self.processor.save_pretrained(folder)
-        data = self.to_dict()
-        (folder / RESULT_FILE).write_text(json.dumps(data, indent=2) + "\n")
-        png = plot_trajectories(data, folder / "glue_trajectory.png") if self.history else None
-        comparison = _read_json(folder / "compare.json")
-        (folder / "README.md").write_text(
-            generate_card(data, trajectory_png=png.name if png else None, comparison=_card_comparison(comparison))
-        )
+        (folder / RESULT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_card(folder)
+
+    def push_to_hub(self, repo_id: str, output_dir: str | Path, **push_options) -> str:
+        """Save into ``output_dir`` (card named after ``repo_id``) and push it; returns the commit or PR URL."""
+        from .hub import push_folder
+
+        self.model_name = repo_id
+        self.save_pretrained(output_dir, overwrite=True)
+        return push_folder(Path(output_dir), repo_id, **push_options)
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+def write_card(folder: Path) -> Path:
+    """(Re)write ``README.md`` and the trajectory PNG from ``merge_result.json`` (and ``compare.json`` if any)."""
+    from .card import generate_card
+    from .plots import plot_trajectories
 
-
-def _card_comparison(compare: Optional[dict]) -> Optional[dict]:
-    return compare.get("card") if compare else None
+    data = json.loads((folder / RESULT_FILE).read_text())
+    png = plot_trajectories(data, folder / "glue_trajectory.png")
+    compare = folder / "compare.json"
+    comparison = json.loads(compare.read_text()).get("card") if compare.is_file() else None
+    (folder / "README.md").write_text(generate_card(data, trajectory_png=png.name if png else None,
+                                                    comparison=comparison))
+    return folder / "README.md"
