@@ -128,6 +128,11 @@ class ExpertsConfig:
         metadata={"help": "Dtype experts are held and blended in (auto: as stored); blending accumulates in float32."},
     )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
+    max_memory: Optional[str] = field(
+        default=None,
+        metadata={"help": "Memory budget per device, e.g. 20GiB (default: what the device has free); a run "
+                  "estimated to need more is refused before any weights are loaded."},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

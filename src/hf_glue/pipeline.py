@@ -88,6 +88,7 @@ def prepare(
         logger.info("checkpoint keys differ from %s's modules: reading experts through from_pretrained",
                     task.model_class().__name__)
         read_through_transformers(experts, task.model_class(), experts_config.trust_remote_code)
+    check_memory(experts, experts_config, data_config, glue_config, accelerator)
     processor = task.load_processor(experts[0].repo.path, experts_config.trust_remote_code)
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
@@ -98,6 +99,33 @@ def prepare(
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config)
+
+
+def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
+                 glue_config: GlueConfig, accelerator) -> None:
+    """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory)."""
+    from . import memory
+
+    dtype = DTYPES.get(experts_config.dtype)
+    elements: dict[torch.dtype, int] = {}
+    for info in experts[0].tensors.values():
+        if info.dtype.is_floating_point:
+            elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
+    parallel_batch = glue_config.batch_size if glue_config.parallel == "perturbation" else \
+        glue_config.batch_size // accelerator.num_processes
+    est = memory.estimate(
+        elements, len(experts), experts[0].config,
+        models_per_step=1 if glue_config.method == "full-gradient" else 2 * glue_config.spsa_samples,
+        batch_per_process=max(parallel_batch, glue_config.eval_batch_size // accelerator.num_processes),
+        sequence_length=data_config.max_length,
+        backward=glue_config.method == "full-gradient",
+    )
+    budget = memory.parse_size(experts_config.max_memory) if experts_config.max_memory else \
+        memory.available(accelerator.device)
+    memory.check_fits(est, budget, device=accelerator.device,
+                      dtype_is_full=all(dt == torch.float32 for dt in elements),
+                      samples=glue_config.spsa_samples,
+                      where="--max-memory" if experts_config.max_memory else "the device")
 
 
 def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_code: bool = False):
