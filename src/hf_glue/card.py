@@ -20,7 +20,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     from .tasks import get_task
 
     method = get_method(result["method"])
-    task = get_task(result["task"])
+    task = get_task(result["task"]) if result.get("task") else None
     experts = [
         {
             "id": e["id"],
@@ -31,15 +31,15 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         for e in result["experts"]
     ]
     hub_experts = [e["id"] for e in result["experts"] if e.get("revision")]
-    dataset = result["dataset"]
+    dataset = result.get("dataset")
     card_data = ModelCardData(
         base_model=hub_experts or None,
         base_model_relation="merge",
-        datasets=[dataset["id"]] if dataset.get("revision") else None,
+        datasets=[dataset["id"]] if dataset and dataset.get("revision") else None,
         library_name="transformers",
-        pipeline_tag=task.pipeline_tag,
-        tags=["merge", "hf-glue", task.pipeline_tag],
-        eval_results=_eval_results(result, task),
+        pipeline_tag=task.pipeline_tag if task else None,
+        tags=["merge", "hf-glue"] + ([task.pipeline_tag] if task else []),
+        eval_results=_eval_results(result, task) if task and dataset else None,
         model_name=result.get("model_name") or "hf-glue-merge",
     )
     groups = result.get("group_coefficients") or {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .config import (
+    BlendConfig,
     CompareConfig,
     DataConfig,
     ExpertsConfig,
@@ -26,6 +27,7 @@ from .errors import GlueError
 
 MERGE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig, PushConfig)
 PUSH_CONFIGS = (PushConfig,)
+BLEND_CONFIGS = (ExpertsConfig, BlendConfig, OutputConfig)
 COMPARE_CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, CompareConfig)
 
 
@@ -99,6 +101,15 @@ def compare_command(args: list[str], parser) -> int:
     experts, data, glue, finetune, compare, _ = _build_configs(parser, COMPARE_CONFIGS, args)
     _require_experts(experts)
     run_compare(experts, data, glue, finetune, compare)
+    return 0
+
+
+def blend_command(args: list[str], parser) -> int:
+    from .blend_files import run_blend
+
+    experts, blend, output, _ = _build_configs(parser, BLEND_CONFIGS, args)
+    folder = run_blend(experts, blend, output, command=shlex.join(["hf-glue", "blend", *args]))
+    print(f"Wrote the blend to {folder}")
     return 0
 
 
@@ -181,6 +192,16 @@ COMMANDS: dict[str, tuple[str, str, Sequence[type], Callable]] = {
         "--experts org/a org/b org/c --dataset org/target --data-sizes 1000 5000 2000 --seeds 0 1 2",
         COMPARE_CONFIGS,
         compare_command,
+    ),
+    "blend": (
+        "Write the blend for known coefficients, streaming from the experts' files (no data needed).",
+        "Apply coefficients — given with --weights, or an earlier merge's merge_result.json with --from-result — "
+        "to the experts' safetensors and write the merged model, reading and writing one tensor at a time (memory "
+        "stays near the size of the largest tensor).\n\nExamples:\n  hf-glue blend --experts org/a org/b "
+        "--weights 0.7 0.3 --output-dir blended\n  hf-glue blend --from-result merged/merge_result.json "
+        "--output-dir blended --dtype bfloat16",
+        BLEND_CONFIGS,
+        blend_command,
     ),
     "push": (
         "Push an output folder to the Hub (e.g. to retry a failed push).",

@@ -43,6 +43,9 @@ class GlueConfig:
         default=None,
         metadata={"help": "Training-set size of each expert, in --experts order (for data-size init/method)."},
     )
+    weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "Coefficients, one per expert, for --method weights (and hf-glue blend)."}
+    )
     perturbation: Optional[float] = field(
         default=None, metadata={"help": "SPSA perturbation size c (default 0.05 simplex, 0.1 softmax)."}
     )
@@ -215,6 +218,21 @@ class PushConfig:
 
 
 @dataclass
+class BlendConfig:
+    """`hf-glue blend`: apply known coefficients to the experts' files, streaming, without target data."""
+
+    weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "One coefficient per expert, non-negative, summing to 1."}
+    )
+    from_result: Optional[str] = field(
+        default=None,
+        metadata={"help": "merge_result.json of an earlier merge: its experts (pinned revisions) and coefficients "
+                  "(per group too)."},
+    )
+    max_shard_size: str = field(default="5GB", metadata={"help": "Largest output safetensors shard."})
+
+
+@dataclass
 class CompareConfig:
     """What `hf-glue compare` runs and where it writes its table and chart."""
 
@@ -231,6 +249,15 @@ class CompareConfig:
             raise GlueError("compare needs at least one method in --methods.")
         if not self.seeds:
             raise GlueError("compare needs at least one seed in --seeds.")
+
+
+def torch_dtype(name: Optional[str]):
+    """The torch dtype for a --dtype value; None for ``auto`` (keep each tensor's stored dtype)."""
+    if not name or name == "auto":
+        return None
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def non_default_items(config: object) -> dict:

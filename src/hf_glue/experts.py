@@ -144,6 +144,17 @@ def expected_state_shapes(expert: Expert, model_class, trust_remote_code: bool) 
 
 def check_compatible(experts: Sequence[Expert], model_class, trust_remote_code: bool = False) -> None:
     """Refuse experts that differ in architecture, parameter names/shapes or tokenizer files, naming the first."""
+    check_model_types(experts)
+    ref = experts[0]
+    ref_shapes = expected_state_shapes(ref, model_class, trust_remote_code)
+    for other in experts[1:]:
+        _compare_shapes(ref.name, ref_shapes, other.name, expected_state_shapes(other, model_class, trust_remote_code),
+                        where="from its config.json")
+    check_processor_files(experts)
+
+
+def check_model_types(experts: Sequence[Expert]) -> None:
+    """Refuse experts whose config.json declares another ``model_type`` than the first's."""
     ref = experts[0]
     ref_type = ref.config.get("model_type")
     for other in experts[1:]:
@@ -152,10 +163,11 @@ def check_compatible(experts: Sequence[Expert], model_class, trust_remote_code: 
                 f"expert {other.name!r} is a {other.config.get('model_type')!r} model but {ref.name!r} is "
                 f"{ref_type!r}: all experts must share one architecture."
             )
-    ref_shapes = expected_state_shapes(ref, model_class, trust_remote_code)
-    for other in experts[1:]:
-        _compare_shapes(ref.name, ref_shapes, other.name, expected_state_shapes(other, model_class, trust_remote_code),
-                        where="from its config.json")
+
+
+def check_processor_files(experts: Sequence[Expert]) -> None:
+    """Refuse experts whose tokenizer/processor files differ, naming the expert and the file."""
+    ref = experts[0]
     ref_hashes = ref.processor_hashes()
     for other in experts[1:]:
         hashes = other.processor_hashes()

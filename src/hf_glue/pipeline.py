@@ -15,7 +15,7 @@ import torch
 
 from . import data as data_mod
 from .blend import ExpertMatrix
-from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig
+from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, torch_dtype
 from .errors import GlueError
 from .hub import check_repo_id
 from .experts import (
@@ -32,9 +32,9 @@ from .objective import Objective
 from .output import check_output_dir
 from .result import MergeResult
 from .tasks import Task, detect_task
+from .versions import library_versions
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -93,7 +93,7 @@ def prepare(
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, experts[0].config)
-    dtype = DTYPES.get(experts_config.dtype)
+    dtype = torch_dtype(experts_config.dtype)
     matrix = ExpertMatrix.from_experts(experts, glue_config.granularity, dtype=dtype, device=accelerator.device)
     model = build_model(experts[0], task, matrix, experts_config.trust_remote_code).to(accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
@@ -106,7 +106,7 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
     """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory)."""
     from . import memory
 
-    dtype = DTYPES.get(experts_config.dtype)
+    dtype = torch_dtype(experts_config.dtype)
     elements: dict[torch.dtype, int] = {}
     for info in experts[0].tensors.values():
         if info.dtype.is_floating_point:
@@ -286,15 +286,3 @@ def run_merge(
             revision=push.revision, create_pr=push.create_pr, commit_message=push.commit_message,
         )
     return result
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("hf-glue", "torch", "transformers", "accelerate", "datasets", "huggingface_hub", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out

@@ -1,6 +1,6 @@
 """Merge-method registry: each module registers one method with ``@register_method``."""
 
-from . import data_size, full_gradient, glue, proxy, uniform  # noqa: F401  (registration)
+from . import data_size, full_gradient, glue, proxy, uniform, weights  # noqa: F401  (registration)
 from .base import (
     MergeContext,
     MergeMethod,

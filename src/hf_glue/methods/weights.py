@@ -1,0 +1,30 @@
+"""Given coefficients: α from --weights (e.g. to evaluate or re-apply a known blend)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GlueError
+from .base import MergeContext, MergeMethod, MethodOutput, register_method
+
+
+def check_weights(weights, experts: int) -> list[float]:
+    """Weights of a convex combination: one per expert, non-negative, summing to 1."""
+    if not weights:
+        raise GlueError("method 'weights' needs --weights w1 w2 ... (one per expert, summing to 1).")
+    if len(weights) != experts:
+        raise GlueError(f"--weights has {len(weights)} values but there are {experts} experts; give one per expert.")
+    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise GlueError(f"--weights must be non-negative and sum to 1 (a convex combination); got {list(weights)}.")
+    return [float(w) for w in weights]
+
+
+@register_method
+class Weights(MergeMethod):
+    name = "weights"
+    pretty_name = "Given coefficients"
+    description = "coefficients given by the user (--weights)"
+
+    def _run(self, ctx: MergeContext) -> MethodOutput:
+        alpha = torch.tensor(check_weights(ctx.config.weights, ctx.matrix.num_experts), dtype=torch.float64)
+        return MethodOutput(alpha=alpha.repeat(ctx.matrix.num_groups, 1))

@@ -1,0 +1,17 @@
+"""Versions of the libraries a result depends on (recorded in merge_result.json and the card)."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+LIBRARIES = ("hf-glue", "torch", "transformers", "accelerate", "datasets", "huggingface_hub", "safetensors")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
