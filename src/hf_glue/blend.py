@@ -78,6 +78,11 @@ class ExpertMatrix:
                     lo_hi[0] = min(lo_hi[0], slot.offset)
                     lo_hi[1] = max(lo_hi[1], slot.offset + slot.numel)
             self.segments[dtype] = sorted((g, lo, hi) for g, (lo, hi) in spans.items())
+        # the slots of each (dtype, group) segment in column order, to split a product into parameters
+        self._segment_slots: dict[tuple, list[Slot]] = {}
+        for slot in sorted(slots.values(), key=lambda sl: sl.offset):
+            self._segment_slots.setdefault((slot.dtype, slot.group), []).append(slot)
+        self._outputs: dict[tuple, torch.Tensor] = {}
 
     @property
     def num_experts(self) -> int:
@@ -142,25 +147,44 @@ class ExpertMatrix:
     def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """θ for each of M coefficient sets ``alphas[M, G, K]``: one product per (dtype, group) segment.
 
-        Returns M name → tensor dicts whose tensors are views of the products (no copy), plus the
-        non-float constants. Differentiable in ``alphas`` when grad is enabled.
+        Returns M name → tensor dicts whose tensors are views of the products (no copy), plus the non-float
+        constants. With grad enabled the result is differentiable in ``alphas``; without, the products go
+        into buffers reused by the next call (no allocation, no page faults per step), so the views are
+        valid until then.
         """
         if alphas.dim() == 2:
             alphas = alphas.unsqueeze(0)
         m = alphas.shape[0]
+        reuse = not (torch.is_grad_enabled() and alphas.requires_grad)
         views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
         for dtype, buffer in self.buffers.items():
-            outputs = {}
             for g, lo, hi in self.segments[dtype]:
-                outputs[g] = (lo, _matmul(alphas[:, g, :], buffer[:, lo:hi]))
-            for slot in self.slots.values():
-                if slot.dtype != dtype:
-                    continue
-                lo, out = outputs[slot.group]
-                start = slot.offset - lo
-                for i in range(m):
-                    views[i][slot.name] = out[i, start: start + slot.numel].view(slot.shape)
+                out = self._product(alphas[:, g, :], buffer[:, lo:hi], (dtype, g, m) if reuse else None)
+                slots = self._segment_slots[(dtype, g)]
+                # unbind/split (not slicing): their backward is one concatenation, not one full-size
+                # zero-filled gradient per parameter
+                for i, row in enumerate(out.unbind(0)):
+                    for slot, part in zip(slots, row.split([s.numel for s in slots])):
+                        views[i][slot.name] = part.view(slot.shape)
         return views
+
+    def _product(self, a: torch.Tensor, e: torch.Tensor, key) -> torch.Tensor:
+        """``a[M, K] @ e[K, n]``, accumulated in float32 at least, in ``e``'s dtype (into a kept buffer if keyed)."""
+        out = None
+        if key is not None:
+            out = self._outputs.get(key)
+            if out is None:
+                out = self._outputs[key] = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+        if e.dtype in (torch.float32, torch.float64):
+            a = a.to(e.dtype)
+            return torch.mm(a, e, out=out) if out is not None else torch.mm(a, e)
+        a32 = a.to(torch.float32)
+        if out is None:
+            out = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+        for lo in range(0, e.shape[1], HALF_CHUNK):
+            hi = min(lo + HALF_CHUNK, e.shape[1])
+            out[:, lo:hi] = torch.mm(a32, e[:, lo:hi].to(torch.float32))
+        return out
 
     def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
         """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""
@@ -172,20 +196,6 @@ class ExpertMatrix:
     def by_group(self, alpha: torch.Tensor) -> dict[str, dict[str, float]]:
         alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
         return {g: {n: float(v) for n, v in zip(self.expert_names, row)} for g, row in zip(self.groups, alpha)}
-
-
-def _matmul(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``a[M, K] @ e[K, n]`` accumulated in float32 at least, returned in ``e``'s dtype."""
-    if e.dtype in (torch.float32, torch.float64):
-        return torch.mm(a.to(e.dtype), e)
-    a32 = a.to(torch.float32)
-    if e.shape[1] <= HALF_CHUNK:
-        return torch.mm(a32, e.to(torch.float32)).to(e.dtype)
-    out = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
-    for lo in range(0, e.shape[1], HALF_CHUNK):
-        hi = min(lo + HALF_CHUNK, e.shape[1])
-        out[:, lo:hi] = torch.mm(a32, e[:, lo:hi].to(torch.float32))
-    return out
 
 
 def _order_groups(names: list[str]) -> list[str]:

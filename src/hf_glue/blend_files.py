@@ -99,8 +99,9 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
             "command": command,
             "versions": library_versions(),
         }
-        if source and source.get("group_coefficients"):
-            result["group_coefficients"] = source["group_coefficients"]
+        if source and source.get("group_coefficients"):  # keyed like this result's experts (pinned specs)
+            result["group_coefficients"] = {g: {by_id[k]: v for k, v in row.items()}
+                                            for g, row in source["group_coefficients"].items()}
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         write_card(tmp)
     return Path(output.output_dir)

@@ -1,0 +1,79 @@
+"""`hf-glue blend`: the streamed output is Σ w_k θ_k, byte-compatible with safetensors and from_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+from hf_glue.streaming import SafetensorsReader, SafetensorsWriter
+
+
+def test_reader_and_writer_round_trip(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6),
+               "empty": torch.empty(0, 2), "flag": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "in.safetensors")
+    reader = SafetensorsReader(tmp_path / "in.safetensors")
+    for name, t in tensors.items():
+        assert torch.equal(reader.read(name), t) and reader.read(name).dtype == t.dtype
+    reader.close()
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
+    for t in tensors.values():
+        writer.write(t)
+    writer.close()
+    again = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(again[n], t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_blend_command_writes_the_convex_combination(cls_experts, tmp_path, dtype):
+    out = tmp_path / "blended"
+    proc = run_cli("blend", "--experts", *cls_experts["ids"], "--weights", "0.5", "0.3", "0.2",
+                   "--output-dir", str(out), "--dtype", dtype, "--max-shard-size", "40KB")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors.index.json").is_file()  # sharded at 40 KB
+    merged = {}
+    for f in out.glob("*.safetensors"):
+        merged.update(load_file(f))
+    experts = [load_file(p / "model.safetensors") for p in cls_experts["paths"]]
+    for name, t in experts[0].items():
+        if not t.dtype.is_floating_point:
+            assert torch.equal(merged[name], t)
+            continue
+        expected = (0.5 * experts[0][name] + 0.3 * experts[1][name] + 0.2 * experts[2][name])
+        if dtype == "auto":
+            torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=1e-5)
+        else:
+            assert merged[name].dtype == torch.bfloat16
+            assert torch.equal(merged[name], expected.to(torch.bfloat16))
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(out)
+    card = (out / "README.md").read_text()
+    assert "base_model_relation: merge" in card and "0.5000" in card
+
+
+def test_blend_from_result_reproduces_a_merge(cls_experts, tmp_path):
+    from hf_glue import GlueConfig, merge_experts
+
+    merged = tmp_path / "merged"
+    merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=10, granularity="block"),
+                  output_dir=str(merged))
+    out = tmp_path / "again"
+    proc = run_cli("blend", "--from-result", str(merged / "merge_result.json"), "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_file(merged / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    result = json.loads((out / "merge_result.json").read_text())
+    assert result["group_coefficients"] and result["method"] == "glue"
+
+
+def test_blend_refuses_bad_weights(cls_experts, tmp_path):
+    proc = run_cli("blend", "--experts", *cls_experts["ids"][:2], "--weights", "0.7", "0.4",
+                   "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "sum to 1" in proc.stderr and not (tmp_path / "o").exists()
