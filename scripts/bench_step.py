@@ -147,7 +147,7 @@ def main() -> None:
     elem = torch.empty((), dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device, min(n, 64 * 2**20))
     with torch.no_grad():
-        forward_s, forward_peak = timed(lambda: (model(**inputs), model(**inputs)), device, args.repeats)
+        forward_s, _ = timed(lambda: (model(**inputs), model(**inputs)), device, args.repeats)
     print(f"{args.model} ({n / 1e6:.0f}M parameters, {args.dtype}) on {device}, batch {args.batch_size} x "
           f"{args.seq_len} tokens; copy bandwidth {bandwidth / 1e9:.1f} GB/s; two forward passes {forward_s:.3f} s")
     rows = []
@@ -161,7 +161,6 @@ def main() -> None:
         floor_s = forward_s + (k * n + 2 * n) * elem / bandwidth
         param, x = PARAMETRIZATIONS["simplex"], alpha0.clone()
         full_s, _ = timed(lambda: loss_and_grad(objective, param, x, batch), device, args.repeats)
-        del matrix, objective, experts
         rows.append((k, step_s, floor_s, full_s, *step_memory(args, k, "spsa"), *step_memory(args, k, "full")))
     print("\n| K | SPSA step s | floor s | step / floor | full-gradient step s | full / SPSA time | "
           "SPSA step memory | full-gradient step memory | full / SPSA memory | absolute peaks SPSA / full |")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from hf_glue.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

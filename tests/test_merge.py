@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from hf_glue import DataConfig, ExpertsConfig, GlueConfig, merge_experts
+from hf_glue import DataConfig, GlueConfig, merge_experts
 
 
 def _partials(folder: Path) -> list[Path]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hf_glue import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, merge_experts
+from hf_glue import FinetuneConfig, GlueConfig, merge_experts
 from hf_glue.methods.proxy import logme
 
 # the target is expert-0's domain, but expert-1 has by far the most data

@@ -30,7 +30,21 @@ _EXPORTS = {
     "MergeResult": ".result",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "BlendConfig",
+    "CompareConfig",
+    "DataConfig",
+    "ExpertsConfig",
+    "FinetuneConfig",
+    "GlueCallback",
+    "GlueConfig",
+    "GlueError",
+    "MergeResult",
+    "OutputConfig",
+    "PushConfig",
+    "__version__",
+    "merge_experts",
+]
 
 if TYPE_CHECKING:
     from .api import GlueCallback, merge_experts

@@ -7,6 +7,7 @@ experts are multiplied in float32 chunks and rounded once (float32 accumulation)
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -46,10 +47,7 @@ class Slot:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 class ExpertMatrix:

@@ -6,6 +6,7 @@ before any weight file is downloaded; weights are then streamed tensor by tensor
 
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -53,10 +54,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass

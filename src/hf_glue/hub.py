@@ -108,10 +108,17 @@ def _snapshot(
             "if it is private."
         ) from None
     except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise GlueError(
+                f"{what} {spec!r} is not in the local Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is "
+                f"set: check the id, or download it first (`hf download {repo_id}"
+                f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`)."
+            ) from None
         raise GlueError(
-            f"{what} {spec!r} is not in the local Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is set: "
-            f"check the id, or download it first (`hf download {repo_id}"
-            f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`)."
+            f"{what} {spec!r}: the Hub ({constants.ENDPOINT}) could not be reached and it is not in the local "
+            f"cache ({_cache_dir()}): check your network or HF_ENDPOINT."
         ) from None
     except OSError as err:  # network errors, disk errors
         raise GlueError(f"{what} {spec!r} could not be downloaded: {err}") from None

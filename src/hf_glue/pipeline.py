@@ -69,9 +69,10 @@ def prepare(
     accelerator = accelerator or make_accelerator(experts_config.cpu)
     if glue_config.data_sizes is not None or glue_config.init == "data-size":
         check_data_sizes(glue_config, len(experts_config.experts))
-    if glue_config.batch_size % accelerator.num_processes:
-        raise GlueError(f"--batch-size {glue_config.batch_size} must be divisible by the number of processes "
-                        f"({accelerator.num_processes}).")
+    for flag, size in (("--batch-size", glue_config.batch_size), ("--eval-batch-size", glue_config.eval_batch_size)):
+        if size % accelerator.num_processes:
+            raise GlueError(f"{flag} {size} must be divisible by the number of processes "
+                            f"({accelerator.num_processes}).")
     # 1. metadata only: repo ids, configs, tokenizers, parameter shapes
     with accelerator.main_process_first():
         experts = resolve_experts(experts_config.experts)

@@ -8,7 +8,6 @@ update); ``softmax`` works on logits w with α = softmax(w).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

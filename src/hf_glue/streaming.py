@@ -8,6 +8,7 @@ a precomputed header, so peak memory is a few copies of the largest tensor, not 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import threading
 from pathlib import Path
@@ -56,9 +57,7 @@ class SafetensorsWriter:
     def __init__(self, path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
         header, offset = {}, 0
         for name, dtype, shape in layout:
-            size = torch.empty((), dtype=dtype).element_size()
-            for s in shape:
-                size *= s
+            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         header["__metadata__"] = {"format": "pt"}
@@ -111,7 +110,7 @@ def blend_checkpoints(
     shards: list[list] = [[]]
     size = 0
     for entry in layout:
-        nbytes = torch.empty((), dtype=entry[1]).element_size() * max(1, _numel(entry[2]))
+        nbytes = torch.empty((), dtype=entry[1]).element_size() * max(1, math.prod(entry[2]))
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -164,10 +163,3 @@ def blend_checkpoints(
         (output_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return written
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

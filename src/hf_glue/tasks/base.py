@@ -75,6 +75,16 @@ class Task(ABC):
         return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def load_tokenizer(path, trust_remote_code: bool = False):
+    """The experts' tokenizer; one without a pad token pads with its end-of-sequence token (as GPT-2 needs)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: add a task to the registry under its lowercase, unique ``name``."""
     name = cls.name

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
-from .base import Task, pick_column, register_task
+from .base import Task, load_tokenizer, pick_column, register_task
 
 TEXT_COLUMNS = ("text", "content", "document", "sentence", "code")
 
@@ -25,12 +24,7 @@ class CausalLM(Task):
     greater_is_better = False
 
     def load_processor(self, path, trust_remote_code=False):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return load_tokenizer(path, trust_remote_code)
 
     def resolve_columns(self, column_names: Sequence[str], data: DataConfig) -> dict[str, str]:
         return {"text": pick_column("text", data.text_column, TEXT_COLUMNS, column_names, "--text-column")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..config import DataConfig
-from .base import pick_column, register_task
+from .base import load_tokenizer, pick_column, register_task
 from .classification import ClassificationTask, label_mapper
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "sentence1", "question")
@@ -22,12 +22,7 @@ class SequenceClassification(ClassificationTask):
     architecture_suffixes = ("ForSequenceClassification",)
 
     def load_processor(self, path, trust_remote_code=False):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return load_tokenizer(path, trust_remote_code)
 
     def resolve_columns(self, column_names: Sequence[str], data: DataConfig) -> dict[str, str]:
         columns = {
