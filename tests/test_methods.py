@@ -135,3 +135,16 @@ def test_image_classification_merges_end_to_end(image_experts, arch, tmp_path):
         torch.testing.assert_close(tensor, merged_sd[name])
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card
+
+
+def test_compare_with_finetuning_reports_both_stages(cls_experts, tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_cli("compare", "--experts", "org/expert-1", "org/expert-2", "--dataset", "org/target",
+                   "--methods", "glue", "uniform", "--include-experts", "false", "--steps", "5",
+                   "--finetune-epochs", "1", "--learning-rate", "3e-3", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "compare.json").read_text())
+    assert [s["method"] for s in report["summary"]] == ["glue", "uniform"]
+    for s in report["summary"]:
+        assert s["finetuned"]["accuracy"]["mean"] > s["merged"]["accuracy"]["mean"]
+    assert "accuracy (fine-tuned)" in proc.stdout
