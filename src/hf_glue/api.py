@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional, Sequence
 
+from transformers import TrainerCallback
+
 from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
 from .result import MergeResult
 
@@ -40,13 +42,7 @@ def merge_experts(
                      finetune_config=finetune_config)
 
 
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class GlueCallback(_trainer_callback_base()):
+class GlueCallback(TrainerCallback):
     """A `transformers.TrainerCallback` that starts training from the GLUE blend of ``experts``.
 
     At ``on_train_begin`` it learns α on ``dataset`` (or takes a ready ``result``) and copies θ(α) into the

@@ -66,20 +66,14 @@ class ExpertMatrix:
         self.slots = slots
         self.buffers = buffers
         self.constants = constants
-        # per dtype: [(group index, start, end)], contiguous because slots are laid out group by group
-        self.segments: dict[torch.dtype, list[tuple[int, int, int]]] = {}
-        for dtype in buffers:
-            spans: dict[int, list[int]] = {}
-            for slot in slots.values():
-                if slot.dtype == dtype:
-                    lo_hi = spans.setdefault(slot.group, [slot.offset, slot.offset + slot.numel])
-                    lo_hi[0] = min(lo_hi[0], slot.offset)
-                    lo_hi[1] = max(lo_hi[1], slot.offset + slot.numel)
-            self.segments[dtype] = sorted((g, lo, hi) for g, (lo, hi) in spans.items())
-        # the slots of each (dtype, group) segment in column order, to split a product into parameters
-        self._segment_slots: dict[tuple, list[Slot]] = {}
+        # per dtype, per group: its slots in column order (contiguous: slots are laid out group by group);
+        # one product per segment, split into the segment's parameters
+        self.segments: dict[torch.dtype, dict[int, list[Slot]]] = {dt: {} for dt in buffers}
         for slot in sorted(slots.values(), key=lambda sl: sl.offset):
-            self._segment_slots.setdefault((slot.dtype, slot.group), []).append(slot)
+            self.segments[slot.dtype].setdefault(slot.group, []).append(slot)
+        self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
+        for slot in slots.values():
+            self._group_sizes[slot.group] += slot.numel
         self._outputs: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -96,13 +90,7 @@ class ExpertMatrix:
 
     def group_sizes(self) -> torch.Tensor:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
-        sizes = torch.zeros(self.num_groups, dtype=torch.float64)
-        for slot in self.slots.values():
-            sizes[slot.group] += slot.numel
-        return sizes
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return self._group_sizes
 
     @classmethod
     def from_experts(
@@ -113,33 +101,28 @@ class ExpertMatrix:
         device: torch.device | str = "cpu",
     ) -> "ExpertMatrix":
         """Stream every expert's tensors into the matrices; non-float tensors are taken from the first expert."""
-        ref = experts[0]
-        float_infos = [i for i in ref.tensors.values() if i.dtype.is_floating_point]
-        group_names: list[str] = []
-        for info in float_infos:
-            g = group_of(info.name, granularity)
-            if g not in group_names:
-                group_names.append(g)
-        group_names = _order_groups(group_names)
+        float_groups = {i.name: group_of(i.name, granularity)
+                        for i in experts[0].tensors.values() if i.dtype.is_floating_point}
+        group_names = _order_groups(list(dict.fromkeys(float_groups.values())))
         group_index = {g: i for i, g in enumerate(group_names)}
         # lay out each dtype buffer group by group, tensors in checkpoint order within a group
-        ordered = sorted(float_infos, key=lambda i: group_index[group_of(i.name, granularity)])
         sizes: dict[torch.dtype, int] = {}
         slots: dict[str, Slot] = {}
-        for info in ordered:
+        for name in sorted(float_groups, key=lambda n: group_index[float_groups[n]]):
+            info = experts[0].tensors[name]
             work = dtype or info.dtype
-            slots[info.name] = Slot(info.name, work, group_index[group_of(info.name, granularity)],
-                                    sizes.get(work, 0), info.shape)
+            slots[name] = Slot(name, work, group_index[float_groups[name]], sizes.get(work, 0), info.shape)
             sizes[work] = sizes.get(work, 0) + info.numel
         buffers = {dt: torch.empty(len(experts), n, dtype=dt, device=device) for dt, n in sizes.items()}
+        constants: dict[str, torch.Tensor] = {}
         for k, expert in enumerate(experts):
-            for name, tensor in expert.iter_tensors(set(slots)):
-                slot = slots[name]
-                buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(tensor.reshape(-1))
-        constants = {
-            name: tensor.to(device)
-            for name, tensor in ref.iter_tensors({i.name for i in ref.tensors.values() if not i.dtype.is_floating_point})
-        }
+            # the first expert is read once for both its floats and the non-float tensors kept as they are
+            for name, tensor in expert.iter_tensors(None if k == 0 else set(slots)):
+                slot = slots.get(name)
+                if slot is None:
+                    constants[name] = tensor.to(device)
+                else:
+                    buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(tensor.reshape(-1))
         return cls([e.name for e in experts], group_names, slots, buffers, constants)
 
     def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -156,9 +139,9 @@ class ExpertMatrix:
         reuse = not (torch.is_grad_enabled() and alphas.requires_grad)
         views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
         for dtype, buffer in self.buffers.items():
-            for g, lo, hi in self.segments[dtype]:
+            for g, slots in self.segments[dtype].items():
+                lo, hi = slots[0].offset, slots[-1].offset + slots[-1].numel
                 out = self._product(alphas[:, g, :], buffer[:, lo:hi], (dtype, g, m) if reuse else None)
-                slots = self._segment_slots[(dtype, g)]
                 # unbind/split (not slicing): their backward is one concatenation, not one full-size
                 # zero-filled gradient per parameter
                 for i, row in enumerate(out.unbind(0)):

@@ -7,7 +7,6 @@ output is streamed tensor by tensor (see `streaming.py`), with the card and ``me
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,9 +17,7 @@ from .errors import GlueError
 from .experts import check_model_types, check_processor_files, fetch_weights, resolve_experts
 from .methods.weights import check_weights
 from .output import atomic_dir, check_output_dir
-from .result import COPIED_FILES, RESULT_FILE, write_card
-
-_EXTRA_FILES = ("config.json", "generation_config.json")
+from .result import RESULT_FILE, copy_processor_files, write_card
 
 
 def _from_result(path: str) -> tuple[list[str], dict]:
@@ -81,9 +78,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
 
     with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
         blend_checkpoints(experts, weights, tmp, dtype=torch_dtype(experts_config.dtype), max_shard_bytes=max_shard)
-        for name in COPIED_FILES + _EXTRA_FILES:
-            if (experts[0].repo.path / name).is_file():
-                shutil.copy2(experts[0].repo.path / name, tmp / name)
+        copy_processor_files(experts[0].repo.path, tmp, extra=("config.json", "generation_config.json"))
         result = {
             "method": source["method"] if source else "weights",
             "task": source.get("task") if source else _task_name(experts[0].config),
@@ -103,7 +98,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
             result["group_coefficients"] = {g: {by_id[k]: v for k, v in row.items()}
                                             for g, row in source["group_coefficients"].items()}
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-        write_card(tmp)
+        write_card(tmp, result)
     return Path(output.output_dir)
 
 

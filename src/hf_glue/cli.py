@@ -57,12 +57,12 @@ def _build_configs(parser, configs: Sequence[type], argv: Sequence[str]) -> list
         parser.set_defaults(**_read_yaml(path, configs))
     try:
         outputs = list(parser.parse_args_into_dataclasses(args=argv))
-        # options that are not dataclass fields (--config, positionals) come back as a trailing namespace
-        return outputs if len(outputs) > len(configs) else outputs + [argparse.Namespace()]
+    except GlueError:  # raised by a config's own validation: already says what to do
+        raise
     except (TypeError, ValueError) as err:
-        if isinstance(err, GlueError):
-            raise
         raise GlueError(str(err)) from None
+    # options that are not dataclass fields (--config, positionals) come back as a trailing namespace
+    return outputs if len(outputs) > len(configs) else outputs + [argparse.Namespace()]
 
 
 def _read_yaml(path: Path, configs: Sequence[type]) -> dict:
@@ -85,12 +85,11 @@ def merge_command(args: list[str], parser) -> int:
     from .pipeline import run_merge
 
     experts, data, glue, finetune, output, push, _ = _build_configs(parser, MERGE_CONFIGS, args)
-    _require_experts(experts)
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
     result = run_merge(experts, data, glue, output, command=shlex.join(["hf-glue", "merge", *args]),
                        finetune_config=finetune, push_config=push)
-    if result.model is not None and _is_main():
+    if _is_main():
         _print_summary(result, output.output_dir)
     return 0
 
@@ -99,7 +98,6 @@ def compare_command(args: list[str], parser) -> int:
     from .compare import run_compare
 
     experts, data, glue, finetune, compare, _ = _build_configs(parser, COMPARE_CONFIGS, args)
-    _require_experts(experts)
     run_compare(experts, data, glue, finetune, compare)
     return 0
 
@@ -146,11 +144,6 @@ def card_command(args: list[str], parser) -> int:
             shutil.copy2(source, folder / "compare.json")
     print(f"Wrote {write_card(folder)}")
     return 0
-
-
-def _require_experts(experts: ExpertsConfig) -> None:
-    if not experts.experts:
-        raise GlueError("no experts: pass --experts ORG/A ORG/B ... (Hub repo ids or local folders).")
 
 
 def _is_main() -> bool:

@@ -58,19 +58,9 @@ def load_target(data: DataConfig, seed: int = 0) -> TargetData:
         raise
     except (ValueError, FileNotFoundError) as err:
         raise GlueError(f"dataset {spec!r} could not be loaded: {err}") from None
-    if data.train_split not in loaded:
-        raise GlueError(
-            f"dataset {spec!r} has no split {data.train_split!r}; its splits are: {', '.join(loaded)}. "
-            "Name one with --train-split."
-        )
-    train = loaded[data.train_split]
+    train = _split(loaded, spec, data.train_split, "--train-split")
     if data.eval_split:
-        if data.eval_split not in loaded:
-            raise GlueError(
-                f"dataset {spec!r} has no split {data.eval_split!r}; its splits are: {', '.join(loaded)}. "
-                "Name one with --eval-split."
-            )
-        eval_split, held_out = data.eval_split, loaded[data.eval_split]
+        eval_split, held_out = data.eval_split, _split(loaded, spec, data.eval_split, "--eval-split")
     else:
         eval_split = next((s for s in EVAL_SPLIT_NAMES if s in loaded and s != data.train_split), None)
         if eval_split:
@@ -86,6 +76,13 @@ def load_target(data: DataConfig, seed: int = 0) -> TargetData:
     if len(train) == 0:
         raise GlueError(f"dataset {spec!r}: split {data.train_split!r} is empty.")
     return TargetData(spec, repo, train, held_out, data.train_split, eval_split)
+
+
+def _split(loaded, spec: str, name: str, flag: str):
+    if name not in loaded:
+        raise GlueError(f"dataset {spec!r} has no split {name!r}; its splits are: {', '.join(loaded)}. "
+                        f"Name one with {flag}.")
+    return loaded[name]
 
 
 def make_loader(dataset, batch_size: int, collate_fn, *, shuffle: bool, seed: int = 0):

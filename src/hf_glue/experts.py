@@ -140,8 +140,13 @@ def expected_state_shapes(expert: Expert, model_class, trust_remote_code: bool) 
     return {n: tuple(t.shape) for n, t in model.state_dict().items()}
 
 
-def check_compatible(experts: Sequence[Expert], model_class, trust_remote_code: bool = False) -> None:
-    """Refuse experts that differ in architecture, parameter names/shapes or tokenizer files, naming the first."""
+def check_compatible(
+    experts: Sequence[Expert], model_class, trust_remote_code: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Refuse experts that differ in architecture, parameter names/shapes or tokenizer files, naming the first.
+
+    Returns the module's names and shapes (from the first expert's config), for callers to compare keys with.
+    """
     check_model_types(experts)
     ref = experts[0]
     ref_shapes = expected_state_shapes(ref, model_class, trust_remote_code)
@@ -149,6 +154,7 @@ def check_compatible(experts: Sequence[Expert], model_class, trust_remote_code: 
         _compare_shapes(ref.name, ref_shapes, other.name, expected_state_shapes(other, model_class, trust_remote_code),
                         where="from its config.json")
     check_processor_files(experts)
+    return ref_shapes
 
 
 def check_model_types(experts: Sequence[Expert]) -> None:
@@ -250,12 +256,6 @@ def _index_files(files: Sequence[Path], expert_name: str) -> dict[str, TensorInf
             for key, t in state.items():
                 tensors[key] = TensorInfo(key, tuple(t.shape), t.dtype, file)
     return tensors
-
-
-def checkpoint_keys_are_module_keys(expert: Expert, model_class, trust_remote_code: bool = False) -> bool:
-    """True when every checkpoint tensor is named as in the module (no transformers key conversion applies)."""
-    expected = expected_state_shapes(expert, model_class, trust_remote_code)
-    return all(name in expected for name in expert.tensors)
 
 
 def read_through_transformers(experts: Sequence[Expert], model_class, trust_remote_code: bool = False) -> None:

@@ -146,7 +146,6 @@ def push_folder(
     commit (or pull-request) URL. Any failure is a `GlueError` that says how to retry with ``hf-glue push``.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     retry = retry_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
@@ -162,22 +161,31 @@ def push_folder(
             commit_message=commit_message or "Upload GLUE merge (hf-glue)",
             ignore_patterns=[".*"],
         )
-    except HfHubHTTPError as err:
+    except Exception as err:
+        reason = _push_failure(err)
+        if reason is None:  # a bug, not a failed push
+            raise
+        raise GlueError(f"push to {repo_id!r} failed: {reason}. The output in {str(folder)!r} is intact; "
+                        f"retry with: {retry}") from None
+    return str(info.pr_url or info.commit_url)
+
+
+def _push_failure(err: Exception) -> Optional[str]:
+    """Why a push failed, for HTTP answers, network errors and malformed answers; None for anything else."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", None)
         reason = f"HTTP {status}" if status else "HTTP error"
         if status in (401, 403):
             reason += " (not authorised: set HF_TOKEN or run `hf auth login` with a write token)"
-        raise GlueError(f"push to {repo_id!r} failed: {reason}. The output in {str(folder)!r} is intact; "
-                        f"retry with: {retry}") from None
-    except (OSError, ValueError) as err:  # network errors (connection refused, timeouts), malformed answers
-        raise GlueError(f"push to {repo_id!r} failed: {type(err).__name__}: {_first_line(err)}. The output in "
-                        f"{str(folder)!r} is intact; retry with: {retry}") from None
-    except Exception as err:  # httpx transport errors are not OSError subclasses
-        if type(err).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
-            raise
-        raise GlueError(f"push to {repo_id!r} failed: {type(err).__name__}: {_first_line(err)}. The output in "
-                        f"{str(folder)!r} is intact; retry with: {retry}") from None
-    return str(info.pr_url or info.commit_url)
+        return reason
+    # OSError: connection refused, timeouts; ValueError: malformed answers; httpx errors are neither
+    if isinstance(err, (OSError, ValueError)) or type(err).__module__.split(".")[0] in (
+            "httpx", "httpx2", "httpcore", "httpcore2"):
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return None
 
 
 def retry_command(
@@ -193,8 +201,3 @@ def retry_command(
     if create_pr:
         parts.append("--create-pr")
     return " ".join(parts)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else ""

@@ -31,7 +31,7 @@ class Objective:
         return t
 
     def stats(self, alphas: torch.Tensor, batch: dict) -> list[dict[str, torch.Tensor]]:
-        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]``."""
+        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``)."""
         params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32))  # differentiable in alphas
         inputs = self.task.model_inputs(batch)
         out = []
@@ -54,7 +54,7 @@ class Objective:
 
         Summing the shares' gradients over processes gives the gradient of the global mean loss.
         """
-        stats = self.stats(alpha.unsqueeze(0) if alpha.dim() == 2 else alpha, batch)[0]
+        stats = self.stats(alpha, batch)[0]
         totals = self._reduce(torch.stack([stats["loss_sum"].detach(), stats["count"]]))
         return stats["loss_sum"] / totals[1], float(totals[0] / totals[1])
 
@@ -65,7 +65,7 @@ class Objective:
         captured = []
         handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
         try:
-            self.stats(alpha.unsqueeze(0) if alpha.dim() == 2 else alpha, batch)
+            self.stats(alpha, batch)
         finally:
             handle.remove()
         return captured[0].float().reshape(captured[0].shape[0], -1).cpu(), batch["labels"].cpu()
@@ -75,7 +75,7 @@ class Objective:
         """Task metrics of θ(α) over all batches (e.g. the held-out split)."""
         totals: Optional[dict[str, torch.Tensor]] = None
         for batch in batches:
-            stats = self.stats(alpha.unsqueeze(0) if alpha.dim() == 2 else alpha, batch)[0]
+            stats = self.stats(alpha, batch)[0]
             totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
         if totals is None:
             return {}

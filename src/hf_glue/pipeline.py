@@ -21,7 +21,6 @@ from .hub import check_repo_id
 from .experts import (
     Expert,
     check_compatible,
-    checkpoint_keys_are_module_keys,
     fetch_weights,
     read_through_transformers,
     resolve_experts,
@@ -77,7 +76,7 @@ def prepare(
     with accelerator.main_process_first():
         experts = resolve_experts(experts_config.experts)
     task = detect_task(experts[0].config, data_config.task)
-    check_compatible(experts, task.model_class(), experts_config.trust_remote_code)
+    module_shapes = check_compatible(experts, task.model_class(), experts_config.trust_remote_code)
     # 2. the target data and its columns
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
@@ -85,7 +84,7 @@ def prepare(
     # 3. weights (the long download), headers checked before any tensor is read
     with accelerator.main_process_first():
         fetch_weights(experts, experts_config.allow_pickle)
-    if not checkpoint_keys_are_module_keys(experts[0], task.model_class(), experts_config.trust_remote_code):
+    if any(name not in module_shapes for name in experts[0].tensors):  # transformers renames/fuses keys
         logger.info("checkpoint keys differ from %s's modules: reading experts through from_pretrained",
                     task.model_class().__name__)
         read_through_transformers(experts, task.model_class(), experts_config.trust_remote_code)
@@ -181,16 +180,13 @@ def run_method(prep: Prepared, config: GlueConfig):
         batches=batch_iterator(prep, config),
         config=config,
         accelerator=prep.accelerator,
-        is_main_process=prep.accelerator.is_main_process,
-    )
+        )
     return get_method(config.method).run(ctx)
 
 
 def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> MergeResult:
     """Evaluate a method's α on the held-out split and package everything as a `MergeResult`."""
-    passes = prep.objective.forward_passes
     metrics = prep.objective.evaluate(out.alpha, eval_batches(prep, config))
-    prep.objective.forward_passes = passes  # evaluation is not part of the method's cost
     matrix = prep.matrix
     return MergeResult(
         method=config.method,

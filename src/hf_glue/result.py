@@ -92,13 +92,12 @@ class MergeResult:
         if self.model is not None:
             self.model.save_pretrained(folder, safe_serialization=True)
         if self.source_dir is not None:
-            for name in COPIED_FILES:
-                if (self.source_dir / name).is_file():
-                    shutil.copy2(self.source_dir / name, folder / name)
+            copy_processor_files(self.source_dir, folder)
         elif self.processor is not None:
             self.processor.save_pretrained(folder)
-        (folder / RESULT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        write_card(folder)
+        data = self.to_dict()
+        (folder / RESULT_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        write_card(folder, data)
 
     def push_to_hub(self, repo_id: str, output_dir: str | Path, **push_options) -> str:
         """Save into ``output_dir`` (card named after ``repo_id``) and push it; returns the commit or PR URL."""
@@ -109,12 +108,21 @@ class MergeResult:
         return push_folder(Path(output_dir), repo_id, **push_options)
 
 
-def write_card(folder: Path) -> Path:
-    """(Re)write ``README.md`` and the trajectory PNG from ``merge_result.json`` (and ``compare.json`` if any)."""
+def copy_processor_files(source: Path, folder: Path, extra: tuple[str, ...] = ()) -> None:
+    """Copy the tokenizer/processor files (and ``extra`` names) that exist in ``source`` into ``folder``."""
+    for name in COPIED_FILES + extra:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+
+
+def write_card(folder: Path, data: Optional[dict] = None) -> Path:
+    """(Re)write ``README.md`` and the trajectory PNG from the result (by default ``merge_result.json``) and
+    ``compare.json`` if the folder has one."""
     from .card import generate_card
     from .plots import plot_trajectories
 
-    data = json.loads((folder / RESULT_FILE).read_text())
+    if data is None:
+        data = json.loads((folder / RESULT_FILE).read_text())
     png = plot_trajectories(data, folder / "glue_trajectory.png")
     compare = folder / "compare.json"
     comparison = json.loads(compare.read_text()).get("card") if compare.is_file() else None

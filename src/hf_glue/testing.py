@@ -6,6 +6,7 @@ published into a Hugging Face cache layout so ``org/name`` resolves offline thro
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -107,6 +108,11 @@ def image_processor():
 
 # --- building and training -----------------------------------------------------------------------------------
 
+def rows_for(task: str):
+    """The synthetic-row generator of a task (``vit``, ``resnet`` and ``image-classification``: images)."""
+    return {"sequence-classification": classification_rows, "causal-lm": lm_rows}.get(task, image_rows)
+
+
 def tiny_model(task: str, vocab_size: int, seed: int, dtype: torch.dtype = torch.float32):
     """A freshly initialised tiny model (hidden 32, 2 layers) for ``task``."""
     torch.manual_seed(seed)
@@ -150,17 +156,13 @@ def train(model, tokenizer, rows: list[dict], task: str, steps: int, seed: int, 
         batch = rng.sample(rows, min(batch_size, len(rows)))
         if "image" in batch[0]:
             enc = tokenizer([r["image"] for r in batch], return_tensors="pt")
-            out = model(**enc, labels=torch.tensor([r["label"] for r in batch]))
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            continue
-        enc = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True)
-        if task == "sequence-classification":
-            out = model(**enc, labels=torch.tensor([r["label"] for r in batch]))
         else:
+            enc = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True)
+        if "label" in batch[0]:
+            labels = torch.tensor([r["label"] for r in batch])
+        else:  # causal LM: predict every real token
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            out = model(**enc, labels=labels)
+        out = model(**enc, labels=labels)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -182,19 +184,18 @@ def build_experts(
     ``task``: sequence-classification (BERT), causal-lm (GPT-2), vit or resnet (image classification).
     """
     root = Path(root)
-    if task == "sequence-classification":
-        tokenizer, make_rows = make_tokenizer(classification_vocab(n_experts)), classification_rows
-    elif task == "causal-lm":
-        tokenizer, make_rows = make_tokenizer([f"t{i}" for i in range(LM_SYMBOLS)]), lm_rows
+    make_rows = rows_for(task)
+    if make_rows is classification_rows:
+        tokenizer = make_tokenizer(classification_vocab(n_experts))
+    elif make_rows is lm_rows:
+        tokenizer = make_tokenizer([f"t{i}" for i in range(LM_SYMBOLS)])
     else:
-        tokenizer, make_rows = image_processor(), image_rows
+        tokenizer = image_processor()
     base = tiny_model(task, len(tokenizer) if make_rows is not image_rows else 0, seed)
     mixed = [r for d in range(n_experts) for r in make_rows(d, 200, seed + 1)]
     train(base, tokenizer, mixed, task, base_steps, seed)
     paths = []
     for d in range(n_experts):
-        import copy
-
         expert = train(copy.deepcopy(base), tokenizer, make_rows(d, 400, seed + 2), task, expert_steps, seed + d)
         path = root / f"expert-{d}"
         expert.to(dtype).save_pretrained(path)
@@ -209,7 +210,7 @@ def write_dataset(folder: Path, task: str, domain: int, n_train: int = 256, n_te
     images an imagefolder layout (``train/<label>/*.png``) that `datasets` loads with image and label columns."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    make_rows = {"sequence-classification": classification_rows, "causal-lm": lm_rows}.get(task, image_rows)
+    make_rows = rows_for(task)
     domains = list(mix) if mix else [domain]
     for split, n, offset in (("train", n_train, 100), ("test", n_test, 200)):
         rows = [r for d in domains for r in make_rows(d, n // len(domains), seed + offset)]

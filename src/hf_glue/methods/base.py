@@ -26,7 +26,10 @@ class MergeContext:
     batches: Iterator[dict]
     config: GlueConfig
     accelerator: Any = None
-    is_main_process: bool = True
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
 
 
 @dataclass
