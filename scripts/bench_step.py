@@ -25,12 +25,12 @@ import time
 
 import torch
 
-from hf_glue.blend import ExpertMatrix
-from hf_glue.experts import TensorInfo
-from hf_glue.methods.base import peak_memory_bytes, reset_peak_memory
+from hf_glue.engine.matrix import ExpertMatrix
+from hf_glue.io.experts import TensorInfo
+from hf_glue.engine.memory import peak_memory_bytes, reset_peak_memory
 from hf_glue.methods.full_gradient import loss_and_grad
-from hf_glue.objective import Objective
-from hf_glue.spsa import PARAMETRIZATIONS, SPSA
+from hf_glue.methods.objective import Objective
+from hf_glue.optim.spsa import PARAMETRIZATIONS, SPSA
 from hf_glue.tasks import get_task
 
 

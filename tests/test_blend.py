@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_glue.blend import ExpertMatrix, group_of
-from hf_glue.experts import Expert, _index_files
-from hf_glue.hub import ResolvedRepo
+from hf_glue.engine.matrix import ExpertMatrix, group_of
+from hf_glue.io.experts import Expert, _index_files
+from hf_glue.io.hub import ResolvedRepo
 
 NAMES = {
     "model.embed_tokens.weight": (10, 4),

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
-from hf_glue.streaming import SafetensorsReader, SafetensorsWriter
+from hf_glue.engine.streaming import SafetensorsReader, SafetensorsWriter
 
 
 def test_reader_and_writer_round_trip(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_glue.cli import main
+from hf_glue.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TEST_ENV, run_cli
-from hf_glue.memory import estimate, parse_size
+from hf_glue.engine.memory import estimate, parse_size
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:

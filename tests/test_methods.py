@@ -40,7 +40,7 @@ def test_full_gradient_matches_finite_differences(cls_experts):
     from hf_glue.config import DataConfig as DC, ExpertsConfig as EC
     from hf_glue.methods.full_gradient import loss_and_grad
     from hf_glue.pipeline import batch_iterator, prepare
-    from hf_glue.spsa import PARAMETRIZATIONS
+    from hf_glue.optim.spsa import PARAMETRIZATIONS
 
     glue = GlueConfig(batch_size=64)
     prep = prepare(EC(experts=cls_experts["ids"]), DC(dataset="org/target"), glue)

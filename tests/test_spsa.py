@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_glue.spsa import SPSA, project_simplex
+from hf_glue.optim.spsa import SPSA, project_simplex
 
 
 def test_projection_lands_on_simplex_and_is_idempotent():

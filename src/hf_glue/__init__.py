@@ -27,7 +27,7 @@ _EXPORTS = {
     "OutputConfig": ".config",
     "PushConfig": ".config",
     "GlueError": ".errors",
-    "MergeResult": ".result",
+    "MergeResult": ".report.result",
 }
 
 __all__ = [
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
         PushConfig,
     )
     from .errors import GlueError
-    from .result import MergeResult
+    from .report.result import MergeResult
 
 
 def __getattr__(name: str):

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from transformers import TrainerCallback
 
 from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
-from .result import MergeResult
+from .report.result import MergeResult
 
 
 def merge_experts(

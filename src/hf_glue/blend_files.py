@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .blend import group_of
+from .engine.matrix import group_of
 from .config import BlendConfig, ExpertsConfig, OutputConfig, torch_dtype
 from .errors import GlueError
-from .experts import check_model_types, check_processor_files, fetch_weights, resolve_experts
+from .io.experts import check_model_types, check_processor_files, fetch_weights, resolve_experts
+from .methods import method_info
 from .methods.weights import check_weights
-from .output import atomic_dir, check_output_dir
-from .result import RESULT_FILE, copy_processor_files, write_card
+from .io.output import atomic_dir, check_output_dir
+from .report.result import RESULT_FILE, copy_processor_files, write_card
 
 
 def _from_result(path: str) -> tuple[list[str], dict]:
@@ -31,7 +32,7 @@ def _from_result(path: str) -> tuple[list[str], dict]:
 
 def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputConfig, command: str = "") -> Path:
     """Validate everything, then stream the blend into ``output.output_dir`` atomically."""
-    from .memory import parse_size
+    from .engine.memory import parse_size
     from .versions import library_versions
 
     if bool(blend.from_result) == bool(blend.weights):
@@ -74,13 +75,14 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
         def weights(name: str) -> list[float]:
             return list(blend.weights)
 
-    from .streaming import blend_checkpoints
+    from .engine.streaming import blend_checkpoints
 
     with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
         blend_checkpoints(experts, weights, tmp, dtype=torch_dtype(experts_config.dtype), max_shard_bytes=max_shard)
         copy_processor_files(experts[0].repo.path, tmp, extra=("config.json", "generation_config.json"))
         result = {
             "method": source["method"] if source else "weights",
+            "method_info": method_info(source["method"] if source else "weights"),
             "task": source.get("task") if source else _task_name(experts[0].config),
             "granularity": source.get("granularity", "model") if source else "model",
             "experts": [{"name": e.name, **e.repo.to_dict()} for e in experts],

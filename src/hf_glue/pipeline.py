@@ -13,23 +13,23 @@ from typing import Any, Optional
 
 import torch
 
-from . import data as data_mod
-from .blend import ExpertMatrix
+from .tasks import data as data_mod
+from .engine.matrix import ExpertMatrix
 from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, torch_dtype
 from .errors import GlueError
-from .hub import check_repo_id
-from .experts import (
+from .io.hub import check_repo_id
+from .io.experts import (
     Expert,
     check_compatible,
     fetch_weights,
     read_through_transformers,
     resolve_experts,
 )
-from .methods import MergeContext, get_method
+from .methods import MergeContext, get_method, method_info
 from .methods.base import check_data_sizes
-from .objective import Objective
-from .output import check_output_dir
-from .result import MergeResult
+from .methods.objective import Objective
+from .io.output import check_output_dir
+from .report.result import MergeResult
 from .tasks import Task, detect_task
 from .versions import library_versions
 
@@ -104,7 +104,7 @@ def prepare(
 def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
                  glue_config: GlueConfig, accelerator) -> None:
     """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory)."""
-    from . import memory
+    from .engine import memory
 
     dtype = torch_dtype(experts_config.dtype)
     elements: dict[torch.dtype, int] = {}
@@ -190,6 +190,7 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
     matrix = prep.matrix
     return MergeResult(
         method=config.method,
+        method_info=method_info(config.method),
         task=prep.task.name,
         granularity=config.granularity,
         experts=[{"name": e.name, **e.repo.to_dict()} for e in prep.experts],
@@ -275,7 +276,7 @@ def run_merge(
         result.save_pretrained(output_config.output_dir, overwrite=output_config.overwrite_output_dir)
     prep.accelerator.wait_for_everyone()
     if output_config.push_to_hub and prep.accelerator.is_main_process:
-        from .hub import push_folder
+        from .io.hub import push_folder
 
         push = push_config or PushConfig()
         result.details["pushed_to"] = push_folder(

@@ -8,6 +8,7 @@ from .base import (
     available_methods,
     get_method,
     initial_alpha,
+    method_info,
     register_method,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "available_methods",
     "get_method",
     "initial_alpha",
+    "method_info",
     "register_method",
 ]

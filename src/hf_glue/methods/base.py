@@ -9,10 +9,11 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 
-from ..blend import ExpertMatrix
+from ..engine.matrix import ExpertMatrix
 from ..config import GlueConfig
+from ..engine.memory import peak_memory_bytes, reset_peak_memory
 from ..errors import GlueError
-from ..objective import Objective
+from .objective import Objective
 
 _METHODS: dict[str, "MergeMethod"] = {}
 
@@ -68,37 +69,6 @@ class MergeMethod(ABC):
         return out
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's RSS high-water mark."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def peak_memory_bytes(device: torch.device) -> Optional[int]:
-    """Peak accelerator memory since the last reset, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except ImportError:
-        return None
-
-
 def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
     """Class decorator: add a method under its lowercase, unique ``name``."""
     name = cls.name
@@ -108,6 +78,12 @@ def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
         raise KeyError(f"There is already a merge method called {name!r}; choose a unique name.")
     _METHODS[name] = cls()
     return cls
+
+
+def method_info(name: str) -> dict:
+    """A method's display name, description and reference, recorded in the result (the card shows them)."""
+    method = get_method(name)
+    return {"pretty_name": method.pretty_name, "description": method.description, "reference": method.reference_url}
 
 
 def get_method(name: str) -> MergeMethod:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..spsa import PARAMETRIZATIONS, Parametrization
+from ..optim.spsa import PARAMETRIZATIONS, Parametrization
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..spsa import SPSA
+from ..optim.spsa import SPSA
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 
 

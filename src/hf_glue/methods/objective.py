@@ -7,8 +7,8 @@ from typing import Iterable, Optional
 import torch
 from torch.func import functional_call
 
-from .blend import ExpertMatrix
-from .tasks import Task
+from ..engine.matrix import ExpertMatrix
+from ..tasks import Task
 
 
 class Objective:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .experts import Expert
+from ..io.experts import Expert
 
 #: Columns converted to float32 at a time for half-precision experts (bounds the temporary K×chunk copy).
 HALF_CHUNK = 1 << 22

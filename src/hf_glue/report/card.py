@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-TEMPLATE = Path(__file__).parent / "model_cards" / "merge.md"
+TEMPLATE = Path(__file__).parents[1] / "model_cards" / "merge.md"
 
 
 def _fmt(value) -> str:
@@ -16,10 +16,9 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     """Render the card for a merge result dict (the content of ``merge_result.json``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .methods import get_method
-    from .tasks import get_task
+    from ..tasks import get_task
 
-    method = get_method(result["method"])
+    method = result.get("method_info") or {"pretty_name": result["method"], "description": ""}
     task = get_task(result["task"]) if result.get("task") else None
     experts = [
         {
@@ -50,8 +49,8 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         template_path=str(TEMPLATE),
         title=result.get("model_name") or f"GLUE merge of {len(experts)} experts",
         method=result["method"],
-        method_pretty=method.pretty_name,
-        method_description=method.description,
+        method_pretty=method["pretty_name"],
+        method_description=method["description"],
         experts=experts,
         granularity=result["granularity"],
         group_rows=[{"group": g, "values": [row[e["name"]] for e in result["experts"]]} for g, row in groups.items()],

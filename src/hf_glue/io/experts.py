@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from . import hub
-from .errors import GlueError
+from ..errors import GlueError
+from .safetensors import SafetensorsError, SafetensorsReader, read_header
 
 #: Small files fetched first: configs, weight indexes, tokenizer and processor files.
 METADATA_PATTERNS = ("*.json", "*.txt", "*.model")
@@ -35,13 +36,6 @@ PROCESSOR_FILES = (
     "special_tokens_map.json",
     "preprocessor_config.json",
 )
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -93,11 +87,9 @@ class Expert:
                 by_file.setdefault(info.file, []).append(info.name)
         for file, keys in by_file.items():
             if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(file), framework="pt", device="cpu") as f:
+                with SafetensorsReader(file) as reader:
                     for key in keys:
-                        yield key, f.get_tensor(key)
+                        yield key, reader.read(key)
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 for key in keys:
@@ -242,15 +234,12 @@ def _index_files(files: Sequence[Path], expert_name: str) -> dict[str, TensorInf
         if not file.is_file():
             raise GlueError(f"expert {expert_name!r}: weight file {file.name} listed in the index is missing.")
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
             try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        sl = f.get_slice(key)
-                        tensors[key] = TensorInfo(key, tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()], file)
-            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                header, _ = read_header(file)
+            except (OSError, SafetensorsError) as err:
                 raise GlueError(f"expert {expert_name!r}: cannot read {file.name}: {err}") from None
+            for key, entry in header.items():
+                tensors[key] = TensorInfo(key, entry.shape, entry.dtype, file)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             for key, t in state.items():

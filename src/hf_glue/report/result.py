@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import torch
 
-from .experts import PROCESSOR_FILES
-from .output import atomic_dir
+from ..io.experts import PROCESSOR_FILES
+from ..io.output import atomic_dir
 
 #: Tokenizer/processor files copied verbatim from the first expert into the output.
 COPIED_FILES = PROCESSOR_FILES + ("tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -31,6 +31,7 @@ class MergeResult:
     coefficients: dict[str, float]
     alpha: torch.Tensor
     group_coefficients: Optional[dict[str, dict[str, float]]] = None
+    method_info: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     eval: dict[str, float] = field(default_factory=dict)
     eval_before: Optional[dict[str, float]] = None
@@ -52,6 +53,7 @@ class MergeResult:
         """The content of ``merge_result.json`` (no model, no tokens)."""
         out = {
             "method": self.method,
+            "method_info": self.method_info,
             "task": self.task,
             "granularity": self.granularity,
             "experts": self.experts,
@@ -101,7 +103,7 @@ class MergeResult:
 
     def push_to_hub(self, repo_id: str, output_dir: str | Path, **push_options) -> str:
         """Save into ``output_dir`` (card named after ``repo_id``) and push it; returns the commit or PR URL."""
-        from .hub import push_folder
+        from ..io.hub import push_folder
 
         self.model_name = repo_id
         self.save_pretrained(output_dir, overwrite=True)
@@ -129,3 +131,4 @@ def write_card(folder: Path, data: Optional[dict] = None) -> Path:
     (folder / "README.md").write_text(generate_card(data, trajectory_png=png.name if png else None,
                                                     comparison=comparison))
     return folder / "README.md"
+

@@ -8,9 +8,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import hub
-from .config import DataConfig
-from .errors import GlueError
+from ..io import hub
+from ..config import DataConfig
+from ..errors import GlueError
 
 DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 EVAL_SPLIT_NAMES = ("validation", "valid", "dev", "test")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import GlueError
+from ..errors import GlueError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import GlueError
+from ..errors import GlueError
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:

@@ -1,0 +1,60 @@
+"""`hf-glue` command line: one module per subcommand (parsing only); each calls the same functions as the API.
+
+Options come from the dataclasses in `config.py` (their help text is `--help`); ``--config FILE.yaml`` sets
+defaults that flags on the command line override; unknown keys in the file are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..errors import GlueError
+from . import blend, card, compare, merge, push
+from .parsing import add_command_parser
+
+#: name → module with HELP, DESCRIPTION, CONFIGS, run(args, parser) and optionally add_arguments(parser)
+COMMANDS = {"merge": merge, "compare": compare, "blend": blend, "push": push, "card": card}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    from importlib.metadata import version
+
+    from transformers import HfArgumentParser
+
+    parser = argparse.ArgumentParser(
+        prog="hf-glue",
+        description="Gradient-free learning to unify experts (GLUE): merge fine-tuned checkpoints into one model "
+        "for a new target domain.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf-glue {version('hf-glue')}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+    parsers = {}
+    for name, module in COMMANDS.items():
+        parsers[name] = add_command_parser(subparsers, name, module.HELP, module.DESCRIPTION, module.CONFIGS)
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parsers[name])
+    return parser, parsers
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help/version/usage errors and exits
+        parser.print_help()
+        return 2
+    name = argv[0]
+    try:
+        return COMMANDS[name].run(argv[1:], parsers[name])
+    except GlueError as err:
+        print(f"hf-glue {name}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hf-glue {name}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
