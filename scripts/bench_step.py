@@ -7,7 +7,10 @@ For a realistic model config (BERT-base or GPT-2 small, random weights) and K ex
   * full-gradient step: forward + backward through the blend (the reference GLUE avoids);
   * peak memory of each step above the loaded experts (GPU: allocator peak minus what was allocated before;
     CPU: RSS high-water mark minus RSS before the first step, each mode in a fresh process so memory freed
-    by one measurement cannot hide another's), and the absolute peak.
+    by one measurement cannot hide another's), and the absolute peak (GPU: allocator peak; CPU: RSS peak above
+    the process before anything was loaded) against the pre-check's estimate: (K + 2)·N·b + activations for
+    SPSA, K·N·b + the blended model + its gradient + every layer's activations for full-gradient. The probe
+    holds what a merge holds: the expert matrix and a template whose parameters are on the meta device.
 Figures are medians of --repeats after one warm-up, reported as ratios; the machine is shared and noisy.
 
     python scripts/bench_step.py                         # CPU, BERT-base, K = 2 4 8, batch 32, seq 128
@@ -22,12 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
 from hf_glue.engine.matrix import ExpertMatrix
+from hf_glue.engine.memory import estimate, peak_memory_bytes, reset_peak_memory
 from hf_glue.io.experts import TensorInfo
-from hf_glue.engine.memory import peak_memory_bytes, reset_peak_memory
 from hf_glue.methods.full_gradient import loss_and_grad
 from hf_glue.methods.objective import Objective
 from hf_glue.optim.spsa import PARAMETRIZATIONS, SPSA
@@ -35,34 +39,54 @@ from hf_glue.tasks import get_task
 
 
 class SyntheticExpert:
-    """A base model's tensors plus seeded noise, generated on demand (the matrix holds the only copy)."""
+    """Seeded tensors of a checkpoint's names and shapes, generated on demand (the matrix holds the only copy):
+    ``base`` plus noise, or noise alone (the memory probe builds no real model)."""
 
-    def __init__(self, name: str, base: dict[str, torch.Tensor], seed: int) -> None:
-        self.name, self.base, self.seed = name, base, seed
-        self.tensors = {n: TensorInfo(n, tuple(t.shape), t.dtype, None) for n, t in base.items()}
+    def __init__(self, name: str, tensors: dict[str, TensorInfo], seed: int,
+                 base: Optional[dict[str, torch.Tensor]] = None) -> None:
+        self.name, self.tensors, self.seed, self.base = name, tensors, seed, base
 
     def iter_tensors(self, names=None):
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        for n, t in self.base.items():
-            if names is None or n in names:
-                noise = torch.randn(t.shape, generator=gen) * 0.01 if t.dtype.is_floating_point else 0
-                yield n, (t.cpu() + noise).to(t.dtype) if t.dtype.is_floating_point else t.cpu()
+        for n, info in self.tensors.items():
+            if names is not None and n not in names:
+                continue
+            if not info.dtype.is_floating_point:
+                yield n, self.base[n].cpu()
+                continue
+            noise = torch.randn(info.shape, generator=gen) * 0.01
+            yield n, (noise if self.base is None else self.base[n].cpu() + noise).to(info.dtype)
 
 
-def build(model_name: str, device: str, dtype: torch.dtype):
+def build(model_name: str, device: str, dtype: torch.dtype, real: bool = True):
+    """The model's task and config, a template with its parameters on the meta device and real buffers (as
+    `pipeline.build_model` makes it), the checkpoint's tensors, and (``real``) the model with random weights
+    and those tensors' values."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config
 
     if model_name == "bert-base":
-        config, task = BertConfig(num_labels=2), get_task("sequence-classification")
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        config, task, auto = BertConfig(num_labels=2), get_task("sequence-classification"), \
+            AutoModelForSequenceClassification
     else:
-        config, task = GPT2Config(), get_task("causal-lm")
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to(device).eval()
+        config, task, auto = GPT2Config(), get_task("causal-lm"), AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        template = auto.from_config(config, dtype=dtype)
+    config.architectures = [type(template).__name__]
+    template.tie_weights()
+    template.eval()
+    for module in template.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to(device))
+    tensors = {n: TensorInfo(n, tuple(p.shape), p.dtype, None) for n, p in template.named_parameters()}
+    if not real:
+        return task, config, template, tensors, None, None
+    model = auto.from_config(config, dtype=dtype).to(device).eval()
     state = model.state_dict()
     base = {n: p.detach() for n, p in model.named_parameters()}  # tied weights once, like a checkpoint
     base.update({n: b for n, b in model.named_buffers() if n in state and n not in base})
-    return model, task, base, config
+    tensors = {n: TensorInfo(n, tuple(t.shape), t.dtype, None) for n, t in base.items()}
+    return task, config, template, tensors, model, base
 
 
 def synchronize(device: str) -> None:
@@ -119,22 +143,22 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model, task, base, config = build(args.model, device, dtype)
-    n = sum(t.numel() for t in base.values() if t.dtype.is_floating_point)
+    start = allocated_bytes(device)  # before anything is loaded
+    task, config, template, tensors, model, base = build(args.model, device, dtype, real=not args.memory_probe)
+    n = sum(i.numel for i in tensors.values() if i.dtype.is_floating_point)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
     batch["labels"] = (torch.randint(0, 2, (args.batch_size,), generator=gen) if args.model == "bert-base"
                        else ids).to(device)
     inputs = task.model_inputs(batch)
-    if args.memory_probe:  # internal: one step of one mode, in this fresh process
+    if args.memory_probe:  # internal: one step of one mode in this fresh process, holding what a merge holds
         k = args.experts[0]
-        matrix = ExpertMatrix.from_experts([SyntheticExpert(f"e{i}", base, seed=i) for i in range(k)], "model",
+        matrix = ExpertMatrix.from_experts([SyntheticExpert(f"e{i}", tensors, seed=i) for i in range(k)], "model",
                                            device=device)
-        objective = Objective(matrix, model, task)
+        objective = Objective(matrix, template, task)
         alpha0 = torch.full((1, k), 1.0 / k, dtype=torch.float64)
-        cuda = device.startswith("cuda")
-        before = torch.cuda.memory_allocated() if cuda else rss_bytes()
+        before = allocated_bytes(device)
         reset_peak_memory(torch.device(device))
         if args.memory_probe == "spsa":
             SPSA(alpha0, "simplex", c=0.05, a=0.01, A=10).step(lambda a: objective.losses(a, batch))
@@ -142,7 +166,7 @@ def main() -> None:
             loss_and_grad(objective, PARAMETRIZATIONS["simplex"], alpha0, batch)
         synchronize(device)
         peak = peak_memory_bytes(torch.device(device))
-        print(json.dumps({"above": peak - before, "peak": peak}))
+        print(json.dumps({"above": peak - before, "peak": peak - start}))
         return
     elem = torch.empty((), dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device, min(n, 64 * 2**20))
@@ -150,29 +174,53 @@ def main() -> None:
         forward_s, _ = timed(lambda: (model(**inputs), model(**inputs)), device, args.repeats)
     print(f"{args.model} ({n / 1e6:.0f}M parameters, {args.dtype}) on {device}, batch {args.batch_size} x "
           f"{args.seq_len} tokens; copy bandwidth {bandwidth / 1e9:.1f} GB/s; two forward passes {forward_s:.3f} s")
-    rows = []
+    times, memory = [], []
     for k in args.experts:
-        experts = [SyntheticExpert(f"expert-{i}", base, seed=i) for i in range(k)]
+        experts = [SyntheticExpert(f"expert-{i}", tensors, seed=i, base=base) for i in range(k)]
         matrix = ExpertMatrix.from_experts(experts, "model", device=device)
-        objective = Objective(matrix, model, task)
+        objective = Objective(matrix, template, task)
         alpha0 = torch.full((1, k), 1.0 / k, dtype=torch.float64)
         spsa = SPSA(alpha0, "simplex", c=0.05, a=0.01, A=10)
         step_s, _ = timed(lambda: spsa.step(lambda a: objective.losses(a, batch)), device, args.repeats)
         floor_s = forward_s + (k * n + 2 * n) * elem / bandwidth
         param, x = PARAMETRIZATIONS["simplex"], alpha0.clone()
         full_s, _ = timed(lambda: loss_and_grad(objective, param, x, batch), device, args.repeats)
-        rows.append((k, step_s, floor_s, full_s, *step_memory(args, k, "spsa"), *step_memory(args, k, "full")))
-    print("\n| K | SPSA step s | floor s | step / floor | full-gradient step s | full / SPSA time | "
-          "SPSA step memory | full-gradient step memory | full / SPSA memory | absolute peaks SPSA / full |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        times.append((k, step_s, floor_s, full_s))
+        del experts, matrix, objective, spsa  # the memory probes run in fresh processes beside this one
+        memory.append((k, *step_memory(args, k, "spsa"), *step_memory(args, k, "full"),
+                       *estimates(args, config, tensors, k)))
+    print("\n| K | SPSA step s | floor s | step / floor | full-gradient step s | full / SPSA time |")
+    print("|---|---|---|---|---|---|")
+    for k, step_s, floor_s, full_s in times:
+        print(f"| {k} | {step_s:.3f} | {floor_s:.3f} | {step_s / floor_s:.2f} | {full_s:.3f} | {full_s / step_s:.2f} |")
+    print("\n| K | SPSA step memory | full-gradient step memory | full / SPSA memory | SPSA peak / estimate | "
+          "full-gradient peak / estimate |")
+    print("|---|---|---|---|---|---|")
     gib = 2**30
-    for k, step_s, floor_s, full_s, spsa_above, spsa_peak, full_above, full_peak in rows:
-        print(f"| {k} | {step_s:.3f} | {floor_s:.3f} | {step_s / floor_s:.2f} | {full_s:.3f} | "
-              f"{full_s / step_s:.2f} | {spsa_above / gib:.2f} GiB | {full_above / gib:.2f} GiB | "
-              f"{full_above / max(spsa_above, 1):.2f} | {spsa_peak / gib:.2f} / {full_peak / gib:.2f} GiB |")
-    print("Targets: step / floor ≤ 1.3; full / SPSA time ≥ 1.5 and step memory ≥ 1.5 (at batch 32).")
-    print("Step memory: peak above the loaded experts (measured in a fresh process per cell).")
+    for k, spsa_above, spsa_peak, full_above, full_peak, spsa_est, full_est in memory:
+        print(f"| {k} | {spsa_above / gib:.2f} GiB | {full_above / gib:.2f} GiB | "
+              f"{full_above / max(spsa_above, 1):.2f} | {spsa_peak / gib:.2f} / {spsa_est / gib:.2f} GiB "
+              f"({spsa_peak / spsa_est:.2f}) | {full_peak / gib:.2f} / {full_est / gib:.2f} GiB "
+              f"({full_peak / full_est:.2f}) |")
+    print("Targets: step / floor ≤ 1.3; full / SPSA time ≥ 1.5 and step memory ≥ 1.5 (at batch 32); SPSA peak within "
+          "10 % of its estimate.")
+    print("Step memory: peak above the loaded experts; peak: absolute (GPU: allocator peak; CPU: RSS peak above the "
+          "process before loading), each measured in a fresh process per cell.")
 
+
+def allocated_bytes(device: str) -> int:
+    """What is held now: allocated device memory on GPU, the process's RSS on CPU."""
+    return torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes()
+
+
+def estimates(args, config, tensors: dict[str, TensorInfo], k: int) -> tuple[int, int]:
+    """The pre-check's estimates (bytes) of an SPSA step (q = 1) and of a full-gradient step."""
+    floats = [i for i in tensors.values() if i.dtype.is_floating_point]
+    elements = {floats[0].dtype: sum(i.numel for i in floats)}
+    common = {"batch_per_process": args.batch_size, "sequence_length": args.seq_len, "tensors": len(floats)}
+    spsa = estimate(elements, k, config.to_dict(), models_per_step=2, **common)
+    full = estimate(elements, k, config.to_dict(), models_per_step=1, backward=True, **common)
+    return spsa.total, full.total
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,9 @@ offline.
     python scripts/make_example.py --cache-dir example-hub
     HF_HUB_CACHE=example-hub HF_HUB_OFFLINE=1 hf-glue merge \
         --experts example/expert-0 example/expert-1 example/expert-2 --dataset example/target --output-dir merged
+
+Every command that reads the example (merge, compare, blend --from-result, the Python examples) needs those
+two variables: the repo ids exist only in that cache.
 """
 
 from __future__ import annotations
@@ -12,8 +15,30 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from hf_glue.testing import build_experts, publish_to_cache, write_dataset
+
+
+def make_example(cache_dir: str | Path, task: str = "sequence-classification", experts: int = 3,
+                 target_domain: int = 0, seed: int = 0, log: Callable[[str], None] = print) -> Path:
+    """Publish ``example/expert-{d}`` and the dataset ``example/target`` into ``cache_dir``; returns it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_experts(Path(tmp), task=task, n_experts=experts, seed=seed)
+        data = write_dataset(Path(tmp) / "target", task, target_domain, seed=seed)
+        return publish_example(cache_dir, paths, data, target_domain, log)
+
+
+def publish_example(cache_dir: str | Path, expert_paths: list[Path], dataset: Path, target_domain: int = 0,
+                    log: Callable[[str], None] = print) -> Path:
+    """Publish built experts as ``example/expert-{d}`` and ``dataset`` as ``example/target`` into ``cache_dir``."""
+    cache = Path(cache_dir)
+    for d, path in enumerate(expert_paths):
+        sha = publish_to_cache(path, f"example/expert-{d}", cache)
+        log(f"example/expert-{d}  @ {sha[:10]}  (fine-tuned on domain {d})")
+    sha = publish_to_cache(dataset, "example/target", cache, repo_type="dataset")
+    log(f"example/target    @ {sha[:10]}  (dataset, domain {target_domain})")
+    return cache
 
 
 def main() -> None:
@@ -24,15 +49,9 @@ def main() -> None:
     parser.add_argument("--target-domain", type=int, default=0, help="Domain of the target dataset.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    cache = Path(args.cache_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        for d, path in enumerate(build_experts(Path(tmp), task=args.task, n_experts=args.experts, seed=args.seed)):
-            sha = publish_to_cache(path, f"example/expert-{d}", cache)
-            print(f"example/expert-{d}  @ {sha[:10]}  (fine-tuned on domain {d})")
-        data = write_dataset(Path(tmp) / "target", args.task, args.target_domain, seed=args.seed)
-        sha = publish_to_cache(data, "example/target", cache, repo_type="dataset")
-        print(f"example/target    @ {sha[:10]}  (dataset, domain {args.target_domain})")
-    print(f"Published into {cache}/ — use HF_HUB_CACHE={cache} HF_HUB_OFFLINE=1")
+    cache = make_example(args.cache_dir, args.task, args.experts, args.target_domain, args.seed)
+    print(f"Published into {cache}/ — use HF_HUB_CACHE={cache} HF_HUB_OFFLINE=1 with every hf-glue command "
+          "and Python example that reads it.")
 
 
 if __name__ == "__main__":

@@ -111,10 +111,3 @@ def image_experts(build_root) -> dict:
     testing.publish_to_cache(data, "org/img-target", HUB_CACHE, repo_type="dataset")
     out["dataset"] = "org/img-target"
     return out
-
-
-@pytest.fixture(scope="session")
-def readme_repos(cls_experts) -> None:
-    """The repo ids the README's examples use: org/a and org/b (experts 0 and 1), org/target."""
-    for name, path in (("org/a", cls_experts["paths"][0]), ("org/b", cls_experts["paths"][1])):
-        testing.publish_to_cache(path, name, HUB_CACHE)

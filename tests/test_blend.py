@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_glue.engine.matrix import ExpertMatrix, group_of
+from hf_glue.engine.matrix import CPU_CHUNK, ExpertMatrix, group_of
 from hf_glue.io.experts import Expert, _index_files
 from hf_glue.io.hub import ResolvedRepo
 
@@ -22,11 +23,11 @@ NAMES = {
 }
 
 
-def _experts(tmp_path: Path, k: int, dtype: torch.dtype) -> list[Expert]:
+def _experts(tmp_path: Path, k: int, dtype: torch.dtype, names: dict = NAMES) -> list[Expert]:
     experts = []
     for i in range(k):
         gen = torch.Generator().manual_seed(i)
-        tensors = {n: torch.randn(s, generator=gen).to(dtype) for n, s in NAMES.items() if n != "position_ids"}
+        tensors = {n: torch.randn(s, generator=gen).to(dtype) for n, s in names.items() if n != "position_ids"}
         tensors["position_ids"] = torch.arange(8).reshape(1, 8) + i  # non-float: taken from expert 0
         folder = tmp_path / f"e{i}"
         folder.mkdir()
@@ -64,12 +65,129 @@ def test_blends_are_views_of_one_product(tmp_path):
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # both perturbed models, one buffer
 
 
-def test_blend_is_differentiable(tmp_path):
-    matrix = ExpertMatrix.from_experts(_experts(tmp_path, 2, torch.float32), "model")
-    alpha = torch.tensor([[[0.3, 0.7]]], requires_grad=True)
-    loss = matrix.blend(alpha)[0]["lm_head.weight"].sum()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blend_gradient_is_the_analytic_one(tmp_path, dtype):
+    """loss = Σ_m Σ_i w_mi θ(α_m)_i  ⇒  ∂loss/∂α_mgk = Σ_{i in group g} w_mi θ_k,i (w exact in bfloat16)."""
+    experts = _experts(tmp_path, 3, dtype)
+    matrix = ExpertMatrix.from_experts(experts, "block")
+    gen = torch.Generator().manual_seed(1)
+    alpha = torch.softmax(torch.randn(2, matrix.num_groups, 3, generator=gen), -1).requires_grad_(True)
+    raw = [dict(e.iter_tensors()) for e in experts]
+    weights = [{n: torch.randn(s, generator=gen).to(torch.bfloat16).float() for n, s in NAMES.items()
+                if n != "position_ids"} for _ in range(2)]
+    blends = matrix.blend(alpha)
+    loss = sum((blends[m][n].float() * w).sum() for m in range(2) for n, w in weights[m].items())
     loss.backward()
-    assert alpha.grad is not None and alpha.grad.shape == (1, 1, 2)
+    expected = torch.zeros(2, matrix.num_groups, 3, dtype=torch.float64)
+    for m in range(2):
+        for n, w in weights[m].items():
+            for k in range(3):
+                expected[m, matrix.slots[n].group, k] += (w.double() * raw[k][n].double()).sum()
+    torch.testing.assert_close(alpha.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_differentiable_half_blend_keeps_no_float32_copy(tmp_path):
+    """Autograd saves the expert matrix itself, not float32 copies of its chunks (2 × its size in bfloat16)."""
+    matrix = ExpertMatrix.from_experts(_experts(tmp_path, 2, torch.bfloat16), "model")
+    expert_storage = matrix.buffers[torch.bfloat16].untyped_storage().data_ptr()
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return t
+
+    alpha = torch.tensor([[[0.3, 0.7]]], requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        blend = matrix.blend(alpha)[0]
+    assert saved and all(ptr == expert_storage for ptr, _ in saved)
+    sum(blend[n].float().sum() for n in NAMES if n != "position_ids").backward()
+    assert alpha.grad.abs().sum() > 0
+
+
+def test_one_product_buffer_serves_every_number_of_models(tmp_path):
+    """An M = 1 blend after an M = 2 one is the first row of the same buffer: 2·N·b held, not 3·N·b."""
+    matrix = ExpertMatrix.from_experts(_experts(tmp_path, 3, torch.float32), "block")
+    n_bytes = matrix.buffers[torch.float32].shape[1] * 4
+    two = matrix.blend(torch.full((2, matrix.num_groups, 3), 1 / 3))
+    first = two[0]["lm_head.weight"].data_ptr()
+    one = matrix.blend(torch.full((1, matrix.num_groups, 3), 1 / 3))
+    assert matrix.product_bytes() == 2 * n_bytes
+    assert one[0]["lm_head.weight"].data_ptr() == first
+    matrix.blend(torch.full((3, matrix.num_groups, 3), 1 / 3))  # grows: the smaller buffers are freed
+    assert matrix.product_bytes() == 3 * n_bytes
+    matrix.release()
+    assert matrix.product_bytes() == 0
+
+
+def test_views_are_built_once(tmp_path):
+    """Repeated blends reuse the per-tensor view dicts: the same tensor objects, holding the new values."""
+    experts = _experts(tmp_path, 2, torch.float32)
+    matrix = ExpertMatrix.from_experts(experts, "model")
+    first = matrix.blend(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    views = {n: first[1][n] for n in NAMES}
+    second = matrix.blend(torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]))
+    assert all(second[1][n] is views[n] for n in NAMES)
+    torch.testing.assert_close(second[1]["lm_head.weight"], dict(experts[0].iter_tensors())["lm_head.weight"])
+
+
+@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
+@pytest.mark.parametrize("half_mm", [False, True])
+def test_half_blend_is_within_one_rounding(tmp_path, dtype, unit, half_mm):
+    """Exact path: θ rounded once from the float64 value. ``half_mm`` (CUDA's hot path, forced here on CPU):
+    ``torch.mm`` in the experts' dtype, α rounded to it too (one more rounding of each α_k)."""
+    experts = _experts(tmp_path, 3, dtype)
+    matrix = ExpertMatrix.from_experts(experts, "block")
+    matrix.half_mm = half_mm
+    gen = torch.Generator().manual_seed(2)
+    alphas = torch.softmax(torch.randn(2, matrix.num_groups, 3, generator=gen), -1)
+    raw = [dict(e.iter_tensors()) for e in experts]
+    for exact in (False, True):
+        blends = matrix.blend(alphas, exact=exact)
+        for m in range(2):
+            for name in NAMES:
+                if name == "position_ids":
+                    continue
+                a = alphas[m, matrix.slots[name].group].double()
+                terms = torch.stack([a[k] * raw[k][name].double() for k in range(3)])
+                ref, scale = terms.sum(0), terms.abs().sum(0)
+                bound = unit * ref.abs() + 1e-6 * scale
+                if half_mm and not exact:
+                    bound = bound + unit * scale
+                    e = torch.stack([raw[k][name].reshape(-1) for k in range(3)])
+                    assert torch.equal(blends[m][name].reshape(-1), (alphas[m, matrix.slots[name].group][None]
+                                                                   .to(dtype) @ e)[0])
+                assert bool(((blends[m][name].double() - ref).abs() <= bound).all()), (name, exact)
+
+
+class _NewStorage(TorchDispatchMode):
+    """Records the bytes of every new storage an op allocates (not views, not ``out=`` or in-place results)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.untyped_storage().nbytes())
+        return out
+
+
+def test_half_blend_temporaries_stay_cache_sized(tmp_path):
+    """bfloat16 on CPU: float32 work in chunks of ``CPU_CHUNK`` columns, whatever N, so a step moves little more
+    than the floor's bytes (read K·N half, write M·N half), not a float32 copy of the experts and the result."""
+    names = {"a.weight": (512, 512), "b.weight": (300, 100)}
+    matrix = ExpertMatrix.from_experts(_experts(tmp_path, 3, torch.bfloat16, names), "model")
+    n = matrix.buffers[torch.bfloat16].shape[1]
+    assert n > 4 * CPU_CHUNK
+    alphas = torch.full((2, 1, 3), 1 / 3)
+    matrix.blend(alphas)  # allocates the kept product buffer
+    with _NewStorage() as record:
+        matrix.blend(alphas)
+    assert sum(record.sizes) <= (3 + 2) * CPU_CHUNK * 4
 
 
 def test_groups():

@@ -77,3 +77,77 @@ def test_blend_refuses_bad_weights(cls_experts, tmp_path):
     proc = run_cli("blend", "--experts", *cls_experts["ids"][:2], "--weights", "0.7", "0.4",
                    "--output-dir", str(tmp_path / "o"))
     assert proc.returncode != 0 and "sum to 1" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def _blend_main(*args: str) -> int:
+    from hf_glue.commands import main
+
+    return main(["blend", *args])
+
+
+@pytest.fixture(scope="module")
+def merged_block(cls_experts, tmp_path_factory):
+    """A block-granularity merge (with held-out metrics) to re-apply with --from-result."""
+    from hf_glue import GlueConfig, merge_experts
+
+    out = tmp_path_factory.mktemp("source") / "merged"
+    merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=3, granularity="block"), output_dir=str(out))
+    return out
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_blend_refuses_non_finite_weights(cls_experts, tmp_path, capsys):
+    assert _blend_main("--experts", *cls_experts["ids"][:2], "--weights", "nan", "nan",
+                       "--output-dir", str(tmp_path / "o")) == 1
+    assert "finite" in _one_error(capsys) and not (tmp_path / "o").exists()
+
+
+EDITS = {
+    "nan": lambda r: r["coefficients"].update({k: float("nan") for k in r["coefficients"]}),
+    "negative": lambda r: r["coefficients"].update({k: -1.0 for k in r["coefficients"]}),
+    "sum": lambda r: r["coefficients"].update({k: 0.5 for k in r["coefficients"]}),
+    "group": lambda r: next(iter(r["group_coefficients"].values())).update(
+        {k: v for k, v in zip(r["coefficients"], (-1.0, -1.0, 3.0))}),
+    "keys": lambda r: r["coefficients"].update({"org/other": 0.0}),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_blend_from_result_refuses_edited_coefficients(merged_block, tmp_path, capsys, edit):
+    result = json.loads((merged_block / "merge_result.json").read_text())
+    EDITS[edit](result)
+    source = tmp_path / "merge_result.json"
+    source.write_text(json.dumps(result))  # bare NaN, as older versions wrote
+    assert _blend_main("--from-result", str(source), "--output-dir", str(tmp_path / "o")) == 1
+    assert "--from-result" in _one_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_blend_to_another_dtype_labels_config_metrics_and_keys(merged_block, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert _blend_main("--from-result", str(merged_block / "merge_result.json"), "--dtype", "bfloat16",
+                       "--output-dir", str(out)) == 0
+    source = json.loads((merged_block / "merge_result.json").read_text())
+    result = json.loads((out / "merge_result.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config.get("torch_dtype", "bfloat16") == "bfloat16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values() if t.is_floating_point()} == {
+        torch.bfloat16}
+    # the source's float32 metrics were not measured on these weights: kept apart, not in the card
+    assert result["eval"] == {} and result["source_eval"]["eval"] == source["eval"]
+    assert f"{source['eval']['loss']:.4f}" not in (out / "README.md").read_text()
+    # coefficients keep the source's keys; the experts list carries the pinned revisions
+    assert result["coefficients"] == source["coefficients"]
+    assert set(next(iter(result["group_coefficients"].values()))) == set(source["coefficients"])
+    assert [e["name"] for e in result["experts"]] == [e["name"] for e in source["experts"]]
+    assert [e["revision"] for e in result["experts"]] == [e["revision"] for e in source["experts"]]
+    # the same dtype reproduces the measured weights: the metrics hold
+    again = tmp_path / "same"
+    assert _blend_main("--from-result", str(merged_block / "merge_result.json"), "--output-dir", str(again)) == 0
+    assert json.loads((again / "merge_result.json").read_text())["eval"] == source["eval"]

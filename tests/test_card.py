@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -58,3 +59,73 @@ def test_sharded_experts_merge_like_single_files(cls_experts, build_root):
     sharded = merge_experts(ids, "org/target", GlueConfig(steps=8, seed=2))
     single = merge_experts(cls_experts["ids"][:2], "org/target", GlueConfig(steps=8, seed=2))
     assert list(sharded.coefficients.values()) == pytest.approx(list(single.coefficients.values()), abs=1e-6)
+
+
+def test_card_reproduce_command_carries_the_hub_variables(merged):
+    """Inputs resolved from a non-default cache, offline: the recorded command sets both, so it reproduces."""
+    result = json.loads((merged / "merge_result.json").read_text())
+    prefix = f"HF_HUB_CACHE={HUB_CACHE} HF_HUB_OFFLINE=1 hf-glue merge "
+    assert result["command"].startswith(prefix)
+    card = (merged / "README.md").read_text()
+    assert card.split("## Reproduce", 1)[1].split("```bash\n", 1)[1].startswith(prefix)
+
+
+def test_hub_environment_names_only_the_hub_settings(monkeypatch):
+    from huggingface_hub import constants
+
+    from hf_glue.config import hub_environment
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://user:hf_secret_pw@hub.example.org:8443")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/data/hf cache")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    env = hub_environment()
+    assert env == "HF_HUB_CACHE='/data/hf cache' HF_ENDPOINT=https://hub.example.org:8443 "
+    assert "secret" not in env and "TOKEN" not in env
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", os.path.expanduser("~/.cache/huggingface/hub"))
+    assert hub_environment() == ""
+
+
+def test_local_paths_with_spaces_render_as_code_not_links(cls_experts, tmp_path):
+    """Local experts and dataset: shown as code (a path is no URL), and no Hub variables in the command."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "my experts"
+    experts = []
+    for d in range(2):
+        shutil.copytree(cls_experts["paths"][d], folder / f"expert {d}")
+        experts.append(str(folder / f"expert {d}"))
+    data = shutil.copytree(cls_experts["data_dir"], tmp_path / "target data")
+    out = tmp_path / "out"
+    merge_experts(experts, str(data), GlueConfig(method="uniform", granularity="block"), output_dir=str(out))
+    card = ModelCard.load(out / "README.md")
+    for path in experts:
+        assert f"| `{path}` | `local` |" in card.text
+        assert f"]({path})" not in card.text
+    assert f"| Group | `{experts[0]}` | `{experts[1]}` |" in card.text
+    assert f"- Dataset: `{data}`" in card.text
+    assert card.data.base_model is None
+    result = json.loads((out / "merge_result.json").read_text())
+    assert not result["command"].startswith("HF_")  # nothing resolved through the Hub
+
+
+def test_card_of_a_fine_tuned_merge_does_not_call_it_the_blend():
+    from hf_glue.report.card import generate_card
+
+    result = {"method": "uniform", "task": "sequence-classification", "granularity": "model",
+              "experts": [{"name": "org/a", "id": "org/a", "revision": "1" * 40},
+                          {"name": "org/b", "id": "org/b", "revision": "2" * 40}],
+              "coefficients": {"org/a": 0.5, "org/b": 0.5},
+              "dataset": {"id": "org/t", "revision": "3" * 40, "train_split": "train", "eval_split": "test"},
+              "eval": {"accuracy": 0.5}, "command": "hf-glue merge ...", "versions": {}}
+    merged = generate_card(result)
+    assert "This model is a **merge**" in merged and "fine-tuned from a merge" not in merged
+    finetuned = generate_card({**result, "eval_before": {"accuracy": 0.5}, "eval_after": {"accuracy": 0.9},
+                               "config": {"finetune": {"finetune_epochs": 2.0, "learning_rate": 0.003}}})
+    assert "This model is a **merge**" not in finetuned
+    assert "**fine-tuned from a merge**" in finetuned and "**not θ(α)**" in finetuned
+    assert "after 2 epoch(s) of fine-tuning" in finetuned and "learning rate 0.003" in finetuned
+    assert "## Coefficients of the merge (before fine-tuning)" in finetuned

@@ -64,3 +64,29 @@ def test_readme_example_command_runs(tmp_path):
     coefficients = dict(re.findall(r"(example/expert-\d)\s+([0-9.]+)", proc.stdout))
     assert max(coefficients, key=lambda k: float(coefficients[k])) == "example/expert-0", proc.stdout
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_help_shows_each_option_once_with_one_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = capsys.readouterr().out
+    assert not re.search(r"--[a-z]+_[a-z_]+", text), "underscore spellings parse but are not shown"
+    for useless in ("(default: None)", "(default: False)", "(default: [])"):
+        assert useless not in text
+    options = re.split(r"\n  (?=--)", text.split("options:", 1)[1])
+    for block in options:
+        assert block.lower().count("default") <= 1, block
+    help_of = {block.split()[0]: " ".join(block.split()) for block in options}
+    assert "weights" in help_of["--method"]
+    assert "--gain" in help_of["--calibration-samples"] and "--learning-rate" not in help_of["--calibration-samples"]
+    assert "(default: 100)" in help_of["--steps"]
+
+
+def test_underscore_spellings_still_parse():
+    from hf_glue.commands import build_parser, merge
+    from hf_glue.commands.parsing import build_configs
+
+    _, parsers = build_parser()
+    configs = build_configs(parsers["merge"], merge.CONFIGS, ["--eval_batch_size", "8", "--data-sizes", "1", "2"])
+    glue = next(c for c in configs if type(c).__name__ == "GlueConfig")
+    assert glue.eval_batch_size == 8 and glue.data_sizes == [1, 2]

@@ -100,5 +100,10 @@ def test_existing_output_dir_is_refused_then_overwritten(cls_experts, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
                    "--output-dir", str(out), "--method", "uniform", "--overwrite-output-dir")
+    assert proc.returncode != 0 and "'keep.txt'" in proc.stderr  # not an hf-glue output: never deleted
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
+                   "--output-dir", str(out), "--method", "uniform", "--overwrite-output-dir")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").is_file()

@@ -96,6 +96,14 @@ def test_finetuning_improves_the_merge_and_the_card_keeps_both(cls_experts, tmp_
     metrics = [m for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]]
     assert {m["name"] for m in metrics} == {"accuracy (merged)", "accuracy (fine-tuned)"}
     assert "| fine-tuned |" in card.text and "| merged |" in card.text
+    # the card says the weights are the fine-tuned ones, not θ(α)
+    assert "fine-tuned from a merge" in card.text and "**not θ(α)**" in card.text
+    # the console shows both stages, labelled, side by side
+    lines = proc.stdout.splitlines()
+    header = next(l for l in lines if l.split()[:1] == ["stage"]).split()
+    rows = {l.split()[0]: l.split()[1:] for l in lines if l.split()[:1] in (["merged"], ["fine-tuned"])}
+    for stage, metrics in (("merged", before), ("fine-tuned", after)):
+        assert float(rows[stage][header.index("accuracy") - 1]) == pytest.approx(metrics["accuracy"], abs=1e-4)
     # the saved model is the fine-tuned one
     from transformers import AutoModelForSequenceClassification
 
@@ -148,3 +156,49 @@ def test_compare_with_finetuning_reports_both_stages(cls_experts, tmp_path):
     for s in report["summary"]:
         assert s["finetuned"]["accuracy"]["mean"] > s["merged"]["accuracy"]["mean"]
     assert "accuracy (fine-tuned)" in proc.stdout
+
+
+def test_compare_peak_is_each_methods_own_memory(cls_experts, tmp_path, capsys):
+    """Peak memory is measured above what the process held when the method started: ~0 for methods that only pick
+    coefficients, not the whole process's peak (the loaded experts and everything before)."""
+    from hf_glue.compare import run_compare
+    from hf_glue.config import CompareConfig, DataConfig, ExpertsConfig
+    from hf_glue.report.comparison import PEAK_COLUMN, PEAK_NOTE
+
+    report = run_compare(ExpertsConfig(experts=cls_experts["ids"]), DataConfig(dataset="org/target"),
+                         GlueConfig(steps=3, data_sizes=[1, 2, 1]), FinetuneConfig(),
+                         CompareConfig(methods=["glue", "uniform", "data-size"], output_dir=str(tmp_path / "cmp")))
+    runs = {r["method"]: r for r in report["runs"]}
+    for label in ("uniform", "data-size", "expert: org/expert-0", "expert: org/expert-2"):
+        run = runs[label]
+        assert run["memory_before_bytes"] > 50 * 2**20  # the process: torch, the loaded experts, ...
+        assert run["peak_memory_bytes"] < 0.05 * run["memory_before_bytes"], label  # ... is not the method's
+    assert runs["glue"]["peak_memory_bytes"] is not None
+    out = capsys.readouterr().out
+    assert PEAK_COLUMN in out and PEAK_NOTE in out
+    assert report["card"]["note"] == PEAK_NOTE
+
+
+def test_merge_prints_the_per_group_coefficients(cls_experts, capsys):
+    from hf_glue.commands.merge import print_summary
+
+    result = merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=2, granularity="block"))
+    groups = result.group_coefficients
+    assert 2 < len(groups) <= 11  # the tiny BERT: embeddings, 2 layers, pooler, classifier, ...
+    print_summary(result, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(l.startswith("Per group (granularity block") for l in lines)
+    for group, row in groups.items():
+        line = next(l for l in lines if l.split()[:1] == [group])
+        assert line.split()[1:] == [f"{row[e]:.4f}" for e in cls_experts["ids"]]
+
+
+def test_many_groups_print_compactly():
+    from hf_glue.commands.merge import format_groups
+
+    groups = {f"model.layers.{i}": {"a": i / 100, "b": 1 - i / 100} for i in range(40)}
+    lines = format_groups(groups, ["a", "b"]).splitlines()
+    assert lines[0].split() == ["group", "a", "b"]
+    shown = [l.split()[0] for l in lines[1:] if l.split()[0].startswith("model.")]
+    assert shown == [f"model.layers.{i}" for i in (*range(6), *range(36, 40))]
+    assert any("30 more groups" in l for l in lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,12 +52,39 @@ def test_perturbations_are_seeded_rademacher_and_centred():
     d1, d2 = spsa.perturbation(5), spsa.perturbation(5)
     assert torch.equal(d1, d2)
     torch.testing.assert_close(d1.sum(-1), torch.zeros(2, dtype=torch.float64))
-    assert bool((d1.abs().sum(-1) > 0).all())
     raw = SPSA(torch.full((2, 4), 0.25, dtype=torch.float64), "softmax", a=1.0, seed=3).perturbation(5)
     assert set(raw.flatten().tolist()) <= {-1.0, 1.0}
     assert not torch.equal(spsa.perturbation(6), d1)
     other_seed = SPSA(torch.full((2, 4), 0.25, dtype=torch.float64), "simplex", a=1.0, seed=4)
     assert any(not torch.equal(other_seed.perturbation(t), spsa.perturbation(t)) for t in range(5))
+
+
+@pytest.mark.timeout(60)  # a hang guard: redrawing the whole Δ until all rows are non-zero never ends here
+@pytest.mark.parametrize("groups, experts", [(300, 2), (400, 3), (34, 2)])
+def test_many_groups_draw_quickly_and_every_row_moves(groups, experts):
+    spsa = SPSA(torch.full((groups, experts), 1 / experts, dtype=torch.float64), "simplex", a=1.0, seed=0)
+    for t in range(20):
+        d = spsa.perturbation(t)
+        assert bool((d.abs().sum(-1) > 0).all())  # no group left without a direction
+        torch.testing.assert_close(d.sum(-1), torch.zeros(groups, dtype=torch.float64))
+
+
+def test_centred_directions_are_unbiased_for_the_projected_gradient():
+    """E[d dᵀ] ∝ I − 11ᵀ/K per group (so ĝ estimates the gradient's component in the simplex's plane), and rows
+    of different groups are uncorrelated: redrawing only zero rows must not bias or couple them."""
+    k, groups, n = 3, 4, 4000
+    spsa = SPSA(torch.full((groups, k), 1 / k, dtype=torch.float64), "simplex", a=1.0, seed=1)
+    draws = torch.stack([spsa.perturbation(t) for t in range(n)])  # [n, G, K]
+    second = torch.einsum("ngi,ngj->gij", draws, draws) / n
+    projector = torch.eye(k, dtype=torch.float64) - 1 / k
+    for g in range(groups):
+        scale = float(second[g].trace() / projector.trace())
+        torch.testing.assert_close(second[g], scale * projector, atol=0.05, rtol=0)
+    cross = torch.einsum("ni,nj->ij", draws[:, 0], draws[:, 1]) / n
+    assert float(cross.abs().max()) < 0.06
+    # every non-constant sign pattern of a row is equally likely (6 of them for K = 3)
+    patterns = torch.unique(torch.sign(draws[:, 0]), dim=0, return_counts=True)[1]
+    assert len(patterns) == 6 and float(patterns.min()) > 0.8 * n / 6
 
 
 def test_two_expert_perturbations_are_never_zero():
@@ -108,3 +137,86 @@ def test_same_seed_same_trajectory():
 
     assert all(torch.equal(a, b) for a, b in zip(run(0), run(0)))
     assert not all(torch.equal(a, b) for a, b in zip(run(0), run(1)))
+
+
+def _sample_losses(alphas: torch.Tensor) -> torch.Tensor:
+    """A quadratic with a K = 3 optimum, evaluated on a batch of coefficient sets."""
+    return ((alphas - torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)) ** 2).sum(dim=(1, 2))
+
+
+def test_samples_spread_over_processes_equal_one_process_with_all_samples():
+    """Perturbation-parallel: P processes with q samples each, losses gathered, take exactly the step of one
+    process with P·q samples (the same Δs, the same average); here P = 2 is simulated in one process."""
+    alpha0 = torch.full((1, 3), 1 / 3, dtype=torch.float64)
+    single = SPSA(alpha0, "simplex", a=0.5, samples=4, seed=7)
+    ranks = [SPSA(alpha0, "simplex", a=0.5, samples=2, sample_offset=2 * p, seed=7) for p in range(2)]
+
+    def gather_for(rank: int, frozen: list):
+        def gather(local: torch.Tensor) -> torch.Tensor:
+            # what the other rank computed on its own samples this step (its state before the step)
+            other = frozen[1 - rank]
+            c = other.c_t(other.t)
+            alphas = []
+            for i in range(other.sample_offset, other.sample_offset + other.samples):
+                d = other.perturbation(other.t, i)
+                alphas += [other.param.alpha(other.x + c * d), other.param.alpha(other.x - c * d)]
+            theirs = _sample_losses(torch.stack(alphas))
+            return torch.cat([local, theirs] if rank == 0 else [theirs, local])
+        return gather
+
+    for _ in range(5):
+        expected = single.step(_sample_losses)
+        frozen = [copy.deepcopy(r) for r in ranks]
+        records = [ranks[p].step(_sample_losses, gather=gather_for(p, frozen)) for p in range(2)]
+        for rec in records:
+            torch.testing.assert_close(rec.alpha, expected.alpha, atol=1e-12, rtol=0)
+            assert rec.loss_plus == pytest.approx(expected.loss_plus, abs=1e-12)
+
+
+def test_non_finite_losses_reject_the_step_then_stop_naming_it():
+    from hf_glue.optim.spsa import NonFiniteLoss
+
+    calls = {"n": 0}
+
+    def sometimes_nan(alphas):
+        calls["n"] += 1
+        losses = _sample_losses(alphas)
+        return losses * float("nan") if calls["n"] == 3 else losses
+
+    spsa = SPSA(torch.full((1, 3), 1 / 3, dtype=torch.float64), "simplex", a=0.5, seed=0)
+    spsa.step(sometimes_nan)
+    spsa.step(sometimes_nan)
+    x, a = spsa.x.clone(), spsa.a
+    rec = spsa.step(sometimes_nan)  # the non-finite one
+    assert rec.rejected and torch.equal(spsa.x, x) and spsa.a == a / 2
+    assert not spsa.step(sometimes_nan).rejected and not torch.equal(spsa.x, x)  # and it goes on
+    with pytest.raises(NonFiniteLoss, match=r"step 8"):
+        for _ in range(10):
+            spsa.step(lambda alphas: _sample_losses(alphas) * float("inf") - float("inf"))
+    assert bool(torch.isfinite(spsa.x).all())
+    with pytest.raises(NonFiniteLoss, match="starting blend"):
+        SPSA(torch.full((1, 3), 1 / 3, dtype=torch.float64), "simplex").calibrate(
+            lambda alphas: _sample_losses(alphas) * float("nan"), first_move=0.1)
+
+
+def test_state_dict_continues_the_same_trajectory():
+    alpha0 = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    straight = SPSA(alpha0, "simplex", A=5, seed=2)
+    straight.calibrate(_sample_losses_groups, first_move=0.1)
+    for _ in range(4):
+        straight.step(_sample_losses_groups)
+    import json
+
+    saved = json.loads(json.dumps(straight.state_dict()))  # through JSON, as the checkpoint stores it
+    for _ in range(6):
+        straight.step(_sample_losses_groups)
+    resumed = SPSA(alpha0, "simplex", A=5, seed=2)
+    resumed.load_state_dict(saved)
+    for _ in range(6):
+        resumed.step(_sample_losses_groups)
+    assert torch.equal(resumed.x, straight.x) and resumed.t == straight.t == 10
+
+
+def _sample_losses_groups(alphas: torch.Tensor) -> torch.Tensor:
+    target = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    return ((alphas - target) ** 2).sum(dim=(1, 2))

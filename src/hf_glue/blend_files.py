@@ -7,9 +7,10 @@ output is streamed tensor by tensor (see `streaming.py`), with the card and ``me
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .engine.matrix import group_of
 from .config import BlendConfig, ExpertsConfig, OutputConfig, torch_dtype
@@ -17,17 +18,46 @@ from .errors import GlueError
 from .io.experts import check_model_types, check_processor_files, fetch_weights, resolve_experts
 from .methods import method_info
 from .methods.weights import check_weights
-from .io.output import atomic_dir, check_output_dir
-from .report.result import RESULT_FILE, copy_processor_files, write_card
+from .io.output import (RESULT_FILE, atomic_dir, check_free_space, check_output_dir, input_paths, output_bytes,
+                        strict_json)
+from .report.result import copy_processor_files, settle_remote_code, write_card
 
 
-def _from_result(path: str) -> tuple[list[str], dict]:
+def _convex(values: Sequence, where: str) -> list[float]:
+    """``values`` as floats if they form a convex combination: finite, non-negative, summing to 1."""
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise GlueError(f"{where} must be numbers; got {list(values)}.") from None
+    if not all(math.isfinite(v) for v in floats):
+        raise GlueError(f"{where} must be finite numbers; got {floats}.")
+    if any(v < 0 for v in floats) or abs(sum(floats) - 1.0) > 1e-6:
+        raise GlueError(f"{where} must be non-negative and sum to 1 (a convex combination); got {floats}.")
+    return floats
+
+
+def _from_result(path: str) -> tuple[list[str], list[str], dict]:
+    """The expert specs (pinned), the expert names (the result's coefficient keys) and the checked result."""
     file = Path(path)
     if not file.is_file():
         raise GlueError(f"--from-result {path!r} does not exist.")
-    result = json.loads(file.read_text())
-    specs = [f"{e['id']}@{e['revision']}" if e.get("revision") else e["id"] for e in result["experts"]]
-    return specs, result
+    try:
+        result = json.loads(file.read_text())
+        experts = result["experts"]
+        specs = [f"{e['id']}@{e['revision']}" if e.get("revision") else e["id"] for e in experts]
+        names = [e.get("name") or e["id"] for e in experts]
+        coefficients = result["coefficients"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise GlueError(f"--from-result {path!r} is not an hf-glue merge_result.json.") from None
+    rows = {"coefficients": coefficients}
+    if result.get("granularity", "model") != "model":
+        rows.update({f"group {g!r}": row for g, row in (result.get("group_coefficients") or {}).items()})
+    for where, row in rows.items():
+        if not isinstance(row, dict) or sorted(row) != sorted(names):
+            raise GlueError(f"--from-result {path!r}: {where} must give one value for each of its experts "
+                            f"{names}.")
+        _convex([row[n] for n in names], f"--from-result {path!r}: {where}")
+    return specs, names, result
 
 
 def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputConfig, command: str = "") -> Path:
@@ -41,25 +71,26 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
     if blend.from_result:
         if experts_config.experts:
             raise GlueError("--from-result names the experts itself; drop --experts.")
-        specs, source = _from_result(blend.from_result)
+        specs, names, source = _from_result(blend.from_result)
     else:
-        specs = experts_config.experts
-        check_weights(blend.weights, len(specs))
+        specs = names = experts_config.experts
+        _convex(check_weights(blend.weights, len(specs)), "--weights")
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
-    check_output_dir(output.output_dir, output.overwrite_output_dir)
+    extra = [("the --from-result file", blend.from_result)] if blend.from_result else []
+    check_output_dir(output.output_dir, output.overwrite_output_dir, input_paths(specs, extra=extra))
     max_shard = parse_size(blend.max_shard_size)
+    dtype = torch_dtype(experts_config.dtype)
     start = time.perf_counter()
     experts = resolve_experts(specs)
     check_model_types(experts)
     check_processor_files(experts)
     fetch_weights(experts, allow_pickle=False)
-    names = [e.name for e in experts]
+    check_free_space(output.output_dir, output_bytes(experts[0].tensors.values(), dtype))
     if source is not None:
         granularity = source.get("granularity", "model")
         groups = source.get("group_coefficients") or {}
-        by_id = {e["name"]: spec for e, spec in zip(source["experts"], specs)}
-        coefficients = {by_id[k]: v for k, v in source["coefficients"].items()}
+        coefficients = source["coefficients"]
 
         def weights(name: str) -> list[float]:
             if granularity == "model" or not groups:
@@ -67,8 +98,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
             group = group_of(name, granularity)
             if group not in groups:
                 raise GlueError(f"--from-result has no coefficients for group {group!r} (tensor {name!r}).")
-            row = {by_id[k]: v for k, v in groups[group].items()}
-            return [row[n] for n in names]
+            return [groups[group][n] for n in names]
     else:
         coefficients = dict(zip(names, blend.weights))
 
@@ -78,30 +108,48 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
     from .engine.streaming import blend_checkpoints
 
     with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
-        blend_checkpoints(experts, weights, tmp, dtype=torch_dtype(experts_config.dtype), max_shard_bytes=max_shard)
+        blend_checkpoints(experts, weights, tmp, dtype=dtype, max_shard_bytes=max_shard)
         copy_processor_files(experts[0].repo.path, tmp, extra=("config.json", "generation_config.json"))
+        settle_remote_code(tmp, experts[0].repo.path, experts_config.trust_remote_code)
+        if dtype is not None and (tmp / "config.json").is_file():
+            _set_config_dtype(tmp / "config.json", experts_config.dtype)
         result = {
             "method": source["method"] if source else "weights",
             "method_info": method_info(source["method"] if source else "weights"),
             "task": source.get("task") if source else _task_name(experts[0].config),
             "granularity": source.get("granularity", "model") if source else "model",
-            "experts": [{"name": e.name, **e.repo.to_dict()} for e in experts],
+            "experts": [{"name": n, **e.repo.to_dict()} for n, e in zip(names, experts)],
             "dataset": source.get("dataset") if source else None,
             "coefficients": coefficients,
             "history": [],
-            "eval": source.get("eval", {}) if source else {},
+            "eval": {},
             "forward_passes": 0,
             "backward_passes": 0,
             "seconds": round(time.perf_counter() - start, 3),
             "command": command,
             "versions": library_versions(),
+            "config": {"experts": {"dtype": experts_config.dtype}},
         }
-        if source and source.get("group_coefficients"):  # keyed like this result's experts (pinned specs)
-            result["group_coefficients"] = {g: {by_id[k]: v for k, v in row.items()}
-                                            for g, row in source["group_coefficients"].items()}
-        (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        if source and source.get("group_coefficients"):
+            result["group_coefficients"] = source["group_coefficients"]
+        if source and source.get("eval"):
+            source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+            if source_dtype == experts_config.dtype:  # the same weights: the source's metrics hold
+                result["eval"] = source["eval"]
+            else:  # measured on the source's weights only: kept apart, out of the card
+                result["source_eval"] = {"dtype": source_dtype, "eval": source["eval"]}
+        (tmp / RESULT_FILE).write_text(strict_json(result))
         write_card(tmp, result)
     return Path(output.output_dir)
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    """Record the output's weight dtype in its config.json (``dtype``, and ``torch_dtype`` where present)."""
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _task_name(config: dict) -> Optional[str]:

@@ -6,7 +6,8 @@ evaluated on the held-out split and, with --finetune-epochs, fine-tuned and eval
 
 from __future__ import annotations
 
-import json
+import ctypes
+import gc
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig
 from .errors import GlueError
+from .io.output import COMPARE_FILE, atomic_dir, check_output_dir, input_paths, strict_json
 from .methods import MethodOutput, get_method
 from .engine.memory import peak_memory_bytes, reset_peak_memory
 from .report.comparison import build_report, format_table, plot_comparison
@@ -47,6 +49,8 @@ def run_compare(
     methods = _methods(glue_config, compare_config)
     read_training_args(finetune_config.training_args)
     out_dir = Path(compare_config.output_dir)
+    check_output_dir(out_dir, compare_config.overwrite_output_dir,
+                     input_paths(experts_config.experts, data_config.dataset), marker=COMPARE_FILE)
     prep = prepare(experts_config, data_config, glue_config)
     finetuning = finetune_config.finetune_epochs > 0
     entries = [(m, m) for m in methods]
@@ -57,7 +61,10 @@ def run_compare(
         seeded = finetuning or (isinstance(what, str) and what in ("glue", "full-gradient"))
         for seed in compare_config.seeds if seeded else compare_config.seeds[:1]:
             config = replace(glue_config, method=what if isinstance(what, str) else "uniform", seed=seed)
+            before = memory_in_use(prep.matrix.device)  # the loaded experts (and whatever earlier runs kept)
             out = run_method(prep, config) if isinstance(what, str) else _one_hot(prep, what)
+            own_peak = None if out.peak_memory_bytes is None or before is None else \
+                max(0, out.peak_memory_bytes - before)
             result = to_result(prep, config, out)
             if finetuning:
                 result.model = blended_model(prep, result.alpha)
@@ -71,16 +78,37 @@ def run_compare(
                 "forward_passes": result.forward_passes,
                 "backward_passes": result.backward_passes,
                 "seconds": result.seconds,
-                "peak_memory_bytes": result.peak_memory_bytes,
+                "peak_memory_bytes": own_peak,  # this method's own peak, above memory_before_bytes
+                "memory_before_bytes": before,
             })
     report = build_report(prep, runs, [label for label, _ in entries], compare_config.seeds, finetuning)
     if prep.accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-        plot_comparison(report, out_dir / "compare.png")
+        with atomic_dir(out_dir, compare_config.overwrite_output_dir, marker=COMPARE_FILE) as tmp:
+            (tmp / COMPARE_FILE).write_text(strict_json(report))
+            plot_comparison(report, tmp / "compare.png")
         print(format_table(report))
-        print(f"Wrote {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
+        print(f"Wrote {out_dir / COMPARE_FILE} and {out_dir / 'compare.png'}")
     return report
+
+
+def memory_in_use(device: torch.device):
+    """Memory held now, the baseline a method's peak is measured above: allocated CUDA memory, or on CPU the
+    process's resident set (VmRSS, which `reset_peak_memory` sets the high-water mark to); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    gc.collect()
+    try:  # hand freed heap back to the OS, or a method reusing an earlier one's freed memory would show no peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _one_hot(prep, k: int) -> MethodOutput:

@@ -1,18 +1,149 @@
 """Dataclass configs shared by the CLI (via `HfArgumentParser`), YAML files and the Python API.
 
-Each field's `metadata["help"]` is its `--help` text; `__post_init__` rejects bad values by name.
+Each field's `metadata["help"]` is its `--help` text; `__post_init__` checks every field against its type hint
+and `BOUNDS` (YAML values and API arguments bypass argparse's typing) and rejects bad values naming the flag.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import types
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal, Optional
+from functools import cache
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import GlueError
 
-PARAMETRIZATIONS = ("simplex", "softmax")
-GRANULARITIES = ("model", "block", "tensor")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: The longest search accepted: a million SPSA steps is two million forward passes, far past any useful run.
+MAX_STEPS = 1_000_000
+#: Seeds feed numpy and torch generators, which take unsigned 32-bit seeds.
+MAX_SEED = 2**32 - 1
+#: Every integer option must fit a C long (torch and numpy take them as int64).
+MAX_INT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric option: ``low <= value <= high`` (``low < value`` when ``open_low``)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"between {self.low} and {self.high}"
+        if self.open_low:
+            return "positive" if self.low == 0 else f"greater than {self.low}"
+        return f"at least {self.low}"
+
+
+_POSITIVE = Bound(0, open_low=True)
+_NON_NEGATIVE = Bound(0)
+_COUNT = Bound(1)
+#: Ranges by field name (a name means the same in every config); for list fields, of each value.
+BOUNDS: dict[str, Bound] = {
+    "steps": Bound(1, MAX_STEPS),
+    "batch_size": _COUNT,
+    "eval_batch_size": _COUNT,
+    "seed": Bound(0, MAX_SEED),
+    "seeds": Bound(0, MAX_SEED),
+    "data_sizes": _COUNT,
+    "perturbation": _POSITIVE,
+    "perturbation_decay": _NON_NEGATIVE,
+    "gain": _POSITIVE,
+    "first_step": _POSITIVE,
+    "stability": _NON_NEGATIVE,  # A < 0 makes (t + 1 + A) negative: the gain sequence is not defined
+    "spsa_samples": _COUNT,
+    "proxy_batches": _COUNT,
+    "adam_lr": _POSITIVE,
+    "calibration_samples": _COUNT,
+    "checkpoint_every": _NON_NEGATIVE,
+    "max_length": _COUNT,
+    "max_train_samples": _COUNT,
+    "max_eval_samples": _COUNT,
+    "finetune_epochs": _NON_NEGATIVE,
+    "learning_rate": _POSITIVE,
+    "per_device_train_batch_size": _COUNT,
+}
+
+
+def option_flag(name: str) -> str:
+    """The command-line spelling of a config field: ``batch_size`` → ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of a dataclass config against its type hint and `BOUNDS`, naming the flag and the value;
+    numbers given for float fields become floats, tuples become lists."""
+    for name, hint in _field_hints(type(config)).items():
+        setattr(config, name, check_value(option_flag(name), getattr(config, name), hint, BOUNDS.get(name)))
+
+
+@cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)  # from the annotations: HfArgumentParser rewrites ``Field.type`` in place
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def check_value(flag: str, value: Any, hint: Any, bound: Optional[Bound] = None) -> Any:
+    """``value`` checked against a type hint (bool, int, float, str, Literal, list and Optional of them; other
+    hints and unions of several types pass unchecked) and ``bound``; a `GlueError` names ``flag``. Returns it
+    normalised (floats, lists)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        members = [a for a in get_args(hint) if a is not type(None)]
+        if (value is None and len(members) < len(get_args(hint))) or len(members) > 1:
+            return value  # None where it is allowed; a union of several types is not checked here
+        hint = members[0]
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        if not isinstance(value, str) or value not in choices:
+            raise GlueError(f"{flag} must be one of {', '.join(choices)}; got {value!r}.")
+        return value
+    if get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise GlueError(f"{flag} takes a list of values (in YAML: [a, b]), got {value!r}.")
+        return [_scalar(f"each {flag} value", v, get_args(hint)[0], bound) for v in value]
+    return _scalar(flag, value, hint, bound)
+
+
+def _scalar(what: str, value: Any, kind: type, bound: Optional[Bound]) -> Any:
+    if kind not in (bool, str, int, float):
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise GlueError(f"{what} must be true or false, got {value!r}.")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise GlueError(f"{what} must be text, got {value!r}.")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise GlueError(f"{what} must be a whole number, got {value!r}.")
+        value = int(value)
+    else:  # float
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                raise GlueError(f"{what} must be a number, got {value!r}.") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise GlueError(f"{what} must be a number, got {value!r}.")
+        value = float(value)
+        if not math.isfinite(value):
+            raise GlueError(f"{what} must be a finite number, got {value}.")
+    if bound is not None and not bound.admits(value):
+        raise GlueError(f"{what} must be {bound.describe()}, got {value}.")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise GlueError(f"{what} is out of range, got {value}.")
+    return value
 
 
 @dataclass
@@ -21,7 +152,8 @@ class GlueConfig:
 
     method: str = field(
         default="glue",
-        metadata={"help": "How α is chosen: glue (SPSA, default), uniform, data-size, proxy, full-gradient."},
+        metadata={"help": "How α is chosen: glue (SPSA, default), uniform, data-size, proxy, full-gradient, "
+                  "or weights (the coefficients given with --weights)."},
     )
     steps: int = field(default=100, metadata={"help": "Optimisation steps (each SPSA step costs two forward passes)."})
     batch_size: int = field(
@@ -71,33 +203,28 @@ class GlueConfig:
         default=0.05, metadata={"help": "full-gradient method: Adam learning rate on α (simplex) or its logits."}
     )
     calibration_samples: int = field(
-        default=4, metadata={"help": "Probe perturbations used once to calibrate a when --learning-rate is unset."}
+        default=4, metadata={"help": "Probe perturbations used once to calibrate a when --gain is unset."}
     )
     parallel: Literal["data", "perturbation"] = field(
         default="data",
         metadata={"help": "Several processes: shard each batch (data) or draw one Δ per process (perturbation)."},
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size for held-out evaluation."})
+    checkpoint_every: int = field(
+        default=10,
+        metadata={"help": "Save the search state beside --output-dir every this many steps (0: only when "
+                  "interrupted), so a killed run can continue with --resume."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue the interrupted search saved beside --output-dir (same options); it ends at the "
+                  "same α as an uninterrupted run."},
+    )
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise GlueError(f"steps must be at least 1, got {self.steps}.")
-        if self.batch_size < 1:
-            raise GlueError(f"batch_size must be at least 1, got {self.batch_size}.")
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise GlueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}.")
-        if self.granularity not in GRANULARITIES:
-            raise GlueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}.")
-        if self.spsa_samples < 1:
-            raise GlueError(f"spsa_samples must be at least 1, got {self.spsa_samples}.")
-        if self.perturbation is not None and self.perturbation <= 0:
-            raise GlueError(f"perturbation must be positive, got {self.perturbation}.")
+        check_fields(self)
         if self.init == "data-size" and not self.data_sizes:
-            raise GlueError("init='data-size' needs --data-sizes n1 n2 ... (one per expert).")
-        if self.proxy not in ("loss", "accuracy", "logme"):
-            raise GlueError(f"proxy must be one of loss, accuracy, logme; got {self.proxy!r}.")
-        if self.data_sizes is not None and any(n <= 0 for n in self.data_sizes):
-            raise GlueError(f"data_sizes must all be positive, got {self.data_sizes}.")
+            raise GlueError("--init data-size needs --data-sizes n1 n2 ... (one per expert).")
 
     @property
     def c(self) -> float:
@@ -138,8 +265,11 @@ class ExpertsConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise GlueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        check_fields(self)
+        if any(not e.strip() for e in self.experts):
+            raise GlueError(f"--experts has an empty name ({self.experts}); give repo ids or folders.")
+        if self.max_memory is not None:
+            check_size("--max-memory", self.max_memory)
         duplicates = sorted({e for e in self.experts if self.experts.count(e) > 1})
         if duplicates:
             raise GlueError(f"expert {duplicates[0]!r} is listed more than once in --experts; list each once.")
@@ -170,9 +300,16 @@ class DataConfig:
     )
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default: detected)."})
     image_column: Optional[str] = field(default=None, metadata={"help": "Image column (default: detected)."})
-    max_length: int = field(default=128, metadata={"help": "Truncate tokenised text to this many tokens."})
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Truncate tokenised text to this many tokens (default: 128, or the experts' number of "
+                  "positions when that is smaller)."},
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many train rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many eval rows."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -190,8 +327,7 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.finetune_epochs < 0:
-            raise GlueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}.")
+        check_fields(self)
 
 
 @dataclass
@@ -199,12 +335,17 @@ class OutputConfig:
     """Where the merged model goes: a local folder, and optionally a Hub repo."""
 
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the merged model, card and result."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output-dir if it exists."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace --output-dir if it holds a previous hf-glue output (only)."}
+    )
     push_to_hub: Optional[str] = field(
         default=None,
         metadata={"help": "Also push the output to this Hub repo (org/name); the token comes from HF_TOKEN or "
                   "`hf auth login`."},
     )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -215,6 +356,9 @@ class PushConfig:
     revision: Optional[str] = field(default=None, metadata={"help": "Push to this branch (created if missing)."})
     create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of committing."})
     commit_message: Optional[str] = field(default=None, metadata={"help": "Commit message of the push."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -231,6 +375,10 @@ class BlendConfig:
     )
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest output safetensors shard."})
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_size("--max-shard-size", self.max_shard_size)
+
 
 @dataclass
 class CompareConfig:
@@ -243,12 +391,36 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds: each method runs once per seed."})
     include_experts: bool = field(default=True, metadata={"help": "Also score every expert alone."})
     output_dir: str = field(default="compare", metadata={"help": "Folder for compare.json and compare.png."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace --output-dir if it holds a previous compare output (only)."}
+    )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.methods:
             raise GlueError("compare needs at least one method in --methods.")
         if not self.seeds:
             raise GlueError("compare needs at least one seed in --seeds.")
+
+
+def check_size(flag: str, text: str) -> int:
+    """Bytes of a size option such as ``20GiB``; a one-line error naming ``flag`` when it cannot be read."""
+    from .engine.memory import parse_size
+
+    try:
+        size = parse_size(text)
+    except (GlueError, ValueError):
+        size = 0
+    if size <= 0:
+        raise GlueError(f"{flag} {text!r} is not a size: use a positive number with a unit, e.g. 20GiB or 500MB.")
+    return size
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML parse error in one line: what went wrong and where (line, column)."""
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def torch_dtype(name: Optional[str]):
@@ -293,3 +465,26 @@ def merge_command(*configs: object, command: str = "merge") -> str:
         if config is not None:
             parts += _cli_args(config)
     return " ".join(parts)
+
+
+def hub_environment() -> str:
+    """``VAR=value `` prefixes for the Hub settings this process resolved repo ids with, when not the defaults:
+    ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1`` and ``HF_ENDPOINT`` (without any user:password part). Prepended to a
+    recorded command so that it reproduces the run; never a token or any other variable."""
+    import os
+    import shlex
+    from urllib.parse import urlsplit, urlunsplit
+
+    from huggingface_hub import constants
+
+    env = []
+    default_cache = os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
+    if os.path.abspath(constants.HF_HUB_CACHE) != os.path.abspath(default_cache):
+        env.append(("HF_HUB_CACHE", constants.HF_HUB_CACHE))
+    if constants.HF_HUB_OFFLINE:
+        env.append(("HF_HUB_OFFLINE", "1"))
+    endpoint = constants.ENDPOINT.rstrip("/")
+    if endpoint != "https://huggingface.co":
+        parts = urlsplit(endpoint)  # drop credentials embedded as https://user:secret@host
+        env.append(("HF_ENDPOINT", urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))))
+    return "".join(f"{name}={shlex.quote(value)} " for name, value in env)

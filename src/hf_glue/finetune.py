@@ -7,38 +7,45 @@ import math
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 import torch
 
-from .config import FinetuneConfig
+from .config import FinetuneConfig, check_value, yaml_problem
 from .errors import GlueError
 from .tasks import Task
 
 
 def read_training_args(path: Optional[str]) -> dict:
-    """Extra `TrainingArguments` fields from a JSON or YAML file; unknown fields are an error naming them."""
+    """Extra `TrainingArguments` fields from a JSON or YAML file, checked before any work: an unreadable file,
+    unknown fields, or values of the wrong type (for fields of one simple type) are one error naming the file."""
     if not path:
         return {}
+    import yaml
     from transformers import TrainingArguments
 
     file = Path(path)
     if not file.is_file():
-        raise GlueError(f"--training-args file {path!r} does not exist.")
-    text = file.read_text()
-    if file.suffix == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
-
-        values = yaml.safe_load(text)
-    if not isinstance(values, dict):
+        raise GlueError(f"--training-args file {path!r} {'is a folder' if file.is_dir() else 'does not exist'}.")
+    try:
+        text = file.read_text(encoding="utf-8")
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise GlueError(f"--training-args file {path!r} is not a UTF-8 text file.") from None
+    except OSError as err:
+        raise GlueError(f"--training-args file {path!r} cannot be read: {err.strerror or err}.") from None
+    except json.JSONDecodeError as err:
+        raise GlueError(f"--training-args file {path!r} is not valid JSON: {err}.") from None
+    except yaml.YAMLError as err:
+        raise GlueError(f"--training-args file {path!r} is not valid YAML: {yaml_problem(err)}.") from None
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise GlueError(f"--training-args file {path!r} must hold a mapping of TrainingArguments fields.")
     known = {f.name for f in fields(TrainingArguments)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise GlueError(f"--training-args file {path!r}: {unknown} are not transformers.TrainingArguments fields.")
-    return values
+    hints = get_type_hints(TrainingArguments)  # building TrainingArguments here would set up devices too early
+    return {k: check_value(f"{k} in --training-args file {path!r}", v, hints.get(k)) for k, v in values.items()}
 
 
 def finetune(

@@ -14,9 +14,11 @@ from typing import Any, Optional
 import torch
 
 from .tasks import data as data_mod
+from .engine import memory
 from .engine.matrix import ExpertMatrix
 from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, torch_dtype
 from .errors import GlueError
+from .io.checkpoint import STATE_FILE, Checkpoint, state_dir_for
 from .io.hub import check_repo_id
 from .io.experts import (
     Expert,
@@ -28,9 +30,10 @@ from .io.experts import (
 from .methods import MergeContext, get_method, method_info
 from .methods.base import check_data_sizes
 from .methods.objective import Objective
-from .io.output import check_output_dir
+from .io.output import check_free_space, check_output_dir, input_paths, output_bytes
 from .report.result import MergeResult
 from .tasks import Task, detect_task
+from .tasks.base import fit_max_length
 from .versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -58,13 +61,15 @@ def make_accelerator(cpu: bool = False):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    # even_batches=False: no rows repeated to pad the last batch (evaluation combines its sums once, after the loop)
+    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False))
 
 
 def prepare(
-    experts_config: ExpertsConfig, data_config: DataConfig, glue_config: GlueConfig, accelerator=None
+    experts_config: ExpertsConfig, data_config: DataConfig, glue_config: GlueConfig, accelerator=None,
+    output_dir: Optional[str] = None,
 ) -> Prepared:
-    """Resolve and validate everything, then load weights into the blending engine."""
+    """Resolve and validate everything (``output_dir``'s free space too), then load weights into the engine."""
     accelerator = accelerator or make_accelerator(experts_config.cpu)
     if glue_config.data_sizes is not None or glue_config.init == "data-size":
         check_data_sizes(glue_config, len(experts_config.experts))
@@ -76,11 +81,13 @@ def prepare(
     with accelerator.main_process_first():
         experts = resolve_experts(experts_config.experts)
     task = detect_task(experts[0].config, data_config.task)
+    data_config = fit_max_length(data_config, experts[0].config)
     module_shapes = check_compatible(experts, task.model_class(), experts_config.trust_remote_code)
     # 2. the target data and its columns
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
     columns = task.resolve_columns(target.column_names, data_config)
+    target.check_cells(columns)
     # 3. weights (the long download), headers checked before any tensor is read
     with accelerator.main_process_first():
         fetch_weights(experts, experts_config.allow_pickle)
@@ -88,6 +95,7 @@ def prepare(
         logger.info("checkpoint keys differ from %s's modules: reading experts through from_pretrained",
                     task.model_class().__name__)
         read_through_transformers(experts, task.model_class(), experts_config.trust_remote_code)
+    check_free_space(output_dir, output_bytes(experts[0].tensors.values(), torch_dtype(experts_config.dtype)))
     check_memory(experts, experts_config, data_config, glue_config, accelerator)
     processor = task.load_processor(experts[0].repo.path, experts_config.trust_remote_code)
     with accelerator.main_process_first():
@@ -95,29 +103,31 @@ def prepare(
         held_out = task.preprocess(target.eval, processor, columns, data_config, experts[0].config)
     dtype = torch_dtype(experts_config.dtype)
     matrix = ExpertMatrix.from_experts(experts, glue_config.granularity, dtype=dtype, device=accelerator.device)
-    model = build_model(experts[0], task, matrix, experts_config.trust_remote_code).to(accelerator.device)
+    model = build_model(experts[0], task, matrix, experts_config.trust_remote_code, device=accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config)
 
 
 def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
-                 glue_config: GlueConfig, accelerator) -> None:
-    """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory)."""
-    from .engine import memory
+                 glue_config: GlueConfig, accelerator) -> "memory.MemoryEstimate":
+    """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory);
+    returns the estimate."""
 
     dtype = torch_dtype(experts_config.dtype)
     elements: dict[torch.dtype, int] = {}
-    for info in experts[0].tensors.values():
-        if info.dtype.is_floating_point:
-            elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
+    floats = [info for info in experts[0].tensors.values() if info.dtype.is_floating_point]
+    for info in floats:
+        elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
     parallel_batch = glue_config.batch_size if glue_config.parallel == "perturbation" else \
         glue_config.batch_size // accelerator.num_processes
     est = memory.estimate(
         elements, len(experts), experts[0].config,
-        models_per_step=1 if glue_config.method == "full-gradient" else 2 * glue_config.spsa_samples,
+        # the 2q perturbed models of an SPSA step; one model for every other method
+        models_per_step=2 * glue_config.spsa_samples if glue_config.method == "glue" else 1,
         batch_per_process=max(parallel_batch, glue_config.eval_batch_size // accelerator.num_processes),
         sequence_length=data_config.max_length,
+        tensors=len(floats),
         backward=glue_config.method == "full-gradient",
     )
     budget = memory.parse_size(experts_config.max_memory) if experts_config.max_memory else \
@@ -126,17 +136,28 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
                       dtype_is_full=all(dt == torch.float32 for dt in elements),
                       samples=glue_config.spsa_samples,
                       where="--max-memory" if experts_config.max_memory else "the device")
+    return est
 
 
-def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_code: bool = False):
-    """A model of the experts' class whose parameters the blends replace; refuses uncovered parameters."""
+def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_code: bool = False,
+                device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The template the blends are passed to: a model of the experts' class with its parameters on the meta
+    device (no weights allocated: every parameter comes from a blend) and real buffers on ``device``
+    (non-persistent ones, such as position ids or rotary frequencies, are computed at init and still needed).
+    Refuses checkpoint tensors the class lacks and parameters the checkpoint lacks."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(expert.repo.path, trust_remote_code=trust_remote_code)
     dtypes = {s.dtype for s in matrix.slots.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    model = task.model_class().from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    with init_empty_weights(include_buffers=False):
+        model = task.model_class().from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    model.tie_weights()  # from_config leaves meta parameters untied; functional_call(tie_weights=True) needs it
     model.eval()
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to(device))
     provided = set(matrix.slots) | set(matrix.constants)
     state_keys = set(model.state_dict())
     unexpected = sorted(provided - state_keys)
@@ -172,7 +193,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def run_method(prep: Prepared, config: GlueConfig):
+def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoint] = None):
     """Run ``config.method`` on prepared inputs: its α and what it cost (a `MethodOutput`)."""
     ctx = MergeContext(
         matrix=prep.matrix,
@@ -180,13 +201,29 @@ def run_method(prep: Prepared, config: GlueConfig):
         batches=batch_iterator(prep, config),
         config=config,
         accelerator=prep.accelerator,
-        )
+        checkpoint=checkpoint,
+    )
     return get_method(config.method).run(ctx)
+
+
+def search_checkpoint(prep: Prepared, config: GlueConfig, output_dir: str) -> Checkpoint:
+    """The saved-state slot of a run writing ``output_dir``, keyed by everything that shapes its search."""
+    fingerprint = {
+        "experts": [[e.name, e.repo.revision] for e in prep.experts],
+        "dataset": prep.target.to_dict(),
+        "data": asdict(prep.data_config),
+        "dtype": prep.experts_config.dtype,
+        "glue": {k: v for k, v in asdict(config).items() if k not in ("resume", "checkpoint_every")},
+        "processes": prep.accelerator.num_processes,
+    }
+    return Checkpoint(state_dir_for(output_dir), fingerprint, config.checkpoint_every,
+                      write=prep.accelerator.is_main_process)
 
 
 def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> MergeResult:
     """Evaluate a method's α on the held-out split and package everything as a `MergeResult`."""
     metrics = prep.objective.evaluate(out.alpha, eval_batches(prep, config))
+    out.details["eval_samples"] = metrics.pop("samples", 0)
     matrix = prep.matrix
     return MergeResult(
         method=config.method,
@@ -214,19 +251,24 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
     )
 
 
-def learn(prep: Prepared, config: GlueConfig, command: str = "") -> MergeResult:
+def learn(prep: Prepared, config: GlueConfig, command: str = "", checkpoint: Optional[Checkpoint] = None
+          ) -> MergeResult:
     """Run one method on prepared inputs and evaluate its blend on the held-out split."""
-    return to_result(prep, config, run_method(prep, config), command)
+    return to_result(prep, config, run_method(prep, config, checkpoint), command)
 
 
 def blended_model(prep: Prepared, alpha: torch.Tensor) -> torch.nn.Module:
-    """A standalone copy of the experts' model class holding θ(α) (for saving, fine-tuning, the API)."""
+    """A standalone model of the experts' class holding the exact θ(α) (for saving, fine-tuning, the API).
+
+    The search's product buffers are freed first and the blended tensors are assigned, not copied, into a copy
+    of the template, whose parameters are on the meta device: this needs θ(α) itself and nothing more.
+    """
     import copy
 
-    model = copy.deepcopy(prep.model)
-    with torch.no_grad():
-        params = prep.matrix.blend(alpha.to(prep.matrix.device, torch.float32))[0]
-        model.load_state_dict(params, strict=False)
+    prep.matrix.release()
+    model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
+    model.load_state_dict(prep.matrix.materialize(alpha), strict=False, assign=True)
+    model.tie_weights()  # tied parameters absent from the checkpoint (e.g. an LM head) follow their source
     return model
 
 
@@ -252,7 +294,7 @@ def run_merge(
     push_config: Optional[PushConfig] = None,
 ) -> MergeResult:
     """The whole `hf-glue merge`: validate, learn α, blend, (fine-tune), save atomically (main process only)."""
-    from .config import merge_command
+    from .config import hub_environment, merge_command
     from .finetune import read_training_args
 
     output_config = output_config or OutputConfig()
@@ -260,21 +302,41 @@ def run_merge(
     get_method(glue_config.method)  # unknown method: fail before any work
     read_training_args(finetune_config.training_args)  # a bad --training-args file too
     if output_config.output_dir:
-        check_output_dir(output_config.output_dir, output_config.overwrite_output_dir)
+        check_output_dir(output_config.output_dir, output_config.overwrite_output_dir,
+                         input_paths(experts_config.experts, data_config.dataset))
     if output_config.push_to_hub:
         if not output_config.output_dir:
             raise GlueError("--push-to-hub needs --output-dir: the local copy is kept (and used to retry a push).")
         check_repo_id(output_config.push_to_hub)
-    prep = prepare(experts_config, data_config, glue_config)
+    if glue_config.resume:
+        if glue_config.method != "glue":
+            raise GlueError(f"--resume continues an interrupted GLUE search; --method {glue_config.method} has none.")
+        if not output_config.output_dir or not (state_dir_for(output_config.output_dir) / STATE_FILE).is_file():
+            raise GlueError("--resume: no saved search state for this --output-dir (it is written beside it every "
+                            "--checkpoint-every steps and when a run is interrupted); run without --resume.")
+    prep = prepare(experts_config, data_config, glue_config, output_dir=output_config.output_dir)
     command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config)
-    result = learn(prep, glue_config, command)
+    if any(not e.repo.is_local for e in prep.experts) or prep.target.to_dict().get("revision"):
+        command = hub_environment() + command  # the cache/offline/endpoint the repo ids were resolved with
+    checkpoint = None
+    if output_config.output_dir and glue_config.method == "glue":
+        checkpoint = search_checkpoint(prep, glue_config, output_config.output_dir)
+        if glue_config.resume:
+            checkpoint.load()  # refuses a state saved with other inputs or settings, before the search
+        elif checkpoint.exists() and prep.accelerator.is_main_process:
+            logger.warning("an interrupted search for this output was saved in %s; pass --resume to continue it "
+                           "(this run starts over and replaces it)", checkpoint.folder)
+    result = learn(prep, glue_config, command, checkpoint)
     result.model = blended_model(prep, result.alpha)
+    prep.matrix.release(experts=True)  # nothing blends any more: fine-tuning and saving never exceed the search
     if finetune_config.finetune_epochs > 0:
         finetune_result(prep, result, finetune_config, glue_config.seed)
     result.model_name = output_config.push_to_hub
     if output_config.output_dir and prep.accelerator.is_main_process:
         result.save_pretrained(output_config.output_dir, overwrite=output_config.overwrite_output_dir)
     prep.accelerator.wait_for_everyone()
+    if checkpoint is not None:
+        checkpoint.remove()  # the output is complete: nothing left to resume
     if output_config.push_to_hub and prep.accelerator.is_main_process:
         from .io.hub import push_folder
 

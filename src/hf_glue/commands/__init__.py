@@ -1,18 +1,22 @@
 """`hf-glue` command line: one module per subcommand (parsing only); each calls the same functions as the API.
 
 Options come from the dataclasses in `config.py` (their help text is `--help`); ``--config FILE.yaml`` sets
-defaults that flags on the command line override; unknown keys in the file are errors.
+defaults that flags on the command line override; unknown keys in the file are errors. Every user error is one
+``hf-glue COMMAND: error: ...`` line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import shlex
 import sys
 from typing import Optional, Sequence
 
 from ..errors import GlueError
+from ..io.checkpoint import SearchInterrupted
 from . import blend, card, compare, merge, push
-from .parsing import add_command_parser
+from .parsing import GlueArgumentParser, add_command_parser
 
 #: name → module with HELP, DESCRIPTION, CONFIGS, run(args, parser) and optionally add_arguments(parser)
 COMMANDS = {"merge": merge, "compare": compare, "blend": blend, "push": push, "card": card}
@@ -21,15 +25,13 @@ COMMANDS = {"merge": merge, "compare": compare, "blend": blend, "push": push, "c
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from importlib.metadata import version
 
-    from transformers import HfArgumentParser
-
     parser = argparse.ArgumentParser(
         prog="hf-glue",
         description="Gradient-free learning to unify experts (GLUE): merge fine-tuned checkpoints into one model "
         "for a new target domain.",
     )
     parser.add_argument("--version", action="version", version=f"hf-glue {version('hf-glue')}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=GlueArgumentParser)
     parsers = {}
     for name, module in COMMANDS.items():
         parsers[name] = add_command_parser(subparsers, name, module.HELP, module.DESCRIPTION, module.CONFIGS)
@@ -39,18 +41,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..io import hub
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        guess = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"did you mean {guess[0]}?" if guess else f"choose one of {', '.join(COMMANDS)}."
+        print(f"hf-glue: error: unknown command {argv[0]!r}; {hint}", file=sys.stderr)
+        return 2
     parser, parsers = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help/version/usage errors and exits
         parser.print_help()
         return 2
     name = argv[0]
+    hub.new_run()
     try:
         return COMMANDS[name].run(argv[1:], parsers[name])
     except GlueError as err:
         print(f"hf-glue {name}: error: {err}", file=sys.stderr)
         return 1
+    except SearchInterrupted as stop:
+        if merge.is_main_process():
+            again = shlex.join(["hf-glue", name, *argv[1:]] + ([] if "--resume" in argv else ["--resume"]))
+            print(f"hf-glue {name}: {stop}; nothing else was written. Resume with: {again}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(f"hf-glue {name}: interrupted; nothing was written.", file=sys.stderr)
         return 130

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..config import BlendConfig, ExpertsConfig, OutputConfig
+from ..config import BlendConfig, ExpertsConfig, OutputConfig, hub_environment
 from .parsing import build_configs
 
 HELP = "Write the blend for known coefficients, streaming from the experts' files (no data needed)."
@@ -22,6 +22,6 @@ def run(args: list[str], parser) -> int:
     from ..blend_files import run_blend
 
     experts, blend, output, _ = build_configs(parser, CONFIGS, args)
-    folder = run_blend(experts, blend, output, command=shlex.join(["hf-glue", "blend", *args]))
+    folder = run_blend(experts, blend, output, command=hub_environment() + shlex.join(["hf-glue", "blend", *args]))
     print(f"Wrote the blend to {folder}")
     return 0

@@ -43,10 +43,41 @@ def print_summary(result, output_dir: Optional[str]) -> None:
     print(f"Learned coefficients ({result.method}, {result.forward_passes} forward passes, {result.seconds:.1f} s):")
     for name, value in result.coefficients.items():
         print(f"  {name:<{width}}  {value:.4f}")
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.eval_after or result.eval).items())
-    if metrics:
-        print(f"Held-out target: {metrics}")
+    if result.group_coefficients:
+        print(f"Per group (granularity {result.granularity}, {len(result.group_coefficients)} groups; the lines above "
+              "are their parameter-weighted mean):")
+        print(format_groups(result.group_coefficients, list(result.coefficients)))
+    stages = [("merged", result.eval_before or result.eval), ("fine-tuned", result.eval_after)]
+    stages = [(stage, metrics) for stage, metrics in stages if metrics]
+    if stages:
+        dataset = result.dataset or {}
+        where = f" ({dataset['id']} [{dataset.get('eval_split')}])" if dataset.get("id") else ""
+        print(f"Held-out target{where}:")
+        print(format_metrics(stages))
     if output_dir:
-        print(f"Saved to {output_dir}")
+        print(f"Saved to {output_dir}" + (" (the fine-tuned model)" if result.eval_after else ""))
     if result.details.get("pushed_to"):
         print(f"Pushed to {result.details['pushed_to']}")
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+
+
+def format_metrics(stages: list[tuple[str, dict]]) -> str:
+    """Held-out metrics, one row per stage (merged, fine-tuned), one column per metric."""
+    names = list(dict.fromkeys(k for _, metrics in stages for k in metrics))
+    rows = [[stage] + [f"{metrics[k]:.4f}" if k in metrics else "–" for k in names] for stage, metrics in stages]
+    return "\n".join(_table(["stage"] + names, rows))
+
+
+def format_groups(groups: dict[str, dict[str, float]], experts: list[str], head: int = 6, tail: int = 4) -> str:
+    """α per group (rows) and expert (columns); with many groups, the first ``head`` and last ``tail`` rows."""
+    names = list(groups)
+    cut = len(names) > head + tail + 1
+    shown = names[:head] + names[-tail:] if cut else names
+    lines = _table(["group"] + experts, [[name] + [f"{groups[name][e]:.4f}" for e in experts] for name in shown])
+    if cut:
+        lines.insert(1 + head, f"  … {len(names) - head - tail} more groups (all in merge_result.json)")
+    return "\n".join(lines)

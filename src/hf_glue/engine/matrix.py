@@ -1,8 +1,12 @@
 """The blending engine: K experts as one K×N matrix per dtype, so θ(α) for M coefficient sets is one product.
 
 Both perturbed models of an SPSA step come from a single ``[α₊; α₋] @ E`` per (dtype, group) segment, so
-every expert byte is read once per step; model parameters are views into the product's output. Half-precision
-experts are multiplied in float32 chunks and rounded once (float32 accumulation).
+every expert byte is read once per step; model parameters are views into the product's output, one buffer
+per segment sized for the largest M seen (an M = 1 blend is its first row). Half-precision experts are
+accumulated in float32 and rounded once: on CPU in cache-sized float32 chunks; on CUDA the search's hot path
+runs ``torch.mm`` on the half tensors directly (it accumulates in float32) with α rounded to the experts'
+dtype (relative error ≤ 2^-8 for bfloat16, 2^-11 for float16), while ``exact=True`` (held-out evaluation, the
+final blend) keeps α in float32.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..io.experts import Expert
 
-#: Columns converted to float32 at a time for half-precision experts (bounds the temporary K×chunk copy).
-HALF_CHUNK = 1 << 22
+#: Columns converted to float32 at a time for half-precision experts: on CPU the K×chunk copy stays in cache,
+#: so the product moves little more than the floor's bytes; on CUDA it only bounds the temporary copy.
+CPU_CHUNK = 1 << 15
+CUDA_CHUNK = 1 << 20
+_FULL = (torch.float32, torch.float64)
 _LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
 
 
@@ -50,6 +57,52 @@ class Slot:
         return math.prod(self.shape)
 
 
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class _Blend(torch.autograd.Function):
+    """``a[M, K] @ e[K, n]`` returned as one output per (row, tensor); the gradient is w.r.t. ``a`` only.
+
+    Backward reads ``e`` (the expert matrix itself, saved without a copy) once more, converting half-precision
+    chunks to float32 again instead of keeping float32 copies of every chunk for autograd, and consumes each
+    parameter's gradient as is (no concatenation into one N-sized gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, e: torch.Tensor, sizes: list[int], product: Product):
+        out = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+        product(a, e, out)
+        ctx.save_for_backward(e)
+        ctx.sizes, ctx.a_dtype = sizes, a.dtype
+        ctx.set_materialize_grads(False)  # unused parameters: no zero-filled gradient
+        return tuple(part for row in out for part in row.split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        (e,) = ctx.saved_tensors
+        sizes = ctx.sizes
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        grad = torch.zeros(len(grads) // len(sizes), e.shape[0], dtype=torch.float32, device=e.device)
+        for j, g in enumerate(grads):
+            if g is not None:
+                row, t = divmod(j, len(sizes))
+                grad[row] += _matvec(e[:, offsets[t]: offsets[t] + sizes[t]], g.reshape(-1))
+        return grad.to(ctx.a_dtype), None, None, None
+
+
+def _matvec(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``e[K, n] @ g[n]`` accumulated in float32 at least (half inputs in float32 chunks)."""
+    if e.dtype in _FULL:
+        return torch.mv(e, g.to(e.dtype)).float()
+    chunk = CUDA_CHUNK if e.device.type == "cuda" else CPU_CHUNK
+    out = torch.zeros(e.shape[0], dtype=torch.float32, device=e.device)
+    for lo in range(0, e.shape[1], chunk):
+        out += torch.mv(e[:, lo: lo + chunk].float(), g[lo: lo + chunk].float())
+    return out
+
+
 class ExpertMatrix:
     """The experts' floating tensors, stacked as one ``K × N`` matrix per dtype, ready to blend."""
 
@@ -66,6 +119,9 @@ class ExpertMatrix:
         self.slots = slots
         self.buffers = buffers
         self.constants = constants
+        self._device = next(iter(buffers.values())).device
+        #: half experts on CUDA: the hot path multiplies in the experts' dtype (see the module docstring)
+        self.half_mm = self._device.type == "cuda"
         # per dtype, per group: its slots in column order (contiguous: slots are laid out group by group);
         # one product per segment, split into the segment's parameters
         self.segments: dict[torch.dtype, dict[int, list[Slot]]] = {dt: {} for dt in buffers}
@@ -74,7 +130,10 @@ class ExpertMatrix:
         self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
         for slot in slots.values():
             self._group_sizes[slot.group] += slot.numel
-        self._outputs: dict[tuple, torch.Tensor] = {}
+        # the no-grad products: one buffer per (dtype, group) segment with room for ``_rows`` models, and the
+        # name → view dict of every row, built once per allocation
+        self._outputs: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._views: list[dict[str, torch.Tensor]] = []
 
     @property
     def num_experts(self) -> int:
@@ -86,11 +145,15 @@ class ExpertMatrix:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.buffers.values())).device
+        return self._device
 
     def group_sizes(self) -> torch.Tensor:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
         return self._group_sizes
+
+    def product_bytes(self) -> int:
+        """Bytes held by the no-grad product buffers (released by `release`)."""
+        return sum(out.nbytes for out in self._outputs.values())
 
     @classmethod
     def from_experts(
@@ -125,47 +188,98 @@ class ExpertMatrix:
                     buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(tensor.reshape(-1))
         return cls([e.name for e in experts], group_names, slots, buffers, constants)
 
-    def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def blend(self, alphas: torch.Tensor, *, exact: bool = False) -> list[dict[str, torch.Tensor]]:
         """θ for each of M coefficient sets ``alphas[M, G, K]``: one product per (dtype, group) segment.
 
         Returns M name → tensor dicts whose tensors are views of the products (no copy), plus the non-float
         constants. With grad enabled the result is differentiable in ``alphas``; without, the products go
-        into buffers reused by the next call (no allocation, no page faults per step), so the views are
-        valid until then.
+        into buffers reused by the next call (no allocation, no page faults per step) and the dicts are
+        cached too: both are valid until the next call and must not be modified. ``exact``: keep α in
+        float32 for half experts on CUDA (held-out evaluation, the final blend).
         """
+        if not self.buffers:
+            raise RuntimeError("the expert matrix was released: nothing left to blend.")
         if alphas.dim() == 2:
             alphas = alphas.unsqueeze(0)
         m = alphas.shape[0]
-        reuse = not (torch.is_grad_enabled() and alphas.requires_grad)
-        views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
-        for dtype, buffer in self.buffers.items():
-            for g, slots in self.segments[dtype].items():
-                lo, hi = slots[0].offset, slots[-1].offset + slots[-1].numel
-                out = self._product(alphas[:, g, :], buffer[:, lo:hi], (dtype, g, m) if reuse else None)
-                # unbind/split (not slicing): their backward is one concatenation, not one full-size
-                # zero-filled gradient per parameter
-                for i, row in enumerate(out.unbind(0)):
-                    for slot, part in zip(slots, row.split([s.numel for s in slots])):
-                        views[i][slot.name] = part.view(slot.shape)
-        return views
+        product = self._exact_product if exact else self._product
+        if torch.is_grad_enabled() and alphas.requires_grad:
+            views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
+            for (dtype, g), slots, e in self._segment_inputs():
+                parts = _Blend.apply(alphas[:, g, :], e, [s.numel for s in slots], product)
+                for j, part in enumerate(parts):
+                    row, slot = divmod(j, len(slots))
+                    views[row][slots[slot].name] = part.view(slots[slot].shape)
+            return views
+        self._reserve(m)
+        with torch.no_grad():
+            for key, _, e in self._segment_inputs():
+                product(alphas[:, key[1], :], e, self._outputs[key][:m])
+        return self._views[:m]
 
-    def _product(self, a: torch.Tensor, e: torch.Tensor, key) -> torch.Tensor:
-        """``a[M, K] @ e[K, n]``, accumulated in float32 at least, in ``e``'s dtype (into a kept buffer if keyed)."""
-        out = None
-        if key is not None:
-            out = self._outputs.get(key)
-            if out is None:
-                out = self._outputs[key] = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
-        if e.dtype in (torch.float32, torch.float64):
-            a = a.to(e.dtype)
-            return torch.mm(a, e, out=out) if out is not None else torch.mm(a, e)
-        a32 = a.to(torch.float32)
-        if out is None:
-            out = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
-        for lo in range(0, e.shape[1], HALF_CHUNK):
-            hi = min(lo + HALF_CHUNK, e.shape[1])
-            out[:, lo:hi] = torch.mm(a32, e[:, lo:hi].to(torch.float32))
+    def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact θ(α) for one ``alpha[G, K]`` as standalone tensors (one allocation each, not views of a shared
+        buffer), which a model can own and save; it needs no memory beyond the result."""
+        alpha = alpha.reshape(self.num_groups, self.num_experts).to(self.device, torch.float32)
+        out = dict(self.constants)
+        with torch.no_grad():
+            for slot in self.slots.values():
+                e = self.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
+                tensor = torch.empty(1, slot.numel, dtype=slot.dtype, device=self.device)
+                self._exact_product(alpha[slot.group: slot.group + 1], e, tensor)
+                out[slot.name] = tensor.view(slot.shape)
         return out
+
+    def release(self, experts: bool = False) -> None:
+        """Free the product buffers (the next no-grad blend allocates them again); with ``experts`` also the
+        expert matrix, when nothing will blend any more (before the final model is saved or fine-tuned)."""
+        self._outputs, self._views = {}, []
+        if experts:
+            self.buffers = {}
+
+    def _segment_inputs(self):
+        """``((dtype, group), slots, e)`` for every segment: its slots and its columns of the expert matrix."""
+        for dtype, groups in self.segments.items():
+            for g, slots in groups.items():
+                lo, hi = slots[0].offset, slots[-1].offset + slots[-1].numel
+                yield (dtype, g), slots, self.buffers[dtype][:, lo:hi]
+
+    def _reserve(self, m: int) -> None:
+        """Product buffers (and their views) with room for ``m`` models; smaller ones are freed first."""
+        if m <= len(self._views):
+            return
+        self.release()
+        self._views = [dict(self.constants) for _ in range(m)]
+        for key, slots, e in self._segment_inputs():
+            out = self._outputs[key] = torch.empty(m, e.shape[1], dtype=e.dtype, device=e.device)
+            # unbind/split (not slicing): cheap views, one per parameter
+            for i, row in enumerate(out.unbind(0)):
+                for slot, part in zip(slots, row.split([s.numel for s in slots])):
+                    self._views[i][slot.name] = part.view(slot.shape)
+
+    def _product(self, a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[M, n] = a[M, K] @ e[K, n]``, in the search's precision (see the module docstring)."""
+        if e.dtype not in _FULL and self.half_mm:
+            torch.mm(a.to(e.dtype), e, out=out)
+        else:
+            self._exact_product(a, e, out)
+
+    def _exact_product(self, a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[M, n] = a[M, K] @ e[K, n]`` with α and the accumulation in float32 at least, rounded once."""
+        if e.dtype in _FULL:
+            torch.mm(a.to(e.dtype), e, out=out)
+            return
+        a32 = a.to(torch.float32)
+        chunk = max(1, min(CUDA_CHUNK if e.device.type == "cuda" else CPU_CHUNK, e.shape[1]))
+        e32 = torch.empty(e.shape[0] * chunk, dtype=torch.float32, device=e.device)  # reused by every chunk
+        o32 = torch.empty(a.shape[0] * chunk, dtype=torch.float32, device=e.device)
+        for lo in range(0, e.shape[1], chunk):
+            width = min(chunk, e.shape[1] - lo)
+            part = e32[: e.shape[0] * width].view(e.shape[0], width)
+            part.copy_(e[:, lo: lo + width])
+            prod = o32[: a.shape[0] * width].view(a.shape[0], width)
+            torch.mm(a32, part, out=prod)
+            out[:, lo: lo + width].copy_(prod)
 
     def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
         """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""

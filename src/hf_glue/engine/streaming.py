@@ -20,6 +20,7 @@ from ..errors import GlueError
 from ..io.experts import Expert
 from ..io.safetensors import SafetensorsReader, SafetensorsWriter, element_size
 
+
 def blend_checkpoints(
     experts: Sequence[Expert],
     weights: Callable[[str], Sequence[float]],
@@ -30,6 +31,7 @@ def blend_checkpoints(
 ) -> list[Path]:
     """Write Σ_k w_k(name) θ_k[name] for every floating tensor (non-floats from the first expert) as safetensors
     shards in ``output_dir`` (plus an index when sharded). ``weights(name)`` gives the K coefficients of a tensor.
+    A blended tensor holding NaN or inf is refused before it is written, naming its cause.
     """
     ref = experts[0]
     for expert in experts:
@@ -85,7 +87,10 @@ def blend_checkpoints(
                 for expert, w in zip(experts, weights(name)):
                     t = reader(expert.tensors[name].file).read(name)
                     acc = t.to(torch.float32) * w if acc is None else acc.add_(t.to(torch.float32), alpha=w)
-                queue.put((writer, acc.to(out_dtype)))
+                out = acc.to(out_dtype)
+                if not bool(torch.isfinite(out).all()):
+                    raise GlueError(_non_finite(name, experts, reader, out_dtype, acc))
+                queue.put((writer, out))
             queue.put((writer, None))  # close the shard
             written.append(writer.path)
     finally:
@@ -101,3 +106,17 @@ def blend_checkpoints(
         (output_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return written
+
+
+def _non_finite(name: str, experts: Sequence[Expert], reader: Callable[[Path], SafetensorsReader],
+                dtype: torch.dtype, acc: torch.Tensor) -> str:
+    """Why the blend of tensor ``name`` is not finite: an expert's NaN/inf, an overflow of ``dtype``, or the
+    coefficients."""
+    for expert in experts:
+        if not bool(torch.isfinite(reader(expert.tensors[name].file).read(name)).all()):
+            return (f"expert {expert.name!r}: tensor {name!r} holds NaN or inf values; refusing to blend it "
+                    "(nothing was written).")
+    if bool(torch.isfinite(acc).all()):
+        return (f"tensor {name!r} of the blend overflows {str(dtype).replace('torch.', '')}: choose a wider "
+                "--dtype (nothing was written).")
+    return f"the blend of tensor {name!r} is not finite: check the coefficients (nothing was written)."

@@ -74,7 +74,15 @@ class Expert:
         }
 
     def iter_tensors(self, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` one at a time, one weight file open at a time."""
+        """Yield ``(name, tensor)`` one at a time, one weight file open at a time; refuses NaN/inf weights (they
+        would poison the blend at any coefficient, as 0·NaN is NaN)."""
+        for key, tensor in self._read_tensors(names):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise GlueError(f"expert {self.name!r}: tensor {key!r} holds NaN or inf values; refusing to merge "
+                                "it (check or re-export that checkpoint).")
+            yield key, tensor
+
+    def _read_tensors(self, names: Optional[set[str]]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.loader is not None:
             state = self.loader()
             for key in self.tensors:
@@ -101,16 +109,21 @@ def resolve_experts(specs: Sequence[str]) -> list[Expert]:
     """Pin every expert and fetch only its metadata files; fails fast on missing repos or configs."""
     if len(specs) < 2:
         raise GlueError(f"GLUE merges at least two experts; got {len(specs)} ({list(specs)}). Pass --experts A B ...")
-    experts = []
+    experts: list[Expert] = []
     for spec in specs:
         repo = hub.resolve(spec, allow_patterns=METADATA_PATTERNS, what="expert")
+        same = next((e for e in experts if e.repo.path.resolve() == repo.path.resolve()), None)
+        if same is not None:  # e0 and ./e0, a folder and a link to it, org/a and org/a@<its commit>
+            raise GlueError(f"experts {same.name!r} and {spec!r} are the same checkpoint ({repo.path}); list it once.")
         config_file = repo.path / "config.json"
         if not config_file.is_file():
             raise GlueError(f"expert {spec!r} has no config.json in {repo.path}: is it a transformers model?")
         try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise GlueError(f"expert {spec!r}: config.json is not valid JSON ({err}).") from None
+        if not isinstance(config, dict):
+            raise GlueError(f"expert {spec!r}: config.json holds a {type(config).__name__}, not a JSON object.")
         experts.append(Expert(repo=repo, config=config))
     return experts
 

@@ -1,11 +1,16 @@
 """Resolve repo ids (``org/name[@revision]``) or local folders to pinned local snapshots.
 
 Everything downstream reads files from the returned folder; the commit sha goes into the result and card.
+
+Every Hub look-up is bounded: the commit is asked for once per repo with ``HF_HUB_ETAG_TIMEOUT`` (huggingface_hub
+itself waits without limit there, and retries for ~25 s); a Hub that does not answer is noted once per run and
+the rest of the run reads the local cache.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -76,6 +81,72 @@ def download(repo: ResolvedRepo, allow_patterns: Sequence[str], what: str = "exp
     )
 
 
+#: This run's Hub state: endpoints found unreachable (→ why) and the specs already announced.
+_UNREACHABLE: dict[str, str] = {}
+_ANNOUNCED: set[str] = set()
+_HTTP_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "h11")
+
+
+def new_run() -> None:
+    """Forget which endpoints were unreachable and which repos were announced (the CLI calls this per command)."""
+    _UNREACHABLE.clear()
+    _ANNOUNCED.clear()
+
+
+def _endpoint() -> str:
+    """The Hub endpoint for messages, without any ``user:password@`` part."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from huggingface_hub import constants
+
+    parts = urlsplit(constants.ENDPOINT)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or constants.ENDPOINT in _UNREACHABLE
+
+
+def _pin(repo_id: str, revision: Optional[str], repo_type: str, spec: str) -> Optional[str]:
+    """The commit ``revision`` points to, asked of the Hub within ``HF_HUB_ETAG_TIMEOUT`` seconds; None (after
+    one note for the run) when the Hub cannot be reached, so that the caller reads the local cache."""
+    from huggingface_hub import HfApi, constants
+
+    if spec not in _ANNOUNCED:
+        _ANNOUNCED.add(spec)
+        print(f"Resolving {spec} on {_endpoint()} ...", file=sys.stderr, flush=True)
+    try:
+        return HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision,
+                                 timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+    except Exception as err:
+        reason = _unreachable_reason(err)
+        if reason is None:
+            raise
+    _UNREACHABLE[constants.ENDPOINT] = reason
+    print(f"note: the Hub at {_endpoint()} cannot be reached ({reason}); this run uses the local cache "
+          f"({_cache_dir()}) for every repo.", file=sys.stderr, flush=True)
+    return None
+
+
+def _unreachable_reason(err: Exception) -> Optional[str]:
+    """Why the Hub could not answer (network failure, timeout, server error); None for any other exception."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        return f"HTTP {status}" if status is not None and (status >= 500 or status == 429) else None
+    name = type(err).__name__
+    if "Timeout" in name or isinstance(err, TimeoutError):
+        return f"no answer within {constants.HF_HUB_ETAG_TIMEOUT} s"
+    if type(err).__module__.split(".")[0] in _HTTP_MODULES or isinstance(err, ConnectionError):
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"{name}{' - ' + detail if detail else ''}"
+    return None
+
+
 def _snapshot(
     repo_id: str, *, revision: Optional[str], repo_type: str, allow_patterns, what: str, spec: str
 ) -> Path:
@@ -83,14 +154,17 @@ def _snapshot(
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     try:
+        pinned = None if _offline() else _pin(repo_id, revision, repo_type, spec)
         path = snapshot_download(
-            repo_id, revision=revision, repo_type=repo_type, allow_patterns=list(allow_patterns or []) or None
+            repo_id, revision=pinned or revision, repo_type=repo_type, local_files_only=pinned is None,
+            allow_patterns=list(allow_patterns or []) or None,
         )
     except HFValidationError:
         raise GlueError(
@@ -107,18 +181,20 @@ def _snapshot(
             f"{what} {spec!r} was not found on the Hub: check the id, or log in with `hf auth login` "
             "if it is private."
         ) from None
+    except IncompleteSnapshotError:
+        raise GlueError(f"{what} {spec!r}: its cached copy lacks files this run needs and {_why_offline()}; "
+                        "download it again with network access.") from None
     except LocalEntryNotFoundError:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
+        cached = _cached_revisions(repo_id, repo_type)
+        if revision and cached:
             raise GlueError(
-                f"{what} {spec!r} is not in the local Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is "
-                f"set: check the id, or download it first (`hf download {repo_id}"
-                f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`)."
+                f"{what} {spec!r}: revision {revision!r} is not in the local cache of {repo_id} ({cached}) and "
+                f"{_why_offline()}: check the revision, or download it first."
             ) from None
+        download = f"`hf download {repo_id}{' --repo-type dataset' if repo_type == 'dataset' else ''}`"
         raise GlueError(
-            f"{what} {spec!r}: the Hub ({constants.ENDPOINT}) could not be reached and it is not in the local "
-            f"cache ({_cache_dir()}): check your network or HF_ENDPOINT."
+            f"{what} {spec!r} is not in the local Hugging Face cache ({_cache_dir()}) and {_why_offline()}: "
+            f"check the id, or download it first ({download})."
         ) from None
     except OSError as err:  # network errors, disk errors
         raise GlueError(f"{what} {spec!r} could not be downloaded: {err}") from None
@@ -129,6 +205,29 @@ def _cache_dir() -> str:
     from huggingface_hub import constants
 
     return os.fspath(constants.HF_HUB_CACHE)
+
+
+def _why_offline() -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    reason = _UNREACHABLE.get(constants.ENDPOINT, "no answer")
+    return f"the Hub ({_endpoint()}) cannot be reached ({reason}; check your network or HF_ENDPOINT)"
+
+
+def _cached_revisions(repo_id: str, repo_type: str) -> Optional[str]:
+    """What the local cache holds of a repo, e.g. ``cached: main → 1a2b3c4d5e, snapshot 9f8e7d6c5b``; None if
+    nothing."""
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+
+    folder = Path(_cache_dir()) / f"{repo_type}s{REPO_ID_SEPARATOR}{repo_id.replace('/', REPO_ID_SEPARATOR)}"
+    refs = {p.relative_to(folder / "refs").as_posix(): p.read_text().strip()[:10]
+            for p in sorted((folder / "refs").rglob("*")) if p.is_file()}
+    snapshots = sorted(p.name[:10] for p in (folder / "snapshots").glob("*") if p.is_dir())
+    unnamed = [s for s in snapshots if s not in refs.values()]
+    parts = [f"{ref} → {sha}" for ref, sha in refs.items()] + [f"snapshot {sha}" for sha in unnamed]
+    return f"cached: {', '.join(parts)}" if parts else None
 
 
 def push_folder(
@@ -145,11 +244,17 @@ def push_folder(
     The token comes from the environment (``HF_TOKEN``) or ``hf auth login``, never from an argument. Returns the
     commit (or pull-request) URL. Any failure is a `GlueError` that says how to retry with ``hf-glue push``.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     api = HfApi()
     retry = retry_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
+    print(f"Pushing {folder} to {repo_id} on {_endpoint()} ...", file=sys.stderr, flush=True)
     try:
+        try:  # bounded: a Hub that does not answer fails here, within HF_HUB_ETAG_TIMEOUT
+            api.repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except RepositoryNotFoundError:
+            pass  # created next
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)

@@ -13,6 +13,7 @@ from ..engine.matrix import ExpertMatrix
 from ..config import GlueConfig
 from ..engine.memory import peak_memory_bytes, reset_peak_memory
 from ..errors import GlueError
+from ..io.checkpoint import Checkpoint
 from .objective import Objective
 
 _METHODS: dict[str, "MergeMethod"] = {}
@@ -27,6 +28,8 @@ class MergeContext:
     batches: Iterator[dict]
     config: GlueConfig
     accelerator: Any = None
+    #: where an iterative method saves its state for --resume (None: no saving, e.g. in compare)
+    checkpoint: Optional[Checkpoint] = None
 
     @property
     def is_main_process(self) -> bool:

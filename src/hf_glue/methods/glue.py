@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from tqdm.auto import tqdm
 
-from ..optim.spsa import SPSA
+from ..errors import GlueError
+from ..io.checkpoint import SearchInterrupted, stop_signals
+from ..optim.spsa import SPSA, NonFiniteLoss
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
+
+
+class CountingIterator:
+    """Counts the batches drawn, so a resumed run can skip exactly those and see the same data order."""
+
+    def __init__(self, batches: Iterator[dict]) -> None:
+        self.batches, self.count = batches, 0
+
+    def __next__(self) -> dict:
+        self.count += 1
+        return next(self.batches)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self)
 
 
 @register_method
@@ -17,9 +36,9 @@ class Glue(MergeMethod):
     reference_url = "https://arxiv.org/abs/2512.22467"
 
     def _run(self, ctx: MergeContext) -> MethodOutput:
-        cfg, matrix = ctx.config, ctx.matrix
-        acc = ctx.accelerator
-        perturbation_parallel = cfg.parallel == "perturbation" and acc is not None and acc.num_processes > 1
+        cfg, matrix, acc = ctx.config, ctx.matrix, ctx.accelerator
+        processes = acc.num_processes if acc is not None else 1
+        perturbation_parallel = cfg.parallel == "perturbation" and processes > 1
         spsa = SPSA(
             initial_alpha(cfg, matrix.num_groups, matrix.num_experts),
             cfg.parametrization,
@@ -29,33 +48,69 @@ class Glue(MergeMethod):
             A=cfg.A,
             seed=cfg.seed,
             samples=cfg.spsa_samples,
-            stream=acc.process_index if perturbation_parallel else 0,
+            # perturbation-parallel: process p evaluates samples p·q … p·q + q − 1 of every step
+            sample_offset=acc.process_index * cfg.spsa_samples if perturbation_parallel else 0,
         )
-        reduce_grad = None
+        gather = None
         if perturbation_parallel:
-            def reduce_grad(g: torch.Tensor) -> torch.Tensor:
-                return acc.reduce(g.to(acc.device), reduction="mean").cpu().double()
+            def gather(losses: torch.Tensor) -> torch.Tensor:
+                return acc.gather(losses.to(acc.device))  # [P·2q], in rank order
+
+        batches = CountingIterator(ctx.batches)
 
         def loss_fn(alphas: torch.Tensor) -> torch.Tensor:
-            return ctx.objective.losses(alphas, next(ctx.batches))
+            # data-parallel: the global batch's losses (summed over processes); perturbation-parallel: this
+            # process's models on the shared batch, gathered by the optimiser
+            return ctx.objective.losses(alphas, next(batches), reduce=not perturbation_parallel)
 
-        details = {}
-        if spsa.a is None:
-            details["calibrated_gain"] = spsa.calibrate(
-                loss_fn, cfg.first_move, cfg.calibration_samples, reduce_grad=reduce_grad
-            )
-        history = []
-        bar = tqdm(range(cfg.steps), desc="GLUE (SPSA)", disable=not ctx.is_main_process, dynamic_ncols=True)
-        for _ in bar:
-            rec = spsa.step(loss_fn, reduce_grad=reduce_grad)
-            coefficients = matrix.summarize(rec.alpha)
-            history.append({
-                "step": rec.step,
-                "loss_plus": rec.loss_plus,
-                "loss_minus": rec.loss_minus,
-                "coefficients": coefficients,
-            })
-            bar.set_postfix_str(
-                f"loss={(rec.loss_plus + rec.loss_minus) / 2:.4f} α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]"
-            )
+        ckpt = ctx.checkpoint
+        history: list[dict] = []
+        details: dict = {}
+        if ckpt is not None and cfg.resume:
+            state = ckpt.load()
+            spsa.load_state_dict(state["spsa"])
+            history, details = state["history"], state["details"]
+            batches.skip(state["batches"])
+        elif spsa.a is None:
+            details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
+
+        def save() -> None:
+            if ckpt is not None:
+                ckpt.save({"spsa": spsa.state_dict(), "history": history, "details": details,
+                           "batches": batches.count})
+
+        bar = tqdm(range(spsa.t, cfg.steps), desc="GLUE (SPSA)", disable=not ctx.is_main_process,
+                   dynamic_ncols=True, initial=spsa.t, total=cfg.steps)
+        with stop_signals() as stop:
+            for _ in bar:
+                try:
+                    rec = spsa.step(loss_fn, gather=gather)
+                except NonFiniteLoss as err:
+                    raise GlueError(str(err)) from None
+                coefficients = matrix.summarize(rec.alpha)
+                history.append({"step": rec.step, "loss_plus": rec.loss_plus, "loss_minus": rec.loss_minus,
+                                "coefficients": coefficients, **({"rejected": True} if rec.rejected else {})})
+                bar.set_postfix_str(f"loss={(rec.loss_plus + rec.loss_minus) / 2:.4f} "
+                                    f"α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
+                signum = _agreed_signal(stop.signum, acc)
+                if signum is not None or (ckpt is not None and ckpt.due(spsa.t) and spsa.t < cfg.steps):
+                    save()
+                if signum is not None:
+                    bar.close()
+                    raise SearchInterrupted(spsa.t, cfg.steps, signum, ckpt.folder if ckpt is not None else None)
         return MethodOutput(alpha=spsa.alpha.clone(), history=history, details=details)
+
+    @staticmethod
+    def _calibrate(spsa: SPSA, loss_fn, cfg, gather) -> float:
+        try:
+            return spsa.calibrate(loss_fn, cfg.first_move, cfg.calibration_samples, gather=gather)
+        except NonFiniteLoss as err:
+            raise GlueError(str(err)) from None
+
+
+def _agreed_signal(signum, acc):
+    """The stop signal if any process received one (all processes stop after the same step)."""
+    if acc is None or acc.num_processes == 1:
+        return signum
+    flag = int(acc.gather(torch.tensor([signum or 0], device=acc.device)).max())
+    return flag or None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch.func import functional_call
@@ -30,9 +30,11 @@ class Objective:
             return self.accelerator.reduce(t, reduction="sum")
         return t
 
-    def stats(self, alphas: torch.Tensor, batch: dict) -> list[dict[str, torch.Tensor]]:
-        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``)."""
-        params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32))  # differentiable in alphas
+    def stats(self, alphas: torch.Tensor, batch: dict, exact: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``);
+        ``exact``: float32 α even where the search's blend rounds it to half precision (`ExpertMatrix.blend`)."""
+        # differentiable in alphas
+        params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32), exact=exact)
         inputs = self.task.model_inputs(batch)
         out = []
         for p in params:
@@ -42,11 +44,13 @@ class Objective:
         return out
 
     @torch.no_grad()
-    def losses(self, alphas: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean loss of each blended model over the (global) batch: ``[M]``."""
+    def losses(self, alphas: torch.Tensor, batch: dict, reduce: bool = True) -> torch.Tensor:
+        """Mean loss of each blended model over the global batch (``reduce``: summed over processes) or over this
+        process's batch: ``[M]``."""
         stats = self.stats(alphas, batch)
         sums = torch.stack([s["loss_sum"] for s in stats] + [stats[0]["count"]])
-        sums = self._reduce(sums)
+        if reduce:
+            sums = self._reduce(sums)
         return (sums[:-1] / sums[-1]).cpu()
 
     def differentiable_loss(self, alpha: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
@@ -72,13 +76,36 @@ class Objective:
 
     @torch.no_grad()
     def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:
-        """Task metrics of θ(α) over all batches (e.g. the held-out split)."""
-        totals: Optional[dict[str, torch.Tensor]] = None
+        """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored.
+
+        Each row counts once: processes may hold different numbers of batches (no padding), so the sums are
+        combined once, after the loop.
+        """
+        totals: dict[str, float] = {}
+        rows = 0
         for batch in batches:
-            stats = self.stats(alpha, batch)[0]
-            totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
-        if totals is None:
+            stats = self.stats(alpha, batch, exact=True)[0]
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            rows += len(next(iter(batch.values())))
+        parts = self._gather_objects({"sums": totals, "rows": rows})
+        totals = {}
+        for part in parts:
+            for k, v in part["sums"].items():
+                totals[k] = totals.get(k, 0.0) + v
+        if not totals:
             return {}
-        keys = sorted(totals)
-        reduced = self._reduce(torch.stack([totals[k].float() for k in keys]))
-        return {k: float(v) for k, v in self.task.finalize(dict(zip(keys, reduced.tolist()))).items()}
+        metrics = {k: float(v) for k, v in self.task.finalize(totals).items()}
+        metrics["samples"] = sum(part["rows"] for part in parts)
+        return metrics
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's rows of ``t`` in rank order (sizes may differ), on the CPU."""
+        return torch.cat([p for p in self._gather_objects(t.cpu())])
+
+    def _gather_objects(self, obj) -> list:
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])

@@ -36,8 +36,10 @@ class Proxy(MergeMethod):
             one_hot = torch.zeros(g, k, dtype=torch.float64)
             one_hot[:, expert] = 1.0
             if cfg.proxy == "logme":
-                feats, labels = zip(*(objective.features(one_hot, b) for b in batches))
-                scores.append(logme(torch.cat(feats), torch.cat(labels)))
+                feats, labels = (torch.cat(parts) for parts in zip(*(objective.features(one_hot, b) for b in batches)))
+                if cfg.parallel == "data":  # each process holds a shard of every batch: score all rows
+                    feats, labels = objective.gather_rows(feats), objective.gather_rows(labels)
+                scores.append(logme(feats, labels))
             else:
                 metrics = objective.evaluate(one_hot, batches)
                 scores.append(-metrics["loss"] if cfg.proxy == "loss" else metrics["accuracy"])
@@ -55,6 +57,12 @@ class Proxy(MergeMethod):
 def logme(features: torch.Tensor, labels: torch.Tensor, iterations: int = 100) -> float:
     """LogME (You et al., 2021): mean over classes of the per-sample log evidence of a Bayesian linear model
     mapping ``features[n, d]`` to the one-hot indicator of each class, with α, β set by evidence maximisation.
+
+    The log-determinant is the exact log|αI + βFᵀF| over all d feature dimensions: Σ log(α + βσ_i²) over the
+    min(n, d) singular values plus (d − min(n, d))·log α for the rest. The reference implementation
+    (thuml/LogME, truncated SVD) keeps only the singular values above 1e-10 and drops the log α of every other
+    dimension, so where F is rank-deficient (e.g. d > n) its per-class evidence is higher than ours by
+    (d − rank F)·log α / (2n).
     """
     f = features.double().reshape(features.shape[0], -1)
     n, d = f.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import GlueError
@@ -14,7 +16,7 @@ def check_weights(weights, experts: int) -> list[float]:
         raise GlueError("method 'weights' needs --weights w1 w2 ... (one per expert, summing to 1).")
     if len(weights) != experts:
         raise GlueError(f"--weights has {len(weights)} values but there are {experts} experts; give one per expert.")
-    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not abs(sum(weights) - 1.0) <= 1e-6:
         raise GlueError(f"--weights must be non-negative and sum to 1 (a convex combination); got {list(weights)}.")
     return [float(w) for w in weights]
 

@@ -8,6 +8,7 @@ update); ``softmax`` works on logits w with α = softmax(w).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -15,8 +16,6 @@ import torch
 
 #: A loss callable: coefficient sets ``[M, G, K]`` → losses ``[M]`` (all on the same minibatch).
 LossFn = Callable[[torch.Tensor], torch.Tensor]
-#: Optional hook averaging a gradient estimate across processes (perturbation-parallel runs).
-GradReducer = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
@@ -88,18 +87,39 @@ class SoftmaxParametrization(Parametrization):
 PARAMETRIZATIONS = {p.name: p for p in (SimplexParametrization(), SoftmaxParametrization())}
 
 
+#: Gathers every process's local losses ``[2q]`` into ``[P, 2q]`` in rank order (perturbation-parallel runs).
+LossGather = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The search met non-finite losses it could not recover from; the message names the step."""
+
+
 @dataclass
 class StepRecord:
-    """What one SPSA step measured: mean L± over its samples and the coefficients after the update."""
+    """What one SPSA step measured: mean L± over its samples and the coefficients after the update.
+
+    ``rejected`` steps met a non-finite loss: α was left as it was and the gain halved.
+    """
 
     step: int
     loss_plus: float
     loss_minus: float
     alpha: torch.Tensor
+    rejected: bool = False
 
 
 class SPSA:
-    """Two-point SPSA with Spall's gain sequences; ``a`` may be calibrated from probe measurements."""
+    """Two-point SPSA with Spall's gain sequences; ``a`` may be calibrated from probe measurements.
+
+    Sample ``i`` of step ``t`` uses Δ(seed, t, i), a pure function, so every process can rebuild any other's
+    perturbation: in perturbation-parallel runs process ``p`` evaluates samples ``p·q … p·q + q − 1`` and the
+    gathered losses give every process the same average of all ``P·q`` estimates — exactly what one process
+    with ``P·q`` samples would compute.
+    """
+
+    #: Consecutive non-finite steps after which the search stops.
+    MAX_REJECTIONS = 5
 
     def __init__(
         self,
@@ -112,15 +132,16 @@ class SPSA:
         A: float = 10.0,
         seed: int = 0,
         samples: int = 1,
-        stream: int = 0,
+        sample_offset: int = 0,
         max_move: Optional[float] = None,
     ) -> None:
         self.param = PARAMETRIZATIONS[parametrization]
         self.x = self.param.init(alpha0.double())
         self.c, self.gamma, self.a, self.A = c, gamma, a, A
-        self.seed, self.samples, self.stream = seed, samples, stream
+        self.seed, self.samples, self.sample_offset = seed, samples, sample_offset
         self.max_move = max_move
         self.t = 0
+        self.rejections = 0
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -135,43 +156,57 @@ class SPSA:
         return self.a / (t + 1 + self.A) ** 0.602
 
     def perturbation(self, t: int, i: int = 0) -> torch.Tensor:
-        """Rademacher Δ (as a direction) for step t, sample i: a pure function of (seed, stream, t, i)."""
-        key = ((self.seed * 1_000_003 + self.stream) * 1_000_033 + t) * 1_009 + i
-        gen = torch.Generator().manual_seed(key % (1 << 63))
-        while True:
-            delta = torch.randint(0, 2, self.x.shape, generator=gen, dtype=torch.int64).double() * 2 - 1
-            direction = self.param.direction(delta)
-            # a centred Δ whose entries all share a sign is zero: draw again (deterministically)
-            if bool((direction.abs().sum(-1) > 0).all()):
-                return direction
+        """Rademacher Δ (as a direction) for step t, sample i: a pure function of (seed, t, i).
 
-    def estimate(self, loss_fn: LossFn, t: int, reduce_grad: GradReducer = None) -> tuple[torch.Tensor, float, float]:
-        """Average ĝ over ``samples`` perturbations; all 2·samples models are evaluated in one call.
+        A centred row whose entries all share a sign is zero (that group would get no update from this sample):
+        only such rows are drawn again, from the same generator, so the cost does not grow with the number of
+        groups (redrawing the whole Δ until every row is non-zero succeeds with probability (1 − 2^(1−K))^G).
+        """
+        key = ((self.seed * 1_000_003) * 1_000_033 + t) * 1_009 + i
+        gen = torch.Generator().manual_seed(key % (1 << 63))
+        delta = torch.randint(0, 2, self.x.shape, generator=gen, dtype=torch.int64).double() * 2 - 1
+        direction = self.param.direction(delta)
+        zero = direction.abs().sum(-1) == 0
+        while bool(zero.any()):
+            rows = torch.randint(0, 2, (int(zero.sum()), self.x.shape[-1]), generator=gen, dtype=torch.int64)
+            delta[zero] = rows.double() * 2 - 1
+            direction = self.param.direction(delta)
+            zero = direction.abs().sum(-1) == 0
+        return direction
+
+    def estimate(self, loss_fn: LossFn, t: int, gather: LossGather = None) -> tuple[torch.Tensor, float, float]:
+        """Average ĝ over this process's ``samples`` perturbations (one loss_fn call for all 2·samples models),
+        or, with ``gather``, over the perturbations of every process.
 
         Negative ``t`` are calibration probes: their own Δ streams, with the perturbation size of step 0.
         """
         c = self.c_t(max(t, 0))
-        deltas = [self.perturbation(t, i) for i in range(self.samples)]
         alphas = []
-        for d in deltas:
+        for i in range(self.sample_offset, self.sample_offset + self.samples):
+            d = self.perturbation(t, i)
             alphas += [self.param.alpha(self.x + c * d), self.param.alpha(self.x - c * d)]
-        losses = loss_fn(torch.stack(alphas)).double().cpu()
+        losses = loss_fn(torch.stack(alphas)).double().cpu().reshape(1, -1)
+        if gather is not None:  # every process's losses, in rank order: samples 0 … P·q − 1
+            losses = gather(losses.reshape(-1)).double().cpu().reshape(-1, 2 * self.samples)
+        losses = losses.reshape(-1)
         plus, minus = losses[0::2], losses[1::2]
-        grad = sum(((p - q) / (2 * c)) * d for p, q, d in zip(plus, minus, deltas)) / self.samples
-        if reduce_grad is not None:  # perturbation-parallel: average the estimates of all processes
-            grad = reduce_grad(grad)
+        first = 0 if gather is not None else self.sample_offset
+        grad = sum(((p - q) / (2 * c)) * self.perturbation(t, first + j)
+                   for j, (p, q) in enumerate(zip(plus, minus))) / len(plus)
         return grad, float(plus.mean()), float(minus.mean())
 
-    def calibrate(
-        self, loss_fn: LossFn, first_move: float, probes: int = 4, reduce_grad: GradReducer = None
-    ) -> float:
+    def calibrate(self, loss_fn: LossFn, first_move: float, probes: int = 4, gather: LossGather = None) -> float:
         """Set a so the first update moves each coordinate by about ``first_move`` (Spall's guideline).
 
         Uses ``probes`` gradient estimates at the start point (each loss_fn call may see a new batch).
         """
         mags = []
         for i in range(probes):
-            grad, _, _ = self.estimate(loss_fn, t=-(i + 1), reduce_grad=reduce_grad)  # t < 0: probe streams
+            grad, lp, lm = self.estimate(loss_fn, t=-(i + 1), gather=gather)  # t < 0: probe streams
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                raise NonFiniteLoss(
+                    f"the target loss of the starting blend is not finite (L+ = {lp}, L− = {lm} at calibration "
+                    f"probe {i + 1}): check the experts and the target data, or try --dtype float32.")
             mags.append(float(grad.abs().mean()))
         mag = sum(mags) / len(mags)
         self.a = first_move * (1 + self.A) ** 0.602 / max(mag, 1e-12)
@@ -179,12 +214,34 @@ class SPSA:
             self.max_move = 2 * first_move
         return self.a
 
-    def step(self, loss_fn: LossFn, reduce_grad: GradReducer = None) -> StepRecord:
-        grad, lp, lm = self.estimate(loss_fn, self.t, reduce_grad)
-        move = self.a_t(self.t) * grad
-        if self.max_move is not None:
-            move = move.clamp(-self.max_move, self.max_move)
-        self.x = self.param.project(self.x - move)
-        record = StepRecord(self.t, lp, lm, self.alpha.clone())
+    def step(self, loss_fn: LossFn, gather: LossGather = None) -> StepRecord:
+        """One update; a step whose losses are not finite is rejected (α kept, gain halved) and counted."""
+        grad, lp, lm = self.estimate(loss_fn, self.t, gather)
+        rejected = not (math.isfinite(lp) and math.isfinite(lm) and bool(torch.isfinite(grad).all()))
+        if rejected:
+            self.rejections += 1
+            if self.rejections >= self.MAX_REJECTIONS:
+                raise NonFiniteLoss(
+                    f"the target loss was not finite at step {self.t} and the {self.MAX_REJECTIONS - 1} steps "
+                    f"before it, even with the gain halved each time (L+ = {lp}, L− = {lm}): try a smaller "
+                    "--perturbation or --first-step, or --dtype float32.")
+            self.a /= 2
+        else:
+            self.rejections = 0
+            move = self.a_t(self.t) * grad
+            if self.max_move is not None:
+                move = move.clamp(-self.max_move, self.max_move)
+            self.x = self.param.project(self.x - move)
+        record = StepRecord(self.t, lp, lm, self.alpha.clone(), rejected)
         self.t += 1
         return record
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly where this optimiser is (Δ is a function of the step)."""
+        return {"x": self.x.tolist(), "t": self.t, "a": self.a, "max_move": self.max_move,
+                "rejections": self.rejections}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x = torch.tensor(state["x"], dtype=torch.float64)
+        self.t, self.a, self.max_move = int(state["t"]), state["a"], state["max_move"]
+        self.rejections = int(state["rejections"])

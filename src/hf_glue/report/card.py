@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +26,9 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
             "id": e["id"],
             "revision": e.get("revision"),
             "alpha": result["coefficients"][e["name"]],
-            "link": f"https://huggingface.co/{e['id']}" if e.get("revision") else e["id"],
+            # Hub repos link to their page; a local folder is shown as code (a path is no URL: spaces, |, ...)
+            "cell": f"[{e['id']}](https://huggingface.co/{e['id']})" if e.get("revision") else _code(e["id"], True),
+            "header": e["id"] if e.get("revision") else _code(e["id"], True),
         }
         for e in result["experts"]
     ]
@@ -42,6 +45,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         model_name=result.get("model_name") or "hf-glue-merge",
     )
     groups = result.get("group_coefficients") or {}
+    finetune = (result.get("config") or {}).get("finetune") or {}
     metrics_rows, metric_names = _metric_rows(result)
     comparison_rows, comparison_columns = _comparison_rows(comparison)
     card = ModelCard.from_template(
@@ -55,10 +59,15 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         granularity=result["granularity"],
         group_rows=[{"group": g, "values": [row[e["name"]] for e in result["experts"]]} for g, row in groups.items()],
         dataset=dataset,
+        dataset_label=(dataset["id"] if dataset.get("revision") else _code(dataset["id"])) if dataset else None,
+        finetuned=bool(result.get("eval_after")),
+        finetune_epochs=_fmt_number(finetune.get("finetune_epochs")),
+        finetune_lr=_fmt_number(finetune.get("learning_rate")),
         metrics_rows=metrics_rows,
         metric_names=metric_names,
         comparison_rows=comparison_rows,
         comparison_columns=comparison_columns,
+        comparison_note=(comparison or {}).get("note"),
         trajectory_png=trajectory_png,
         forward_passes=result.get("forward_passes", 0),
         backward_passes=result.get("backward_passes", 0),
@@ -67,6 +76,21 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         versions=result.get("versions", {}),
     )
     return str(card)
+
+
+def _fmt_number(value) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _code(text: str, in_table: bool = False) -> str:
+    """``text`` as a markdown code span (fenced past any backticks it holds); in a table, ``|`` is escaped."""
+    text = str(text).replace("\n", " ")
+    if in_table:
+        text = text.replace("|", "\\|")
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _metric_rows(result: dict) -> tuple[list[dict], list[str]]:

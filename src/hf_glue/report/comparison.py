@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 
+PEAK_COLUMN = "+peak MB"
+PEAK_NOTE = (f"{PEAK_COLUMN}: the method's own peak memory above what the process held when it started (the loaded "
+             "experts): CUDA allocations on GPU, resident memory on CPU.")
+
+
 def _stats(values: list[float]) -> Optional[dict]:
     if not values:
         return None
@@ -29,7 +34,9 @@ def build_report(prep, runs: list[dict], labels: list[str], seeds: list[int], fi
             "forward_passes": mine[0]["forward_passes"],
             "backward_passes": mine[0]["backward_passes"],
             "seconds": statistics.fmean(r["seconds"] for r in mine),
-            "peak_memory_bytes": max((r["peak_memory_bytes"] or 0) for r in mine) or None,
+            # the method's own peak above the memory held when it started (the loaded experts); max over seeds
+            "peak_memory_bytes": max((r["peak_memory_bytes"] for r in mine if r.get("peak_memory_bytes") is not None),
+                                     default=None),
         })
     report = {
         "task": prep.task.name,
@@ -56,7 +63,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     finetuned = any(s["finetuned"] for s in report["summary"])
     columns = ["coefficients", f"{metric} (merged)", "loss (merged)"]
     columns += [f"{metric} (fine-tuned)"] if finetuned else []
-    columns += ["forward", "backward", "seconds", "peak MB"]
+    columns += ["forward", "backward", "seconds", PEAK_COLUMN]
     rows = []
     for s in report["summary"]:
         row = [" ".join(f"{v:.2f}" for v in s["coefficients"].values()), _fmt(s["merged"].get(metric)),
@@ -65,7 +72,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
             row.append(_fmt((s["finetuned"] or {}).get(metric)))
         peak = s["peak_memory_bytes"]
         row += [str(s["forward_passes"]), str(s["backward_passes"]), f"{s['seconds']:.2f}",
-                f"{peak / 2**20:.0f}" if peak else "–"]
+                "–" if peak is None else f"{peak / 2**20:.1f}"]
         rows.append([s["method"]] + row)
     return columns, rows
 
@@ -79,12 +86,14 @@ def format_table(report: dict) -> str:
     title = (f"Target {report['metric']} ({'higher' if report['greater_is_better'] else 'lower'} is better) "
              f"on {report['dataset']['id']} [{report['dataset']['eval_split']}]; coefficients: "
              f"{', '.join(report['experts'])}")
-    return "\n".join([title, line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    table = [line(r).rstrip() for r in [header, ["-" * w for w in widths]] + rows]
+    return "\n".join([title] + table + [PEAK_NOTE])
 
 
 def _card_table(report: dict) -> dict:
     columns, rows = _rows(report)
-    return {"columns": columns, "rows": [{"method": r[0], **dict(zip(columns, r[1:]))} for r in rows]}
+    return {"columns": columns, "rows": [{"method": r[0], **dict(zip(columns, r[1:]))} for r in rows],
+            "note": PEAK_NOTE}
 
 
 def plot_comparison(report: dict, path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +12,16 @@ from typing import Any, Optional
 import torch
 
 from ..io.experts import PROCESSOR_FILES
-from ..io.output import atomic_dir
+from ..io.output import RESULT_FILE, atomic_dir, check_finite, strict_json
+
+logger = logging.getLogger(__name__)
+
+#: Configs that may name code shipped in the experts' repos (``auto_map``).
+CODE_REFERENCING_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 #: Tokenizer/processor files copied verbatim from the first expert into the output.
 COPIED_FILES = PROCESSOR_FILES + ("tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                                   "processor_config.json")
-RESULT_FILE = "merge_result.json"
 
 
 @dataclass
@@ -90,15 +95,21 @@ class MergeResult:
         return Path(output_dir)
 
     def write_into(self, folder: Path) -> None:
-        """Write everything into an existing folder (no atomicity: `save_pretrained` wraps this)."""
+        """Write everything into an existing folder (no atomicity: `save_pretrained` wraps this); refuses weights
+        holding NaN or inf."""
         if self.model is not None:
+            what, advice = (("the fine-tuned model's", "fine-tuning diverged; try a lower --learning-rate.")
+                            if self.eval_after is not None else
+                            ("the merged model's", "check the coefficients and the experts' weights."))
+            check_finite(self.model.state_dict().items(), what, advice)
             self.model.save_pretrained(folder, safe_serialization=True)
         if self.source_dir is not None:
             copy_processor_files(self.source_dir, folder)
         elif self.processor is not None:
             self.processor.save_pretrained(folder)
+        settle_remote_code(folder, self.source_dir, bool((self.config.get("experts") or {}).get("trust_remote_code")))
         data = self.to_dict()
-        (folder / RESULT_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        (folder / RESULT_FILE).write_text(strict_json(data))
         write_card(folder, data)
 
     def push_to_hub(self, repo_id: str, output_dir: str | Path, **push_options) -> str:
@@ -115,6 +126,28 @@ def copy_processor_files(source: Path, folder: Path, extra: tuple[str, ...] = ()
     for name in COPIED_FILES + extra:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
+
+
+def settle_remote_code(folder: Path, source: Optional[Path], trusted: bool) -> None:
+    """Never let an output point at code it does not ship: with ``trusted`` (--trust-remote-code) the experts'
+    ``*.py`` files are copied beside the configs whose ``auto_map`` names them; otherwise ``auto_map`` is dropped
+    (the output loads with the standard transformers class), with a note."""
+    dropped = []
+    for name in CODE_REFERENCING_FILES:
+        path = folder / name
+        config = json.loads(path.read_text()) if path.is_file() else None
+        if not isinstance(config, dict) or "auto_map" not in config:
+            continue
+        if trusted and source is not None:
+            for code in source.glob("*.py"):
+                shutil.copy2(code, folder / code.name)
+            continue
+        del config["auto_map"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        dropped.append(name)
+    if dropped:
+        logger.warning("note: dropped auto_map from %s: it names the experts' own code, which the output does not "
+                       "ship without --trust-remote-code.", ", ".join(dropped))
 
 
 def write_card(folder: Path, data: Optional[dict] = None) -> Path:

@@ -5,6 +5,8 @@ Scores are returned as sums (loss_sum, count, ...) so they reduce exactly across
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
@@ -13,7 +15,12 @@ import torch
 from ..config import DataConfig
 from ..errors import GlueError
 
+logger = logging.getLogger(__name__)
+
 _TASKS: dict[str, "Task"] = {}
+#: Model types whose position ids start after the padding index: two fewer usable positions than embeddings.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+                     "roberta-prelayernorm", "ibert", "mpnet")
 
 
 class Task(ABC):
@@ -34,6 +41,12 @@ class Task(ABC):
 
     def matches(self, config: dict) -> bool:
         return any(a.endswith(self.architecture_suffixes) for a in config.get("architectures") or [])
+
+    def supports(self, config: dict) -> bool:
+        """Whether this task's Auto class builds the experts' ``model_type`` (or their own code's, via
+        ``auto_map``), read from transformers' name table without importing any model."""
+        known = self.model_class()._model_mapping._model_mapping  # model_type → class name
+        return config.get("model_type") in known or self.auto_model in (config.get("auto_map") or {})
 
     @abstractmethod
     def load_processor(self, path, trust_remote_code: bool = False) -> Any:
@@ -108,16 +121,50 @@ def available_tasks() -> list[str]:
 
 
 def detect_task(config: dict, name: Optional[str] = None) -> Task:
-    """The task named by the user, else the one whose architecture suffix matches the experts' config."""
+    """The task named by the user, else the one whose architecture suffix matches the experts' config; refuses,
+    before any weights or tokenizer are loaded, an architecture the task's Auto class cannot build."""
+    architecture = ", ".join(config.get("architectures") or []) or "a model without `architectures`"
+    found = f"{architecture} (model_type {config.get('model_type')!r})"
     if name:
-        return get_task(name)
+        task = get_task(name)
+        if not task.supports(config):
+            raise GlueError(f"--task {name}: the experts are {found}, which {task.auto_model} cannot build.")
+        return task
     for task in _TASKS.values():
-        if task.matches(config):
+        if task.matches(config) and task.supports(config):
             return task
-    raise GlueError(
-        f"cannot tell the task from the experts' architectures {config.get('architectures')}: "
-        f"pass --task ({', '.join(sorted(_TASKS))})."
-    )
+    if any(task.matches(config) for task in _TASKS.values()):
+        raise GlueError(f"the experts are {found}, which no hf-glue task supports; supported: "
+                        f"{', '.join(f'{t.name} ({t.auto_model})' for t in _TASKS.values())}.")
+    raise GlueError(f"cannot tell the task from the experts' config ({found}): pass --task "
+                    f"({', '.join(sorted(_TASKS))}).")
+
+
+def position_limit(model_config: dict) -> Optional[int]:
+    """How many tokens the experts' position embeddings hold (None when the config does not say)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        limit = model_config.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if model_config.get("model_type") in _OFFSET_POSITIONS:
+                limit -= int(model_config.get("pad_token_id") or 0) + 1
+            return limit
+    return None
+
+
+DEFAULT_MAX_LENGTH = 128
+
+
+def fit_max_length(data: DataConfig, model_config: dict) -> DataConfig:
+    """``data`` with ``max_length`` set: the given value or 128, cut to the experts' positions (longer inputs
+    would index past them); a given value that is cut is noted."""
+    limit = position_limit(model_config)
+    wanted = data.max_length or DEFAULT_MAX_LENGTH
+    if limit is not None and wanted > limit:
+        if data.max_length is not None:
+            logger.warning("note: --max-length %d is more than the experts' %d positions; text is truncated to %d "
+                           "tokens.", wanted, limit, limit)
+        wanted = limit
+    return dataclasses.replace(data, max_length=wanted)
 
 
 def pick_column(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -47,24 +49,32 @@ def num_labels(model_config: dict) -> int:
 
 
 def label_mapper(dataset, column: str, model_config: dict):
-    """Map label values to class ids: ints as they are (range-checked), strings through the experts' label2id."""
+    """Map label values to class ids: ints as they are, whole floats and digit strings as the ints they spell, other
+    strings through the experts' label names (``label2id``, else ``id2label``, else transformers' default
+    ``LABEL_i``); every value is checked against the head's classes before any row is mapped."""
     n = num_labels(model_config)
     if n < 2:
         raise GlueError("the experts have a single-output (regression) head; only classification is supported.")
-    values = dataset.unique(column)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        bad = [v for v in values if not 0 <= v < n]
-        if bad:
-            raise GlueError(
-                f"label column {column!r} has value {bad[0]} but the experts' head has {n} classes "
-                f"(0..{n - 1}); check --label-column."
-            )
-        return int
-    label2id = model_config.get("label2id") or {}
-    missing = [v for v in values if str(v) not in label2id]
-    if missing:
-        raise GlueError(
-            f"label column {column!r} has value {missing[0]!r}, which is not among the experts' labels "
-            f"{sorted(label2id)}; check --label-column."
-        )
-    return lambda v: int(label2id[str(v)])
+    names = ({str(k): int(v) for k, v in (model_config.get("label2id") or {}).items()}
+             or {str(v): int(k) for k, v in (model_config.get("id2label") or {}).items()}
+             or {f"LABEL_{i}": i for i in range(n)})
+
+    def to_id(value) -> Optional[int]:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return names[value] if value in names else int(value) if value.strip().isdigit() else None
+        return None
+
+    shown = sorted(names, key=names.get)
+    shown = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
+    for value in dataset.unique(column):
+        class_id = to_id(value)
+        if class_id is None or not 0 <= class_id < n:
+            raise GlueError(f"label column {column!r} has value {value!r}, which is not one of the experts' {n} "
+                            f"classes (0..{n - 1} or {shown}); check --label-column.")
+    return to_id

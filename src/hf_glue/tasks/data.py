@@ -1,10 +1,18 @@
-"""The target dataset: resolved like an expert (pinned snapshot), loaded with `datasets`, split, batched."""
+"""The target dataset: resolved like an expert (pinned snapshot), loaded with `datasets`, split, batched.
+
+Files that cannot be read, empty splits and missing cells are refused in one line naming the file, split, row and
+column.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import itertools
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -26,10 +34,19 @@ class TargetData:
     eval: "object"
     train_split: str
     eval_split: str
+    #: the splits as loaded (before hold-out and --max-*-samples), whose row numbers match the source
+    sources: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def column_names(self) -> list[str]:
         return list(self.train.column_names)
+
+    def check_cells(self, columns: dict[str, str]) -> None:
+        """Refuse a missing (empty, null, NaN) cell in a column the task reads, or a text column that does not
+        hold text, naming split, row and column."""
+        for split, rows in self.sources.items():
+            for role, column in columns.items():
+                _check_column(self.spec, split, rows, column, role)
 
     def to_dict(self) -> dict:
         repo_id, revision = (self.repo.repo_id, self.repo.revision) if self.repo else (self.spec, None)
@@ -47,25 +64,37 @@ def load_target(data: DataConfig, seed: int = 0) -> TargetData:
     repo = None
     try:
         if local.is_file():
-            builder = DATA_FILE_BUILDERS.get(local.suffix)
+            builder = DATA_FILE_BUILDERS.get(local.suffix.lower())
             if builder is None:
                 raise GlueError(f"dataset file {spec!r}: unsupported type; use one of {sorted(DATA_FILE_BUILDERS)}.")
-            loaded = datasets.load_dataset(builder, data_files={data.train_split: str(local)})
+            _check_file(local, spec, builder)
+            with _quiet_datasets():
+                loaded = datasets.load_dataset(builder, data_files={data.train_split: str(local)})
         else:
             repo = hub.resolve(spec, repo_type="dataset", what="dataset")
-            loaded = datasets.load_dataset(str(repo.path), name=data.dataset_config)
+            with _quiet_datasets():
+                loaded = datasets.load_dataset(str(repo.path), name=data.dataset_config)
     except GlueError:
         raise
-    except (ValueError, FileNotFoundError) as err:
-        raise GlueError(f"dataset {spec!r} could not be loaded: {err}") from None
+    except (ValueError, TypeError, OSError, datasets.exceptions.DatasetsError) as err:
+        empty = re.search(r'Instruction "(.+)" corresponds to no data', str(err))
+        if empty:
+            raise GlueError(f"dataset {spec!r}: split {empty.group(1)!r} has no rows (an empty file, or only a "
+                            "header).") from None
+        raise GlueError(f"dataset {spec!r} could not be loaded: {_root_cause(err)}") from None
     train = _split(loaded, spec, data.train_split, "--train-split")
+    sources = {data.train_split: train}
     if data.eval_split:
         eval_split, held_out = data.eval_split, _split(loaded, spec, data.eval_split, "--eval-split")
+        sources[eval_split] = held_out
     else:
         eval_split = next((s for s in EVAL_SPLIT_NAMES if s in loaded and s != data.train_split), None)
         if eval_split:
-            held_out = loaded[eval_split]
+            held_out = sources[eval_split] = loaded[eval_split]
         else:  # no held-out split: keep 10% of train aside, deterministically
+            if len(train) < 2:
+                raise GlueError(f"dataset {spec!r}: split {data.train_split!r} has {len(train)} row(s), too few to "
+                                "hold a tenth out for evaluation; add rows or name a held-out split with --eval-split.")
             parts = train.train_test_split(test_size=0.1, seed=seed)
             train, held_out = parts["train"], parts["test"]
             eval_split = f"{data.train_split}[10% held out, seed {seed}]"
@@ -73,9 +102,81 @@ def load_target(data: DataConfig, seed: int = 0) -> TargetData:
         train = train.select(range(min(data.max_train_samples, len(train))))
     if data.max_eval_samples:
         held_out = held_out.select(range(min(data.max_eval_samples, len(held_out))))
-    if len(train) == 0:
-        raise GlueError(f"dataset {spec!r}: split {data.train_split!r} is empty.")
-    return TargetData(spec, repo, train, held_out, data.train_split, eval_split)
+    for name, rows in ((data.train_split, train), (eval_split, held_out)):
+        if len(rows) == 0:
+            raise GlueError(f"dataset {spec!r}: split {name!r} has no rows.")
+    return TargetData(spec, repo, train, held_out, data.train_split, eval_split, sources)
+
+
+def _check_file(path: Path, spec: str, builder: str) -> None:
+    """Refuse, before `datasets` reads it, a data file without rows (empty, blank or a CSV header alone)."""
+    if builder == "parquet":
+        return
+    if path.stat().st_size == 0:
+        raise GlueError(f"dataset file {spec!r} is empty.")
+    with path.open("rb") as f:
+        lines = list(itertools.islice((line for line in f if line.strip()), 2))
+    if not lines:
+        raise GlueError(f"dataset file {spec!r} holds only blank lines.")
+    if builder == "csv" and len(lines) == 1:
+        raise GlueError(f"dataset file {spec!r} has a header ({lines[0].strip().decode(errors='replace')[:80]}) "
+                        "but no rows.")
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence `datasets`' own error log while it reads: its failures become one `GlueError` line instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause of a loading failure, in one line (`datasets` wraps parser errors in its own)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _check_column(spec: str, split: str, rows, column: str, role: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets.features import Json
+
+    where = f"dataset {spec!r}, split {split!r}"
+    missing = (f"{where}: row {{}} has no value in column {column!r} (empty, null, NaN or a missing field); fill "
+               "or drop such rows.")
+    if isinstance(rows.features.get(column), Json):  # `datasets` keeps a column of mixed types as JSON
+        cells = rows[column]
+        bad = next((i for i, v in enumerate(cells) if v is None), None)
+        if bad is not None:
+            raise GlueError(missing.format(bad + 1))
+        bad = next((i for i, v in enumerate(cells) if type(v) is not type(cells[0])), None)
+        if bad is not None:
+            raise GlueError(f"{where}: column {column!r} mixes types (row 1 holds {type(cells[0]).__name__}, row "
+                            f"{bad + 1} {type(cells[bad]).__name__}); give every row the same type.")
+        raise GlueError(f"{where}: column {column!r} holds nested values ({type(cells[0]).__name__}), not the "
+                        f"{role.replace('_', ' ')} the task reads.")
+    values = rows.with_format("arrow")[column]
+    bad = pc.index(pc.is_null(values, nan_is_null=True), True).as_py()
+    if bad >= 0:
+        raise GlueError(missing.format(bad + 1))
+    if role != "image" and pa.types.is_nested(values.type):
+        raise GlueError(f"{where}: column {column!r} holds nested values ({values.type}), not the "
+                        f"{role.replace('_', ' ')} the task reads.")
+    if not role.startswith("text"):
+        return
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise GlueError(f"{where}: column {column!r} holds {values.type} values, not text; name the text column "
+                        f"with --{role.replace('_', '-')}-column.")
+    bad = pc.index(pc.equal(pc.utf8_trim_whitespace(values), ""), True).as_py()
+    if bad >= 0:
+        raise GlueError(f"{where}: row {bad + 1} has blank text in column {column!r}; fill or drop such rows.")
 
 
 def _split(loaded, spec: str, name: str, flag: str):
