@@ -7,8 +7,8 @@ For a realistic model config (BERT-base or GPT-2 small, random weights) and K ex
   * full-gradient step: forward + backward through the blend (the reference GLUE avoids);
   * peak memory of each step above the loaded experts (GPU: allocator peak minus what was allocated before;
     CPU: RSS high-water mark minus RSS before the first step, each mode in a fresh process so memory freed
-    by one measurement cannot hide another's), and the absolute peak (GPU: allocator peak; CPU: RSS peak above
-    the process before anything was loaded) against the pre-check's estimate: (K + 2)·N·b + activations for
+    by one measurement cannot hide another's), and the whole peak above what the process held before the
+    experts were loaded (allocator or RSS) against the pre-check's estimate: (K + 2)·N·b + activations for
     SPSA, K·N·b + the blended model + its gradient + every layer's activations for full-gradient. The probe
     holds what a merge holds: the expert matrix and a template whose parameters are on the meta device.
 Figures are medians of --repeats after one warm-up, reported as ratios; the machine is shared and noisy.
@@ -115,7 +115,8 @@ def rss_bytes() -> int:
 
 
 def step_memory(args, k: int, mode: str) -> tuple[int, int]:
-    """(peak above the loaded experts, absolute peak) of one step of ``mode``, measured in a fresh process."""
+    """(peak above the loaded experts, peak above the process before loading) of one step of ``mode``, measured
+    in a fresh process."""
     cmd = [sys.executable, __file__, "--model", args.model, "--experts", str(k), "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype, "--memory-probe", mode]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
@@ -143,7 +144,6 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
-    start = allocated_bytes(device)  # before anything is loaded
     task, config, template, tensors, model, base = build(args.model, device, dtype, real=not args.memory_probe)
     n = sum(i.numel for i in tensors.values() if i.dtype.is_floating_point)
     gen = torch.Generator().manual_seed(0)
@@ -153,6 +153,7 @@ def main() -> None:
                        else ids).to(device)
     inputs = task.model_inputs(batch)
     if args.memory_probe:  # internal: one step of one mode in this fresh process, holding what a merge holds
+        start = allocated_bytes(device)  # imports done, template built, no weights loaded yet
         k = args.experts[0]
         matrix = ExpertMatrix.from_experts([SyntheticExpert(f"e{i}", tensors, seed=i) for i in range(k)], "model",
                                            device=device)
@@ -204,8 +205,8 @@ def main() -> None:
               f"({full_peak / full_est:.2f}) |")
     print("Targets: step / floor ≤ 1.3; full / SPSA time ≥ 1.5 and step memory ≥ 1.5 (at batch 32); SPSA peak within "
           "10 % of its estimate.")
-    print("Step memory: peak above the loaded experts; peak: absolute (GPU: allocator peak; CPU: RSS peak above the "
-          "process before loading), each measured in a fresh process per cell.")
+    print("Step memory: peak above the loaded experts; peak: the whole peak above what the process held before the "
+          "experts were loaded (GPU: allocator; CPU: RSS), each measured in a fresh process per cell.")
 
 
 def allocated_bytes(device: str) -> int:

@@ -13,6 +13,7 @@ from hf_glue.engine.matrix import CPU_CHUNK, ExpertMatrix, group_of
 from hf_glue.io.experts import Expert, _index_files
 from hf_glue.io.hub import ResolvedRepo
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 NAMES = {
     "model.embed_tokens.weight": (10, 4),
     "model.layers.0.mlp.weight": (4, 4),
@@ -65,18 +66,19 @@ def test_blends_are_views_of_one_product(tmp_path):
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # both perturbed models, one buffer
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blend_gradient_is_the_analytic_one(tmp_path, dtype):
+def test_blend_gradient_is_the_analytic_one(tmp_path, dtype, device):
     """loss = Σ_m Σ_i w_mi θ(α_m)_i  ⇒  ∂loss/∂α_mgk = Σ_{i in group g} w_mi θ_k,i (w exact in bfloat16)."""
     experts = _experts(tmp_path, 3, dtype)
-    matrix = ExpertMatrix.from_experts(experts, "block")
+    matrix = ExpertMatrix.from_experts(experts, "block", device=device)
     gen = torch.Generator().manual_seed(1)
     alpha = torch.softmax(torch.randn(2, matrix.num_groups, 3, generator=gen), -1).requires_grad_(True)
     raw = [dict(e.iter_tensors()) for e in experts]
     weights = [{n: torch.randn(s, generator=gen).to(torch.bfloat16).float() for n, s in NAMES.items()
                 if n != "position_ids"} for _ in range(2)]
     blends = matrix.blend(alpha)
-    loss = sum((blends[m][n].float() * w).sum() for m in range(2) for n, w in weights[m].items())
+    loss = sum((blends[m][n].float().cpu() * w).sum() for m in range(2) for n, w in weights[m].items())
     loss.backward()
     expected = torch.zeros(2, matrix.num_groups, 3, dtype=torch.float64)
     for m in range(2):
@@ -130,13 +132,14 @@ def test_views_are_built_once(tmp_path):
     torch.testing.assert_close(second[1]["lm_head.weight"], dict(experts[0].iter_tensors())["lm_head.weight"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
 @pytest.mark.parametrize("half_mm", [False, True])
-def test_half_blend_is_within_one_rounding(tmp_path, dtype, unit, half_mm):
-    """Exact path: θ rounded once from the float64 value. ``half_mm`` (CUDA's hot path, forced here on CPU):
+def test_half_blend_is_within_one_rounding(tmp_path, dtype, unit, half_mm, device):
+    """Exact path: θ rounded once from the float64 value. ``half_mm`` (CUDA's hot path, also forced on CPU):
     ``torch.mm`` in the experts' dtype, α rounded to it too (one more rounding of each α_k)."""
     experts = _experts(tmp_path, 3, dtype)
-    matrix = ExpertMatrix.from_experts(experts, "block")
+    matrix = ExpertMatrix.from_experts(experts, "block", device=device)
     matrix.half_mm = half_mm
     gen = torch.Generator().manual_seed(2)
     alphas = torch.softmax(torch.randn(2, matrix.num_groups, 3, generator=gen), -1)
@@ -151,12 +154,14 @@ def test_half_blend_is_within_one_rounding(tmp_path, dtype, unit, half_mm):
                 terms = torch.stack([a[k] * raw[k][name].double() for k in range(3)])
                 ref, scale = terms.sum(0), terms.abs().sum(0)
                 bound = unit * ref.abs() + 1e-6 * scale
+                blend = blends[m][name].cpu()
                 if half_mm and not exact:
                     bound = bound + unit * scale
-                    e = torch.stack([raw[k][name].reshape(-1) for k in range(3)])
-                    assert torch.equal(blends[m][name].reshape(-1), (alphas[m, matrix.slots[name].group][None]
-                                                                   .to(dtype) @ e)[0])
-                assert bool(((blends[m][name].double() - ref).abs() <= bound).all()), (name, exact)
+                    if device == "cpu":  # the same kernel as a plain product in the experts' dtype
+                        e = torch.stack([raw[k][name].reshape(-1) for k in range(3)])
+                        a_half = alphas[m, matrix.slots[name].group][None].to(dtype)
+                        assert torch.equal(blend.reshape(-1), (a_half @ e)[0])
+                assert bool(((blend.double() - ref).abs() <= bound).all()), (name, exact)
 
 
 class _NewStorage(TorchDispatchMode):

@@ -414,14 +414,18 @@ def test_empty_held_out_split_is_one_line(cls_experts, capsys, tmp_path):
 
 
 def test_text_longer_than_the_positions_is_cut_with_a_note(cls_experts, capsys, caplog, tmp_path):
-    """The tiny experts hold 64 positions; the default --max-length 128 is clamped to them, not an index error."""
-    path, out = tmp_path / "long.jsonl", tmp_path / "out"
+    """The tiny experts hold 64 positions: the default (128) is quietly cut to them, a larger --max-length is cut
+    with a note; never an index error."""
+    path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps({"text": LONG, "label": i % 2}) + "\n" for i in range(20)))
-    code, err = run_main(capsys, ["merge", *TWO, "--dataset", str(path), "--output-dir", str(out), "--method",
-                                  "uniform"])
-    check_outcome(code, err, out)
-    assert code == 0 and "64 positions" in caplog.text, err
-    assert json.loads((out / "merge_result.json").read_text())["config"]["data"]["max_length"] == 64
+    for extra, noted in (([], False), (["--max-length", "100"], True)):
+        out = tmp_path / f"out{len(extra)}"
+        caplog.clear()
+        code, err = run_main(capsys, ["merge", *TWO, "--dataset", str(path), "--output-dir", str(out), "--method",
+                                      "uniform", *extra])
+        check_outcome(code, err, out)
+        assert code == 0 and ("64 positions" in caplog.text) == noted, err
+        assert json.loads((out / "merge_result.json").read_text())["config"]["data"]["max_length"] == 64
 
 
 # --- the cases found by hand: experts ------------------------------------------------------------------------

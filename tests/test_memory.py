@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import TEST_ENV, run_cli
 from hf_glue.config import DataConfig, ExpertsConfig, GlueConfig
-from hf_glue.engine.memory import VIEW_BYTES, cgroup_room, estimate, parse_size
+from hf_glue.engine.memory import MODEL_BYTES, VIEW_BYTES, cgroup_room, estimate, parse_size
 
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
              "vocab_size": 30522, "architectures": ["BertForSequenceClassification"]}
@@ -38,16 +38,17 @@ def test_memory_estimate_is_k_plus_2q_models_plus_activations():
     common = {"batch_per_process": 32, "sequence_length": 128, "tensors": tensors}
     two = estimate(f32, 2, BERT_BASE, models_per_step=2, **common)
     assert two.experts == 2 * n * b
-    assert two.blends == 2 * (n * b + tensors * VIEW_BYTES)  # 2q models of N·b, and their views
+    views = tensors * VIEW_BYTES + MODEL_BYTES  # per blended model: its views and loss statistics
+    assert two.blends == 2 * (n * b + views)  # 2q models of N·b
     assert two.gradients == 0
-    assert two.total == (2 + 2) * n * b + 2 * tensors * VIEW_BYTES + two.activations
+    assert two.total == (2 + 2) * n * b + 2 * views + two.activations
     eight_q4 = estimate(f32, 8, BERT_BASE, models_per_step=8, **common)
-    assert eight_q4.total == (8 + 8) * n * b + 8 * tensors * VIEW_BYTES + two.activations
+    assert eight_q4.total == (8 + 8) * n * b + 8 * views + two.activations
     half = estimate({torch.bfloat16: n}, 2, BERT_BASE, models_per_step=2, **common)
-    assert half.experts * 2 == two.experts and half.blends == 2 * (n * 2 + tensors * VIEW_BYTES)
+    assert half.experts * 2 == two.experts and half.blends == 2 * (n * 2 + views)
     # full-gradient: one blended model, its gradient, every layer's activations kept for backward
     backward = estimate(f32, 2, BERT_BASE, models_per_step=1, backward=True, **common)
-    assert backward.blends == n * b + tensors * VIEW_BYTES and backward.gradients == n * b
+    assert backward.blends == n * b + views and backward.gradients == n * b
     assert backward.activations > 6 * two.activations
     # activations grow with the batch from nothing: at batch 1 they are noise beside the weights
     one = estimate(f32, 2, BERT_BASE, models_per_step=2, batch_per_process=1, sequence_length=128)
@@ -55,40 +56,42 @@ def test_memory_estimate_is_k_plus_2q_models_plus_activations():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("1.5GB") == 1_500_000_000
 
 
-_VIEWS_PROBE = """
+_STEP_PROBE = """
 import json, sys, torch
-from hf_glue.io.experts import fetch_weights, resolve_experts
-from hf_glue.engine.matrix import ExpertMatrix
-from hf_glue.engine.memory import estimate
+from hf_glue import pipeline
+from hf_glue.config import DataConfig, ExpertsConfig, GlueConfig
+from hf_glue.engine import memory
 
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
-experts = resolve_experts(sys.argv[1:])
-fetch_weights(experts, False)
-matrix = ExpertMatrix.from_experts(experts, "model")
-matrix.blend(torch.full((2, 1, len(experts)), 0.5))
-before, m = rss(), 2000
-matrix.blend(torch.full((m, 1, len(experts)), 0.5))
-elements = {dt: b.shape[1] for dt, b in matrix.buffers.items()}
-est = estimate(elements, len(experts), {}, models_per_step=m, batch_per_process=1, sequence_length=1,
-               tensors=len(matrix.slots))
-print(json.dumps({"held": rss() - before, "estimated": est.blends, "weights": m * 4 * sum(elements.values())}))
+glue, data = GlueConfig(batch_size=16, spsa_samples=1000), DataConfig(dataset="org/target")
+prep = pipeline.prepare(ExpertsConfig(experts=sys.argv[1:], cpu=True), data, glue)
+est = pipeline.check_memory(prep.experts, prep.experts_config, prep.data_config, glue, prep.accelerator)
+batch, m = next(pipeline.batch_iterator(prep, glue)), 2 * glue.spsa_samples
+prep.objective.losses(torch.full((2, 1, len(sys.argv) - 1), 0.5), batch)
+before = rss()
+memory.reset_peak_memory(torch.device("cpu"))
+prep.objective.losses(torch.full((m, 1, len(sys.argv) - 1), 0.5), batch)  # one step's 2q perturbed models
+weights = m * sum(b[0].nbytes for b in prep.matrix.buffers.values())
+print(json.dumps({"held": memory.peak_memory_bytes(torch.device("cpu")) - before, "weights": weights,
+                  "estimated": est.blends + est.activations}))
 """
 
 
-def test_estimate_counts_what_many_blended_models_hold(cls_experts, tmp_path):
-    """Why --spsa-samples 100000 passed the pre-check and was OOM-killed: each of the 2q blended models also holds
-    one view per tensor (~650 B each: +30 % on the tiny experts' 87 KB of weights), which the estimate missed."""
+def test_estimate_covers_the_perturbed_models_of_a_step(cls_experts, tmp_path):
+    """Why --spsa-samples 100000 passed the pre-check and was OOM-killed: beside its weights, each of the 2q
+    blended models of a step holds a view per tensor and its loss statistics (+40 % on the tiny experts' 87 KB),
+    which the estimate missed."""
     script = tmp_path / "probe.py"
-    script.write_text(_VIEWS_PROBE)
-    proc = subprocess.run([sys.executable, str(script), *map(str, cls_experts["paths"][:2])], capture_output=True,
-                          text=True, env={**os.environ, **TEST_ENV}, timeout=300)
+    script.write_text(_STEP_PROBE)
+    proc = subprocess.run([sys.executable, str(script), *cls_experts["ids"][:2]], capture_output=True, text=True,
+                          env={**os.environ, **TEST_ENV}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["held"] > 1.2 * out["weights"]  # the views are not noise here
-    assert out["held"] <= out["estimated"] <= 1.25 * out["held"]
+    assert out["held"] > 1.2 * out["weights"]  # the bookkeeping is not noise here
+    assert out["held"] <= out["estimated"] <= 1.15 * out["held"]
 
 
 def test_huge_spsa_samples_are_refused_before_loading(cls_experts, tmp_path):

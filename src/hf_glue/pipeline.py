@@ -110,10 +110,9 @@ def prepare(
 
 
 def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
-                 glue_config: GlueConfig, accelerator) -> "memory.MemoryEstimate":
+                 glue_config: GlueConfig, accelerator) -> memory.MemoryEstimate:
     """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory);
     returns the estimate."""
-
     dtype = torch_dtype(experts_config.dtype)
     elements: dict[torch.dtype, int] = {}
     floats = [info for info in experts[0].tensors.values() if info.dtype.is_floating_point]
@@ -328,7 +327,7 @@ def run_merge(
                            "(this run starts over and replaces it)", checkpoint.folder)
     result = learn(prep, glue_config, command, checkpoint)
     result.model = blended_model(prep, result.alpha)
-    prep.matrix.release(experts=True)  # nothing blends any more: fine-tuning and saving never exceed the search
+    prep.matrix.release(experts=True)  # nothing blends any more: K·N·b freed before fine-tuning and saving
     if finetune_config.finetune_epochs > 0:
         finetune_result(prep, result, finetune_config, glue_config.seed)
     result.model_name = output_config.push_to_hub

@@ -201,6 +201,7 @@ class ExpertMatrix:
             raise RuntimeError("the expert matrix was released: nothing left to blend.")
         if alphas.dim() == 2:
             alphas = alphas.unsqueeze(0)
+        alphas = alphas.to(self.device)  # differentiable: the gradient flows back to where alphas came from
         m = alphas.shape[0]
         product = self._exact_product if exact else self._product
         if torch.is_grad_enabled() and alphas.requires_grad:

@@ -1,10 +1,10 @@
 """Estimate a run's memory before loading anything, and refuse early (with advice) when it cannot fit.
 
 Replicated strategy (every process holds all K experts of N elements of b bytes): (K + 2q)·N·b for the
-expert matrix and the 2q blended models of an SPSA step, plus the views of those models and one layer's
-activations. The template model has no weights (meta device) and the final model is built after the search's
-buffers are freed, so neither adds to the peak. The full-gradient reference holds one blended model, its
-gradient and every layer's activations for backward.
+expert matrix and the 2q blended models of an SPSA step, plus those models' bookkeeping (views, loss
+statistics) and one layer's activations. The template model has no weights (meta device) and the final model
+is built after the search's buffers are freed, so neither adds to the peak. The full-gradient reference holds
+one blended model, its gradient and every layer's activations for backward.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-#: Bookkeeping per blended tensor per model held at once: its cached view (a tensor object) and dict entry,
-#: ~650 B measured with torch 2.13. It dominates for tiny models at a large --spsa-samples.
+#: Bookkeeping per blended model held at once, measured with torch 2.13: per tensor, its cached view (a tensor
+#: object) and dict entry (~650 B); per model, its loss statistics kept until all 2q are scored (~6 KiB). It
+#: dominates for tiny models at a large --spsa-samples (+40 % on 87 KB of weights).
 VIEW_BYTES = 700
+MODEL_BYTES = 8 << 10
 
 
 @dataclass
@@ -72,7 +74,7 @@ def estimate(
     backward: bool = False,
 ) -> MemoryEstimate:
     """Bytes a run needs on one device: K·N·b experts, ``models_per_step`` blended models (2q for SPSA) of
-    N·b each plus a view per tensor (``tensors`` blended tensors), activations (one layer at a time, or every
+    N·b each plus their bookkeeping (``tensors`` blended tensors), activations (one layer at a time, or every
     layer's kept for ``backward``) and, for ``backward``, the blended parameters' gradients (N·b)."""
     sizes = {dt: torch.empty((), dtype=dt).element_size() for dt in elements_by_dtype}
     n_bytes = sum(n * sizes[dt] for dt, n in elements_by_dtype.items())
@@ -92,10 +94,11 @@ def estimate(
     # probabilities where the kernel materialises them
     per_layer = (tokens * (6 * hidden + 2 * inner) + 2 * batch_per_process * heads * sequence_length ** 2) * act
     causal = (cfg.get("architectures") or [""])[0].endswith(("CausalLM", "LMHeadModel"))
-    logits = tokens * vocab * 4 * (3 if backward else 2) if causal else 0  # float32 logits, log-softmax (, grad)
+    # the logits (activation dtype), their float32 copy, its log-softmax (and its gradient)
+    logits = tokens * vocab * (act + 8 + (4 if backward else 0)) if causal else 0
     return MemoryEstimate(
         experts=num_experts * n_bytes,
-        blends=models_per_step * (n_bytes + tensors * VIEW_BYTES),
+        blends=models_per_step * (n_bytes + tensors * VIEW_BYTES + MODEL_BYTES),
         gradients=n_bytes if backward else 0,
         activations=per_layer * (layers if backward else 1) + logits,
     )
