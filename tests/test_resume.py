@@ -91,3 +91,17 @@ def test_resume_without_a_saved_state_fails_before_loading(cls_experts, tmp_path
     code = main(["merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--method", "uniform",
                  "--output-dir", str(tmp_path / "out"), "--resume"])
     assert code == 1 and "--method uniform" in capsys.readouterr().err
+
+
+def test_state_with_a_rejected_step_saves_and_loads(tmp_path):
+    """A rejected step's non-finite losses are stored as null (strict JSON), so checkpoints keep working."""
+    from hf_glue.io.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tmp_path / "state", {"glue": {"steps": 3}}, every=1)
+    ckpt.save({"spsa": {"t": 2}, "history": [{"step": 1, "loss_plus": float("nan"), "loss_minus": float("inf"),
+                                               "rejected": True}], "details": {}, "batches": 6})
+    state = ckpt.load()
+    assert state["history"][0]["loss_plus"] is None and state["batches"] == 6
+    other = Checkpoint(tmp_path / "state", {"glue": {"steps": 4}}, every=1)
+    with pytest.raises(Exception, match="glue"):
+        other.load()

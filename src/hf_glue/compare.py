@@ -6,8 +6,6 @@ evaluated on the held-out split and, with --finetune-epochs, fine-tuned and eval
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, Gl
 from .errors import GlueError
 from .io.output import COMPARE_FILE, atomic_dir, check_output_dir, input_paths, strict_json
 from .methods import MethodOutput, get_method
-from .engine.memory import peak_memory_bytes, reset_peak_memory
+from .engine.memory import memory_in_use, peak_memory_bytes, reset_peak_memory
 from .report.comparison import build_report, format_table, plot_comparison
 
 DEFAULT_METHODS = CompareConfig().methods
@@ -81,6 +79,7 @@ def run_compare(
                 "peak_memory_bytes": own_peak,  # this method's own peak, above memory_before_bytes
                 "memory_before_bytes": before,
             })
+            result.model = None  # the next run's search must not sit beside this run's model
     report = build_report(prep, runs, [label for label, _ in entries], compare_config.seeds, finetuning)
     if prep.accelerator.is_main_process:
         with atomic_dir(out_dir, compare_config.overwrite_output_dir, marker=COMPARE_FILE) as tmp:
@@ -89,26 +88,6 @@ def run_compare(
         print(format_table(report))
         print(f"Wrote {out_dir / COMPARE_FILE} and {out_dir / 'compare.png'}")
     return report
-
-
-def memory_in_use(device: torch.device):
-    """Memory held now, the baseline a method's peak is measured above: allocated CUDA memory, or on CPU the
-    process's resident set (VmRSS, which `reset_peak_memory` sets the high-water mark to); None if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    gc.collect()
-    try:  # hand freed heap back to the OS, or a method reusing an earlier one's freed memory would show no peak
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _one_hot(prep, k: int) -> MethodOutput:

@@ -86,6 +86,12 @@ def prepare(
     # 2. the target data and its columns
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
+    processes = accelerator.num_processes
+    if processes > 1 and glue_config.parallel == "data" and len(target.train) < glue_config.batch_size:
+        # with fewer rows than one batch, a process could get an empty shard and leave the others waiting
+        raise GlueError(f"the train split has {len(target.train)} rows, fewer than --batch-size "
+                        f"{glue_config.batch_size}: with {processes} processes use a --batch-size "
+                        "of at most the number of rows (divisible by the number of processes).")
     columns = task.resolve_columns(target.column_names, data_config)
     target.check_cells(columns)
     # 3. weights (the long download), headers checked before any tensor is read

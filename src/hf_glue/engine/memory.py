@@ -9,6 +9,8 @@ one blended model, its gradient and every layer's activations for backward.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,16 +177,37 @@ def peak_memory_bytes(device: torch.device) -> Optional[int]:
     """Peak accelerator memory since the last reset, or this process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except ImportError:
         return None
+
+
+def memory_in_use(device: torch.device) -> Optional[int]:
+    """Memory held now, the baseline a method's peak is measured above: allocated CUDA memory, or on CPU the
+    process's resident set (VmRSS, which `reset_peak_memory` sets the high-water mark to); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    gc.collect()
+    try:  # hand freed heap back to the OS, or a method reusing an earlier one's freed memory would show no peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    """A size from /proc/self/status (Linux), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import GlueError
+from .output import strict_json
 
 STATE_FILE = "search_state.json"
 
@@ -62,7 +63,7 @@ class Checkpoint:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{STATE_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, **state}, allow_nan=False))
+        tmp.write_text(strict_json({"fingerprint": self.fingerprint, **state}))  # a rejected step's NaN: null
         os.replace(tmp, self.file)
 
     def load(self) -> dict[str, Any]:
@@ -75,13 +76,13 @@ class Checkpoint:
         except (OSError, ValueError) as err:
             raise GlueError(f"--resume: the saved state {self.file} cannot be read ({err}); remove it and run "
                             "without --resume.") from None
-        saved = state.pop("fingerprint", {})
-        for key in sorted(set(saved) | set(self.fingerprint)):
-            if saved.get(key) != self.fingerprint.get(key):
-                raise GlueError(
-                    f"--resume: the saved state in {self.folder} was made with {key} = {saved.get(key)!r}, this "
-                    f"run has {self.fingerprint.get(key)!r}; resume with the same options, or remove the folder "
-                    "and run without --resume.")
+        difference = _first_difference(state.pop("fingerprint", {}), self.fingerprint)
+        if difference:
+            key, was, now = difference
+            raise GlueError(
+                f"--resume: the saved state in {self.folder} was made with {key} = {was!r}, this run has {now!r}; "
+                "resume with the same options (the search's settings, --steps included, and its inputs), or "
+                "remove the folder and run without --resume.")
         return state
 
     def remove(self) -> None:
@@ -119,3 +120,14 @@ def stop_signals() -> Iterator[StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _first_difference(saved: Any, current: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
+    """The first (dotted key, saved value, current value) where two fingerprints differ, or None."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if saved == current else (path, saved, current)

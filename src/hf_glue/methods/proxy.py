@@ -59,10 +59,10 @@ def logme(features: torch.Tensor, labels: torch.Tensor, iterations: int = 100) -
     mapping ``features[n, d]`` to the one-hot indicator of each class, with α, β set by evidence maximisation.
 
     The log-determinant is the exact log|αI + βFᵀF| over all d feature dimensions: Σ log(α + βσ_i²) over the
-    min(n, d) singular values plus (d − min(n, d))·log α for the rest. The reference implementation
-    (thuml/LogME, truncated SVD) keeps only the singular values above 1e-10 and drops the log α of every other
-    dimension, so where F is rank-deficient (e.g. d > n) its per-class evidence is higher than ours by
-    (d − rank F)·log α / (2n).
+    min(n, d) singular values plus (d − min(n, d))·log α for the rest, as in the reference implementation's
+    ``_fit_icml`` (thuml/LogME, eigenvalues of FᵀF). Its default fixed-point fit keeps, when d ≥ n, only the n
+    singular values of F and drops the other dimensions' log α, so there its per-class evidence is higher than
+    ours by (d − n)·log α / (2n); when n > d it drops only singular values below 1e-10.
     """
     f = features.double().reshape(features.shape[0], -1)
     n, d = f.shape

@@ -112,6 +112,11 @@ class StepRecord:
 class SPSA:
     """Two-point SPSA with Spall's gain sequences; ``a`` may be calibrated from probe measurements.
 
+    On the simplex, Δ is centred per group and rows that centre to zero are drawn again, so a row is uniform over
+    the 2^K − 2 non-constant sign patterns and E[d dᵀ] = s_K (I − 11ᵀ/K) with s_K = 2^(K−1) / (2^(K−1) − 1): ĝ
+    estimates s_K times the gradient's component in the simplex's plane (calibration absorbs s_K; a given
+    ``--gain`` is scaled by it).
+
     Sample ``i`` of step ``t`` uses Δ(seed, t, i), a pure function, so every process can rebuild any other's
     perturbation: in perturbation-parallel runs process ``p`` evaluates samples ``p·q … p·q + q − 1`` and the
     gathered losses give every process the same average of all ``P·q`` estimates — exactly what one process
@@ -142,13 +147,15 @@ class SPSA:
         self.max_move = max_move
         self.t = 0
         self.rejections = 0
+        #: halved by every rejected step: the next evaluations stay closer to the last good α
+        self.shrink = 1.0
 
     @property
     def alpha(self) -> torch.Tensor:
         return self.param.alpha(self.x)
 
     def c_t(self, t: int) -> float:
-        return self.c / (t + 1) ** self.gamma
+        return self.c * self.shrink / (t + 1) ** self.gamma
 
     def a_t(self, t: int) -> float:
         if self.a is None:
@@ -223,9 +230,10 @@ class SPSA:
             if self.rejections >= self.MAX_REJECTIONS:
                 raise NonFiniteLoss(
                     f"the target loss was not finite at step {self.t} and the {self.MAX_REJECTIONS - 1} steps "
-                    f"before it, even with the gain halved each time (L+ = {lp}, L− = {lm}): try a smaller "
+                    f"before it, even with the perturbation and the gain halved each time (L+ = {lp}, L− = {lm}): try a smaller "
                     "--perturbation or --first-step, or --dtype float32.")
             self.a /= 2
+            self.shrink /= 2
         else:
             self.rejections = 0
             move = self.a_t(self.t) * grad
@@ -239,9 +247,9 @@ class SPSA:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where this optimiser is (Δ is a function of the step)."""
         return {"x": self.x.tolist(), "t": self.t, "a": self.a, "max_move": self.max_move,
-                "rejections": self.rejections}
+                "rejections": self.rejections, "shrink": self.shrink}
 
     def load_state_dict(self, state: dict) -> None:
         self.x = torch.tensor(state["x"], dtype=torch.float64)
         self.t, self.a, self.max_move = int(state["t"]), state["a"], state["max_move"]
-        self.rejections = int(state["rejections"])
+        self.rejections, self.shrink = int(state["rejections"]), float(state["shrink"])
