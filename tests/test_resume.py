@@ -81,6 +81,10 @@ def test_kill_then_interrupt_then_resume_reaches_the_uninterrupted_alpha(cls_exp
     assert [h["loss_plus"] for h in result["history"]] == pytest.approx(
         [h["loss_plus"] for h in reference.history], abs=1e-12)
     assert not state_dir_for(out).exists()  # nothing left to resume
+    # the result describes the whole search: its cost, and a command that reproduces it (no --resume)
+    assert result["forward_passes"] == reference.forward_passes
+    assert result["details"]["resumed_at_step"] == stopped_at
+    assert "--resume" not in result["command"] and "--resume" not in (out / "README.md").read_text()
 
 
 def test_resume_without_a_saved_state_fails_before_loading(cls_experts, tmp_path, capsys):

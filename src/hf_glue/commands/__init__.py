@@ -13,6 +13,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+from ..config import hub_environment
 from ..errors import GlueError
 from ..io.checkpoint import SearchInterrupted
 from . import blend, card, compare, merge, push
@@ -63,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except SearchInterrupted as stop:
         if merge.is_main_process():
-            again = shlex.join(["hf-glue", name, *argv[1:]] + ([] if "--resume" in argv else ["--resume"]))
+            again = hub_environment() + shlex.join(["hf-glue", name, *argv[1:]]
+                                                   + ([] if "--resume" in argv else ["--resume"]))
             print(f"hf-glue {name}: {stop}; nothing else was written. Resume with: {again}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:

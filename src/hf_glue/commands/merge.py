@@ -25,7 +25,8 @@ def run(args: list[str], parser) -> int:
     experts, data, glue, finetune, output, push, _ = build_configs(parser, CONFIGS, args)
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
-    result = run_merge(experts, data, glue, output, command=shlex.join(["hf-glue", "merge", *args]),
+    command = shlex.join(["hf-glue", "merge", *(a for a in args if a != "--resume")])  # reproduces, resumed or not
+    result = run_merge(experts, data, glue, output, command=command,
                        finetune_config=finetune, push_config=push)
     if is_main_process():
         print_summary(result, output.output_dir)

@@ -42,6 +42,7 @@ class GlueArgumentParser(HfArgumentParser):
 def add_command_parser(subparsers, name: str, help: str, description: str, configs: Sequence[type]):
     parser = subparsers.add_parser(
         name, help=help, description=description, dataclass_types=list(configs), formatter_class=HelpFormatter,
+        allow_abbrev=False,  # --step must not silently mean --steps, nor --expert replace --experts
     )
     for action in parser._actions:  # --data_sizes still parses; help, usage and errors show --data-sizes only
         dashed = [s for s in action.option_strings if "_" not in s]

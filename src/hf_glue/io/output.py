@@ -90,9 +90,10 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, protected: Sequenc
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise GlueError(f"output path {shown!r} exists and is not a folder.")
-        if not overwrite:
-            raise GlueError(f"output folder {shown!r} already exists: choose another --output-dir or pass "
-                            "--overwrite-output-dir.")
+        empty = not path.is_symlink() and not any(path.iterdir())  # an empty folder is simply filled
+        if not overwrite and not empty:
+            raise GlueError(f"output folder {shown!r} already exists and is not empty: choose another --output-dir, "
+                            "or pass --overwrite-output-dir to replace a previous hf-glue output there.")
         cwd = Path.cwd().resolve()
         if real == cwd or real in cwd.parents:
             raise GlueError(f"output folder {shown!r} is or holds the current directory: choose a new "

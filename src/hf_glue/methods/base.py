@@ -47,6 +47,9 @@ class MethodOutput:
     seconds: float = 0.0
     peak_memory_bytes: Optional[int] = None
     details: dict = field(default_factory=dict)
+    #: passes and seconds spent before a resume (a resumed run reports the whole search's cost)
+    prior_forward_passes: int = 0
+    prior_seconds: float = 0.0
 
 
 class MergeMethod(ABC):
@@ -66,8 +69,8 @@ class MergeMethod(ABC):
         reset_peak_memory(device)
         passes, start = ctx.objective.forward_passes, time.perf_counter()
         out = self._run(ctx)
-        out.seconds = time.perf_counter() - start
-        out.forward_passes = ctx.objective.forward_passes - passes
+        out.seconds = time.perf_counter() - start + out.prior_seconds
+        out.forward_passes = ctx.objective.forward_passes - passes + out.prior_forward_passes
         out.peak_memory_bytes = peak_memory_bytes(device)
         return out
 

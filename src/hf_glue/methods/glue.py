@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import torch
@@ -66,18 +67,23 @@ class Glue(MergeMethod):
         ckpt = ctx.checkpoint
         history: list[dict] = []
         details: dict = {}
+        prior = {"forward_passes": 0, "seconds": 0.0}  # what the search cost before a resume
+        start, passes = time.perf_counter(), ctx.objective.forward_passes
         if ckpt is not None and cfg.resume:
             state = ckpt.load()
             spsa.load_state_dict(state["spsa"])
-            history, details = state["history"], state["details"]
+            history, details, prior = state["history"], state["details"], state["cost"]
             batches.skip(state["batches"])
+            details["resumed_at_step"] = spsa.t
         elif spsa.a is None:
             details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
 
         def save() -> None:
             if ckpt is not None:
+                cost = {"forward_passes": prior["forward_passes"] + ctx.objective.forward_passes - passes,
+                        "seconds": prior["seconds"] + time.perf_counter() - start}
                 ckpt.save({"spsa": spsa.state_dict(), "history": history, "details": details,
-                           "batches": batches.count})
+                           "batches": batches.count, "cost": cost})
 
         bar = tqdm(range(spsa.t, cfg.steps), desc="GLUE (SPSA)", disable=not ctx.is_main_process,
                    dynamic_ncols=True, initial=spsa.t, total=cfg.steps)
@@ -98,7 +104,8 @@ class Glue(MergeMethod):
                 if signum is not None:
                     bar.close()
                     raise SearchInterrupted(spsa.t, cfg.steps, signum, ckpt.folder if ckpt is not None else None)
-        return MethodOutput(alpha=spsa.alpha.clone(), history=history, details=details)
+        return MethodOutput(alpha=spsa.alpha.clone(), history=history, details=details,
+                            prior_forward_passes=prior["forward_passes"], prior_seconds=prior["seconds"])
 
     @staticmethod
     def _calibrate(spsa: SPSA, loss_fn, cfg, gather) -> float:

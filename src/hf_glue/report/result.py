@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,8 @@ class MergeResult:
 
     def save_pretrained(self, output_dir: str | Path, overwrite: bool = False) -> Path:
         """Write model (safetensors), tokenizer/processor, ``merge_result.json`` and the card, atomically."""
+        if " merge " in f"{self.command} " and "--output-dir" not in self.command.split():
+            self.command += f" --output-dir {shlex.quote(str(output_dir))}"  # the recorded command must run as is
         with atomic_dir(output_dir, overwrite) as tmp:
             self.write_into(tmp)
         return Path(output_dir)
