@@ -11,6 +11,7 @@ import numbers
 import types
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
+from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import GlueError
@@ -421,6 +422,32 @@ def yaml_problem(err: Exception) -> str:
     problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
     mark = getattr(err, "problem_mark", None)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_mapping_file(path: Path, what: str, holds: str) -> dict:
+    """The mapping of option → value in a YAML file (JSON for ``.json``), or one `GlueError` line saying what is
+    wrong with the file: missing, a folder, not UTF-8 text, unreadable, malformed, not a mapping (``holds``)."""
+    import json
+
+    import yaml
+
+    if not path.is_file():
+        raise GlueError(f"{what} {'is a folder' if path.is_dir() else 'does not exist'}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise GlueError(f"{what} is not a UTF-8 text file.") from None
+    except OSError as err:
+        raise GlueError(f"{what} cannot be read: {err.strerror or err}.") from None
+    except json.JSONDecodeError as err:
+        raise GlueError(f"{what} is not valid JSON: {err}.") from None
+    except yaml.YAMLError as err:
+        raise GlueError(f"{what} is not valid YAML: {yaml_problem(err)}.") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise GlueError(f"{what} must hold a mapping of {holds}.")
+    return values
 
 
 def torch_dtype(name: Optional[str]):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import fields
@@ -11,7 +10,7 @@ from typing import Any, Optional, get_type_hints
 
 import torch
 
-from .config import FinetuneConfig, check_value, yaml_problem
+from .config import FinetuneConfig, check_value, read_mapping_file
 from .errors import GlueError
 from .tasks import Task
 
@@ -21,25 +20,9 @@ def read_training_args(path: Optional[str]) -> dict:
     unknown fields, or values of the wrong type (for fields of one simple type) are one error naming the file."""
     if not path:
         return {}
-    import yaml
     from transformers import TrainingArguments
 
-    file = Path(path)
-    if not file.is_file():
-        raise GlueError(f"--training-args file {path!r} {'is a folder' if file.is_dir() else 'does not exist'}.")
-    try:
-        text = file.read_text(encoding="utf-8")
-        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise GlueError(f"--training-args file {path!r} is not a UTF-8 text file.") from None
-    except OSError as err:
-        raise GlueError(f"--training-args file {path!r} cannot be read: {err.strerror or err}.") from None
-    except json.JSONDecodeError as err:
-        raise GlueError(f"--training-args file {path!r} is not valid JSON: {err}.") from None
-    except yaml.YAMLError as err:
-        raise GlueError(f"--training-args file {path!r} is not valid YAML: {yaml_problem(err)}.") from None
-    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
-        raise GlueError(f"--training-args file {path!r} must hold a mapping of TrainingArguments fields.")
+    values = read_mapping_file(Path(path), f"--training-args file {path!r}", "TrainingArguments fields")
     known = {f.name for f in fields(TrainingArguments)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -14,7 +14,7 @@ from typing import NoReturn, Sequence
 
 from transformers import HfArgumentParser
 
-from ..config import yaml_problem
+from ..config import read_mapping_file
 from ..errors import GlueError
 
 
@@ -105,21 +105,7 @@ def _refuse_unknown(parser: argparse.ArgumentParser, remaining: list[str]) -> No
 
 
 def _read_yaml(path: Path, configs: Sequence[type]) -> dict:
-    import yaml
-
-    if not path.is_file():
-        raise GlueError(f"config file {str(path)!r} {'is a folder' if path.is_dir() else 'does not exist'}; "
-                        "--config takes a YAML file.")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise GlueError(f"config file {str(path)!r} is not a UTF-8 text file; --config takes a YAML file.") from None
-    except OSError as err:
-        raise GlueError(f"config file {str(path)!r} cannot be read: {err.strerror or err}.") from None
-    except yaml.YAMLError as err:
-        raise GlueError(f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}.") from None
-    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
-        raise GlueError(f"config file {str(path)!r} must hold a mapping of option: value.")
+    values = read_mapping_file(path, f"config file {str(path)!r} (--config takes a YAML file)", "option: value")
     known = {f.name for c in configs for f in fields(c)}
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
