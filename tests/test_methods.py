@@ -202,3 +202,34 @@ def test_many_groups_print_compactly():
     shown = [l.split()[0] for l in lines[1:] if l.split()[0].startswith("model.")]
     assert shown == [f"model.layers.{i}" for i in (*range(6), *range(36, 40))]
     assert any("30 more groups" in l for l in lines)
+
+
+def test_compare_scores_baselines_and_records_the_finetuning_curve(cls_experts, lm_experts, tmp_path):
+    """--baselines: a checkpoint scored and fine-tuned as a start beside the blends (here a copy of expert 0,
+    which must score exactly as expert 0 does); evaluation during fine-tuning is kept as a curve."""
+    from conftest import HUB_CACHE
+    from hf_glue import testing
+
+    testing.publish_to_cache(cls_experts["paths"][0], "org/copy-of-0", HUB_CACHE)
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"eval_strategy": "steps", "eval_steps": 4}))
+    out = tmp_path / "cmp"
+    proc = run_cli("compare", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--methods", "uniform",
+                   "--baselines", "org/copy-of-0", "--finetune-epochs", "1", "--max-train-samples", "64",
+                   "--training-args", str(args), "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "compare.json").read_text())
+    summary = {s["method"]: s for s in report["summary"]}
+    assert list(summary)[0] == "model: org/copy-of-0"
+    for stage in ("merged", "finetuned"):
+        assert summary["model: org/copy-of-0"][stage]["accuracy"]["mean"] == pytest.approx(
+            summary["expert: org/expert-0"][stage]["accuracy"]["mean"], abs=1e-6), stage
+    curve = [r for r in report["runs"] if r["method"] == "uniform"][0]["finetune_curve"]
+    assert [p["step"] for p in curve] == [4, 8] and 0.0 <= curve[0]["accuracy"] <= 1.0
+    assert "model: org/copy-of-0" in proc.stdout
+
+    # another architecture is refused by name, before any method runs
+    proc = run_cli("compare", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--baselines",
+                   lm_experts["ids"][0], "--output-dir", str(tmp_path / "bad"))
+    assert proc.returncode != 0 and lm_experts["ids"][0] in proc.stderr
+    assert not (tmp_path / "bad" / "compare.json").exists()

@@ -224,3 +224,70 @@ def test_state_dict_continues_the_same_trajectory():
 def _sample_losses_groups(alphas: torch.Tensor) -> torch.Tensor:
     target = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64)
     return ((alphas - target) ** 2).sum(dim=(1, 2))
+
+
+def test_averaging_returns_the_mean_of_the_last_iterates():
+    """Polyak–Ruppert: ``result`` is the mean α after the updates of steps ``average_from`` …; before them, α."""
+    spsa = SPSA(torch.full((1, 3), 1 / 3, dtype=torch.float64), "simplex", a=0.05, seed=0, average_from=3)
+    alphas = []
+    for t in range(6):
+        alphas.append(spsa.step(_sample_losses).alpha)
+        if t < 3:
+            assert torch.equal(spsa.result, spsa.alpha)
+    torch.testing.assert_close(spsa.result, torch.stack(alphas[3:]).mean(0))
+    assert spsa.averaged_steps == 3
+    torch.testing.assert_close(spsa.result.sum(-1), torch.ones(1, dtype=torch.float64))  # still on the simplex
+
+
+def test_state_dict_continues_the_same_average():
+    """A resumed optimiser ends at exactly the same averaged α (the running sum is saved and restored)."""
+    import json
+
+    alpha0 = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    straight = SPSA(alpha0, "simplex", A=5, seed=2, average_from=3)
+    straight.calibrate(_sample_losses_groups, first_move=0.1)
+    for _ in range(5):
+        straight.step(_sample_losses_groups)
+    saved = json.loads(json.dumps(straight.state_dict()))
+    for _ in range(5):
+        straight.step(_sample_losses_groups)
+    resumed = SPSA(alpha0, "simplex", A=5, seed=2, average_from=3)
+    resumed.load_state_dict(saved)
+    for _ in range(5):
+        resumed.step(_sample_losses_groups)
+    assert torch.equal(resumed.result, straight.result) and resumed.averaged_steps == straight.averaged_steps == 7
+
+
+def test_vertices_and_midpoints():
+    from hf_glue.optim.spsa import midpoints, vertices
+
+    v = vertices(2, 3)
+    assert v.shape == (3, 2, 3) and torch.equal(v[1], torch.tensor([[0.0, 1.0, 0.0]] * 2, dtype=torch.float64))
+    m = midpoints(v)
+    assert m.shape == (3, 2, 3)
+    torch.testing.assert_close(m[0], torch.tensor([[0.5, 0.5, 0.0]] * 2, dtype=torch.float64))
+    assert midpoints(v[:1]).shape == (0, 2, 3)
+
+
+def test_screening_starts_from_the_best_candidate_on_shared_batches():
+    """The start is the lowest mean loss among --init, the vertices and the even blends of the three best; every
+    candidate sees the same batches, models are scored 2q at a time, and --init wins ties."""
+    from hf_glue import GlueConfig
+    from hf_glue.methods.glue import CountingIterator, Glue
+
+    target = torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64)
+    seen, sizes = [], []
+
+    def losses_on(alphas, batch):
+        seen.append(batch["id"])
+        sizes.append(len(alphas))
+        return ((alphas - target) ** 2).sum(dim=(1, 2)) + batch["id"]
+
+    batches = CountingIterator(iter({"id": i} for i in range(100)))
+    init = torch.full((1, 3), 1 / 3, dtype=torch.float64)
+    start, info = Glue._screen(init, losses_on, batches, GlueConfig(screen_batches=2))
+    torch.testing.assert_close(start, target)  # a blend of two experts, not a vertex, not the start
+    assert batches.count == 2 and set(seen) == {0, 1} and max(sizes) <= 2
+    assert info["candidates"] == 7 and info["batches"] == 2
+    flat, _ = Glue._screen(init, lambda alphas, batch: torch.zeros(len(alphas)), batches, GlueConfig())
+    assert torch.equal(flat, init)

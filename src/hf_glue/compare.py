@@ -14,7 +14,7 @@ import torch
 from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig
 from .errors import GlueError
 from .io.output import COMPARE_FILE, atomic_dir, check_output_dir, input_paths, strict_json
-from .methods import MethodOutput, get_method
+from .methods import MethodOutput, check_method
 from .engine.memory import memory_in_use, peak_memory_bytes, reset_peak_memory
 from .report.comparison import build_report, format_table, plot_comparison
 
@@ -23,7 +23,7 @@ DEFAULT_METHODS = CompareConfig().methods
 
 def _methods(glue: GlueConfig, compare: CompareConfig) -> list[str]:
     for name in compare.methods:
-        get_method(name)
+        check_method(name)  # unknown, or an optional package missing: before anything is loaded
     methods = list(dict.fromkeys(compare.methods))
     if "data-size" in methods and not glue.data_sizes:
         if compare.methods != DEFAULT_METHODS:
@@ -49,14 +49,21 @@ def run_compare(
     out_dir = Path(compare_config.output_dir)
     check_output_dir(out_dir, compare_config.overwrite_output_dir,
                      input_paths(experts_config.experts, data_config.dataset), marker=COMPARE_FILE)
+    baselines = _resolve_baselines(compare_config.baselines, experts_config.experts)  # metadata: fails early
     prep = prepare(experts_config, data_config, glue_config)
     finetuning = finetune_config.finetune_epochs > 0
     entries = [(m, m) for m in methods]
     if compare_config.include_experts:
         entries += [(f"expert: {name}", k) for k, name in enumerate(prep.matrix.expert_names)]
     runs = []
+    if baselines:
+        baseline_params = _load_baselines(prep, baselines)
+        runs += [_baseline_run(prep, glue_config, finetune_config, name, params, seed)
+                 for name, params in baseline_params.items()
+                 for seed in (compare_config.seeds if finetuning else compare_config.seeds[:1])]
+        del baseline_params
     for label, what in entries:
-        seeded = finetuning or (isinstance(what, str) and what in ("glue", "full-gradient"))
+        seeded = finetuning or (isinstance(what, str) and what in ("glue", "full-gradient", "cma", "nevergrad"))
         for seed in compare_config.seeds if seeded else compare_config.seeds[:1]:
             config = replace(glue_config, method=what if isinstance(what, str) else "uniform", seed=seed)
             before = memory_in_use(prep.matrix.device)  # the loaded experts (and whatever earlier runs kept)
@@ -73,6 +80,7 @@ def run_compare(
                 "coefficients": result.coefficients,
                 "merged": result.eval,
                 "finetuned": result.eval_after,
+                "finetune_curve": result.finetune_curve,
                 "forward_passes": result.forward_passes,
                 "backward_passes": result.backward_passes,
                 "seconds": result.seconds,
@@ -80,7 +88,8 @@ def run_compare(
                 "memory_before_bytes": before,
             })
             result.model = None  # the next run's search must not sit beside this run's model
-    report = build_report(prep, runs, [label for label, _ in entries], compare_config.seeds, finetuning)
+    labels = [f"model: {b.name}" for b in baselines] + [label for label, _ in entries]
+    report = build_report(prep, runs, labels, compare_config.seeds, finetuning)
     if prep.accelerator.is_main_process:
         with atomic_dir(out_dir, compare_config.overwrite_output_dir, marker=COMPARE_FILE) as tmp:
             (tmp / COMPARE_FILE).write_text(strict_json(report))
@@ -95,3 +104,55 @@ def _one_hot(prep, k: int) -> MethodOutput:
     alpha[:, k] = 1.0
     reset_peak_memory(prep.matrix.device)
     return MethodOutput(alpha=alpha, peak_memory_bytes=peak_memory_bytes(prep.matrix.device))
+
+
+def _resolve_baselines(specs: list[str], experts: list[str]) -> list:
+    """The --baselines checkpoints' metadata (configs, weight headers): unknown repos fail before any download."""
+    from .io.experts import resolve_experts
+
+    clash = sorted(set(specs) & set(experts))
+    if clash:
+        raise GlueError(f"--baselines {clash[0]!r} is also an expert; each expert is already scored alone.")
+    return resolve_experts(specs, what="baseline") if specs else []
+
+
+def _load_baselines(prep, baselines: list) -> dict[str, dict[str, torch.Tensor]]:
+    """Each baseline's weights in the experts' parameter names, dtype and device; refuses another architecture."""
+    from .io.experts import check_compatible, fetch_weights, read_through_transformers
+
+    cfg = prep.experts_config
+    fetch_weights(baselines, cfg.allow_pickle)
+    model_class = prep.task.model_class()
+    check_compatible([prep.experts[0], *baselines], model_class, cfg.trust_remote_code)
+    if prep.experts[0].loader is not None:  # the experts were read through transformers: read these the same way
+        read_through_transformers(baselines, model_class, cfg.trust_remote_code)
+    dtypes = {s.dtype for s in prep.matrix.slots.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    device = prep.matrix.device
+    out = {}
+    for b in baselines:
+        tensors = b.loader() if b.loader is not None else dict(b.iter_tensors())
+        out[b.name] = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+    return out
+
+
+def _baseline_run(prep, glue_config: GlueConfig, finetune_config: FinetuneConfig, name: str,
+                  params: dict[str, torch.Tensor], seed: int) -> dict:
+    """A baseline checkpoint scored (and fine-tuned) exactly as a blend is: no search, no coefficients."""
+    import copy
+
+    from .pipeline import eval_batches, finetune_result
+    from .report.result import MergeResult
+
+    merged = prep.objective.evaluate_params(params, eval_batches(prep, glue_config))
+    merged.pop("samples", None)
+    result = MergeResult(method=name, task=prep.task.name, granularity="model", experts=[], dataset={},
+                         coefficients={}, alpha=torch.zeros(0), eval=merged)
+    if finetune_config.finetune_epochs > 0:
+        result.model = copy.deepcopy(prep.model)
+        result.model.load_state_dict({k: v.clone() for k, v in params.items()}, strict=False, assign=True)
+        result.model.tie_weights()
+        finetune_result(prep, result, finetune_config, seed)
+    return {"method": f"model: {name}", "seed": seed, "coefficients": {}, "merged": merged,
+            "finetuned": result.eval_after, "finetune_curve": result.finetune_curve, "forward_passes": 0,
+            "backward_passes": 0, "seconds": 0.0, "peak_memory_bytes": None, "memory_before_bytes": None}

@@ -62,6 +62,8 @@ BOUNDS: dict[str, Bound] = {
     "first_step": _POSITIVE,
     "stability": _NON_NEGATIVE,  # A < 0 makes (t + 1 + A) negative: the gain sequence is not defined
     "spsa_samples": _COUNT,
+    "screen_batches": Bound(0, MAX_STEPS),
+    "average_last": Bound(0, 1),
     "proxy_batches": _COUNT,
     "adam_lr": _POSITIVE,
     "calibration_samples": _COUNT,
@@ -154,7 +156,8 @@ class GlueConfig:
     method: str = field(
         default="glue",
         metadata={"help": "How α is chosen: glue (SPSA, default), uniform, data-size, proxy, full-gradient, "
-                  "or weights (the coefficients given with --weights)."},
+                  "cma (CMA-ES) or nevergrad (NGOpt) on GLUE's forward-pass budget, or weights (the coefficients "
+                  "given with --weights)."},
     )
     steps: int = field(default=100, metadata={"help": "Optimisation steps (each SPSA step costs two forward passes)."})
     batch_size: int = field(
@@ -189,12 +192,24 @@ class GlueConfig:
     )
     first_step: Optional[float] = field(
         default=None,
-        metadata={"help": "Size of the first update when a is calibrated (default 0.1 simplex, 0.5 softmax)."},
+        metadata={"help": "Size of the first update when a is calibrated (default 0.1 simplex, 0.5 softmax); for "
+                          "cma and nevergrad, the initial step σ0 (default 0.3 simplex, 1.0 softmax)."},
     )
     stability: Optional[float] = field(
         default=None, metadata={"help": "SPSA A in a_t = a / (t + 1 + A)^0.602 (default: a tenth of --steps)."}
     )
     spsa_samples: int = field(default=1, metadata={"help": "Perturbations averaged per step (q); 2q forward passes."})
+    screen_batches: int = field(
+        default=2,
+        metadata={"help": "Before SPSA, score the --init start, every expert alone and the even blends of the three "
+                  "best of those on this many train batches, and start from the best (0: start at --init). Costs "
+                  "(K + 4) forward passes a batch; it keeps the search out of a poor basin near the start."},
+    )
+    average_last: float = field(
+        default=0.5,
+        metadata={"help": "Return the average α of this final fraction of the steps (Polyak–Ruppert averaging, "
+                  "no extra forward passes; 0: the last iterate)."},
+    )
     proxy: Literal["loss", "accuracy", "logme"] = field(
         default="loss",
         metadata={"help": "proxy method: score each expert alone on target train data by loss, accuracy or LogME."},
@@ -391,6 +406,11 @@ class CompareConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds: each method runs once per seed."})
     include_experts: bool = field(default=True, metadata={"help": "Also score every expert alone."})
+    baselines: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Other checkpoints of the experts' architecture to score (and fine-tune) as starts beside "
+                          "the blends, e.g. the pretrained base with its task head; not blended."},
+    )
     output_dir: str = field(default="compare", metadata={"help": "Folder for compare.json and compare.png."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace --output-dir if it holds a previous compare output (only)."}

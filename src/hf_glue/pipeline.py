@@ -27,7 +27,7 @@ from .io.experts import (
     read_through_transformers,
     resolve_experts,
 )
-from .methods import MergeContext, get_method, method_info
+from .methods import MergeContext, check_method, get_method, method_info
 from .methods.base import check_data_sizes
 from .methods.objective import Objective
 from .io.output import check_free_space, check_output_dir, input_paths, output_bytes
@@ -128,8 +128,8 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         glue_config.batch_size // accelerator.num_processes
     est = memory.estimate(
         elements, len(experts), experts[0].config,
-        # the 2q perturbed models of an SPSA step; one model for every other method
-        models_per_step=2 * glue_config.spsa_samples if glue_config.method == "glue" else 1,
+        # the blends a search holds at once: 2q for GLUE's step and the black-box generations, else one
+        models_per_step=get_method(glue_config.method).models_per_step(glue_config),
         batch_per_process=max(parallel_batch, glue_config.eval_batch_size // accelerator.num_processes),
         sequence_length=data_config.max_length,
         tensors=len(floats),
@@ -247,7 +247,7 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
         seconds=out.seconds,
         peak_memory_bytes=out.peak_memory_bytes,
         command=command,
-        versions=library_versions(),
+        versions=library_versions(get_method(config.method).packages),
         config={"glue": asdict(config), "data": asdict(prep.data_config),
                 "experts": {k: v for k, v in asdict(prep.experts_config).items() if k != "experts"}},
         details=out.details,
@@ -281,7 +281,7 @@ def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig,
     """Fine-tune ``result.model`` with the Trainer; records ``eval_before`` / ``eval_after``."""
     from .finetune import finetune
 
-    result.model, result.eval_before, result.eval_after = finetune(
+    result.model, result.eval_before, result.eval_after, result.finetune_curve = finetune(
         result.model, prep.task, prep.processor, prep.train, prep.eval, config, prep.experts[0].config,
         seed=seed, cpu=prep.experts_config.cpu,
     )
@@ -304,7 +304,7 @@ def run_merge(
 
     output_config = output_config or OutputConfig()
     finetune_config = finetune_config or FinetuneConfig()
-    get_method(glue_config.method)  # unknown method: fail before any work
+    check_method(glue_config.method)  # unknown method or a missing optional package: fail before any work
     read_training_args(finetune_config.training_args)  # a bad --training-args file too
     if output_config.output_dir:
         check_output_dir(output_config.output_dir, output_config.overwrite_output_dir,

@@ -243,3 +243,37 @@ def publish_to_cache(folder: Path, repo_id: str, cache_dir: Path, repo_type: str
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(sha)
     return sha
+
+
+# --- hard cases for the search (scripts/hard_cases.py): weighted mixtures and near-duplicate experts ---------
+
+def write_mixture_dataset(folder: Path, task: str, shares: dict[int, float], n_train: int = 256,
+                          n_test: int = 256, seed: int = 0) -> Path:
+    """Text target data (``train.jsonl`` / ``test.jsonl``) drawn from several domains in the given proportions
+    (``{domain: share}``, e.g. ``{0: 0.7, 1: 0.3}``): a target no single expert covers."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    make_rows = rows_for(task)
+    total = sum(shares.values())
+    for split, n, offset in (("train", n_train, 100), ("test", n_test, 200)):
+        rows = [r for d, share in shares.items() for r in make_rows(d, round(n * share / total), seed + offset)]
+        random.Random(seed).shuffle(rows)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def perturbed_copy(source: Path, dest: Path, scale: float = 0.01, seed: int = 0) -> Path:
+    """A near-duplicate of the saved model in ``source``, written to ``dest``: every floating tensor plus Gaussian
+    noise of ``scale`` times that tensor's standard deviation (the same recipe re-run, as it were)."""
+    from safetensors.torch import load_file, save_file
+
+    source, dest = Path(source), Path(dest)
+    shutil.copytree(source, dest, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(source / "model.safetensors")
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() > 1:
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * float(t.float().std()) * scale
+            tensors[name] = (t.float() + noise).to(t.dtype)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest

@@ -7,9 +7,10 @@ from importlib.metadata import PackageNotFoundError, version
 LIBRARIES = ("hf-glue", "torch", "transformers", "accelerate", "datasets", "huggingface_hub", "safetensors")
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of the core libraries and of ``extra`` (e.g. the optimiser package a method used)."""
     out = {}
-    for name in LIBRARIES:
+    for name in LIBRARIES + tuple(extra):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -105,25 +105,27 @@ class Expert:
                 del state
 
 
-def resolve_experts(specs: Sequence[str]) -> list[Expert]:
-    """Pin every expert and fetch only its metadata files; fails fast on missing repos or configs."""
-    if len(specs) < 2:
+def resolve_experts(specs: Sequence[str], what: str = "expert") -> list[Expert]:
+    """Pin every expert and fetch only its metadata files; fails fast on missing repos or configs.
+
+    ``what``: the word errors use (``baseline`` for compare's --baselines, which may be a single checkpoint)."""
+    if what == "expert" and len(specs) < 2:
         raise GlueError(f"GLUE merges at least two experts; got {len(specs)} ({list(specs)}). Pass --experts A B ...")
     experts: list[Expert] = []
     for spec in specs:
-        repo = hub.resolve(spec, allow_patterns=METADATA_PATTERNS, what="expert")
+        repo = hub.resolve(spec, allow_patterns=METADATA_PATTERNS, what=what)
         same = next((e for e in experts if e.repo.path.resolve() == repo.path.resolve()), None)
         if same is not None:  # e0 and ./e0, a folder and a link to it, org/a and org/a@<its commit>
-            raise GlueError(f"experts {same.name!r} and {spec!r} are the same checkpoint ({repo.path}); list it once.")
+            raise GlueError(f"{what}s {same.name!r} and {spec!r} are the same checkpoint ({repo.path}); list it once.")
         config_file = repo.path / "config.json"
         if not config_file.is_file():
-            raise GlueError(f"expert {spec!r} has no config.json in {repo.path}: is it a transformers model?")
+            raise GlueError(f"{what} {spec!r} has no config.json in {repo.path}: is it a transformers model?")
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GlueError(f"expert {spec!r}: config.json is not valid JSON ({err}).") from None
+            raise GlueError(f"{what} {spec!r}: config.json is not valid JSON ({err}).") from None
         if not isinstance(config, dict):
-            raise GlueError(f"expert {spec!r}: config.json holds a {type(config).__name__}, not a JSON object.")
+            raise GlueError(f"{what} {spec!r}: config.json holds a {type(config).__name__}, not a JSON object.")
         experts.append(Expert(repo=repo, config=config))
     return experts
 

@@ -1,11 +1,12 @@
 """Merge-method registry: each module registers one method with ``@register_method``."""
 
-from . import data_size, full_gradient, glue, proxy, uniform, weights  # noqa: F401  (registration)
+from . import cma_es, data_size, full_gradient, glue, ngopt, proxy, uniform, weights  # noqa: F401  (registration)
 from .base import (
     MergeContext,
     MergeMethod,
     MethodOutput,
     available_methods,
+    check_method,
     get_method,
     initial_alpha,
     method_info,
@@ -17,6 +18,7 @@ __all__ = [
     "MergeMethod",
     "MethodOutput",
     "available_methods",
+    "check_method",
     "get_method",
     "initial_alpha",
     "method_info",

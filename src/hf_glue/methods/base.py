@@ -59,6 +59,16 @@ class MergeMethod(ABC):
     pretty_name: ClassVar[str]
     description: ClassVar[str]
     reference_url: ClassVar[Optional[str]] = None
+    #: optional packages the method runs on (their versions are recorded in the result)
+    packages: ClassVar[tuple[str, ...]] = ()
+
+    def check_available(self) -> None:
+        """Raise a `GlueError` naming what to install when an optional package the method needs is missing
+        (called before any expert is loaded)."""
+
+    def models_per_step(self, config: GlueConfig) -> int:
+        """Blends held at once while searching (the memory check counts their product buffers)."""
+        return 1
 
     @abstractmethod
     def _run(self, ctx: MergeContext) -> MethodOutput:
@@ -90,6 +100,13 @@ def method_info(name: str) -> dict:
     """A method's display name, description and reference, recorded in the result (the card shows them)."""
     method = get_method(name)
     return {"pretty_name": method.pretty_name, "description": method.description, "reference": method.reference_url}
+
+
+def check_method(name: str) -> MergeMethod:
+    """The registered method ``name``, refused early when unknown or when an optional package it needs is missing."""
+    method = get_method(name)
+    method.check_available()
+    return method
 
 
 def get_method(name: str) -> MergeMethod:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator
 
@@ -10,7 +11,8 @@ from tqdm.auto import tqdm
 
 from ..errors import GlueError
 from ..io.checkpoint import SearchInterrupted, stop_signals
-from ..optim.spsa import SPSA, NonFiniteLoss
+from ..optim.spsa import SPSA, NonFiniteLoss, midpoints, vertices
+from ..config import GlueConfig
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 
 
@@ -36,6 +38,18 @@ class Glue(MergeMethod):
     description = "coefficients learned on the target data by two-point SPSA (two forward passes a step)"
     reference_url = "https://arxiv.org/abs/2512.22467"
 
+    def models_per_step(self, config: GlueConfig) -> int:
+        return 2 * config.spsa_samples
+
+    @staticmethod
+    def forward_passes(config: GlueConfig, experts: int) -> int:
+        """Forward passes of a search with ``config``: 2q per SPSA step, 2q per gain-calibration probe (--gain
+        unset) and K + 4 per screening batch (the start, the K experts alone, three even blends)."""
+        passes = 2 * config.spsa_samples * config.steps
+        if config.gain is None:
+            passes += 2 * config.spsa_samples * config.calibration_samples
+        return passes + config.screen_batches * (experts + 4)
+
     def _run(self, ctx: MergeContext) -> MethodOutput:
         cfg, matrix, acc = ctx.config, ctx.matrix, ctx.accelerator
         processes = acc.num_processes if acc is not None else 1
@@ -51,6 +65,7 @@ class Glue(MergeMethod):
             samples=cfg.spsa_samples,
             # perturbation-parallel: process p evaluates samples p·q … p·q + q − 1 of every step
             sample_offset=acc.process_index * cfg.spsa_samples if perturbation_parallel else 0,
+            average_from=cfg.steps - math.ceil(cfg.average_last * cfg.steps) if cfg.average_last > 0 else None,
         )
         gather = None
         if perturbation_parallel:
@@ -59,10 +74,13 @@ class Glue(MergeMethod):
 
         batches = CountingIterator(ctx.batches)
 
-        def loss_fn(alphas: torch.Tensor) -> torch.Tensor:
+        def losses_on(alphas: torch.Tensor, batch: dict) -> torch.Tensor:
             # data-parallel: the global batch's losses (summed over processes); perturbation-parallel: this
-            # process's models on the shared batch, gathered by the optimiser
-            return ctx.objective.losses(alphas, next(batches), reduce=not perturbation_parallel)
+            # process's models on the shared batch (gathered by the optimiser; identical on every process)
+            return ctx.objective.losses(alphas, batch, reduce=not perturbation_parallel)
+
+        def loss_fn(alphas: torch.Tensor) -> torch.Tensor:
+            return losses_on(alphas, next(batches))
 
         ckpt = ctx.checkpoint
         history: list[dict] = []
@@ -75,8 +93,13 @@ class Glue(MergeMethod):
             history, details, prior = state["history"], state["details"], state["cost"]
             batches.skip(state["batches"])
             details["resumed_at_step"] = spsa.t
-        elif spsa.a is None:
-            details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
+        else:
+            if cfg.screen_batches > 0:
+                start_alpha, details["screening"] = self._screen(spsa.alpha, losses_on, batches, cfg)
+                spsa.restart(start_alpha)
+                details["start"] = matrix.summarize(start_alpha)
+            if spsa.a is None:
+                details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
 
         def save() -> None:
             if ckpt is not None:
@@ -104,8 +127,36 @@ class Glue(MergeMethod):
                 if signum is not None:
                     bar.close()
                     raise SearchInterrupted(spsa.t, cfg.steps, signum, ckpt.folder if ckpt is not None else None)
-        return MethodOutput(alpha=spsa.alpha.clone(), history=history, details=details,
+        return MethodOutput(alpha=spsa.result.clone(), history=history, details=details,
                             prior_forward_passes=prior["forward_passes"], prior_seconds=prior["seconds"])
+
+    @staticmethod
+    def _screen(init: torch.Tensor, losses_on, batches: CountingIterator, cfg) -> tuple[torch.Tensor, dict]:
+        """The start with the lowest mean loss over ``cfg.screen_batches`` train batches among the --init α, every
+        expert alone and the even blends of the three best of those (all scored on the same batches).
+
+        Local descent from one start can settle in a poor basin (a blend of the wrong experts); these few points
+        show which region holds the good ones. Models are scored 2·q at a time, as an SPSA step holds them.
+        """
+        drawn = [next(batches) for _ in range(cfg.screen_batches)]
+        chunk = 2 * cfg.spsa_samples
+
+        def mean_losses(points: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros(len(points), dtype=torch.float64)
+            for batch in drawn:
+                total += torch.cat([losses_on(points[i:i + chunk], batch).double()
+                                    for i in range(0, len(points), chunk)])
+            return torch.nan_to_num(total / len(drawn), nan=math.inf)
+
+        groups, experts = init.shape
+        first = torch.cat([init.unsqueeze(0), vertices(groups, experts)])
+        first_losses = mean_losses(first)
+        blends = midpoints(first[first_losses.argsort()[:3]])
+        points, scores = torch.cat([first, blends]), torch.cat([first_losses, mean_losses(blends)])
+        best = int(scores.argmin())  # the first of equals: --init wins ties
+        return points[best].clone(), {"candidates": len(points), "batches": len(drawn),
+                                      "losses": [float(v) if math.isfinite(v) else None for v in scores],
+                                      "chosen": best}
 
     @staticmethod
     def _calibrate(spsa: SPSA, loss_fn, cfg, gather) -> float:

@@ -24,6 +24,9 @@ class Objective:
         self.task = task
         self.accelerator = accelerator
         self.forward_passes = 0
+        #: blended buffers (e.g. batch-norm running statistics) enter the model as constants: no gradient flows
+        #: through them, and batch norm refuses running statistics that require one
+        self._buffers = {name for name, _ in model.named_buffers()}
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator is not None and self.accelerator.num_processes > 1:
@@ -35,13 +38,16 @@ class Objective:
         ``exact``: float32 α even where the search's blend rounds it to half precision (`ExpertMatrix.blend`)."""
         # differentiable in alphas
         params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32), exact=exact)
-        inputs = self.task.model_inputs(batch)
-        out = []
-        for p in params:
-            outputs = functional_call(self.model, p, args=(), kwargs=inputs, tie_weights=True, strict=False)
-            out.append(self.task.batch_stats(outputs, batch))
-            self.forward_passes += 1
-        return out
+        return [self.params_stats(p, batch) for p in params]
+
+    def params_stats(self, params: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        """Local batch sums of the template model run with ``params`` (one forward pass)."""
+        if torch.is_grad_enabled():
+            params = {k: v.detach() if k in self._buffers else v for k, v in params.items()}
+        outputs = functional_call(self.model, params, args=(), kwargs=self.task.model_inputs(batch),
+                                  tie_weights=True, strict=False)
+        self.forward_passes += 1
+        return self.task.batch_stats(outputs, batch)
 
     @torch.no_grad()
     def losses(self, alphas: torch.Tensor, batch: dict, reduce: bool = True) -> torch.Tensor:
@@ -74,17 +80,22 @@ class Objective:
             handle.remove()
         return captured[0].float().reshape(captured[0].shape[0], -1).cpu(), batch["labels"].cpu()
 
-    @torch.no_grad()
     def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:
-        """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored.
+        """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored."""
+        return self._evaluate(lambda batch: self.stats(alpha, batch, exact=True)[0], batches)
 
-        Each row counts once: processes may hold different numbers of batches (no padding), so the sums are
-        combined once, after the loop.
-        """
+    def evaluate_params(self, params: dict[str, torch.Tensor], batches: Iterable[dict]) -> dict[str, float]:
+        """Task metrics of the template model run with ``params`` (e.g. a baseline checkpoint, not a blend)."""
+        return self._evaluate(lambda batch: self.params_stats(params, batch), batches)
+
+    @torch.no_grad()
+    def _evaluate(self, batch_stats, batches: Iterable[dict]) -> dict[str, float]:
+        """Metrics from per-batch sums. Each row counts once: processes may hold different numbers of batches
+        (no padding), so the sums are combined once, after the loop."""
         totals: dict[str, float] = {}
         rows = 0
         for batch in batches:
-            stats = self.stats(alpha, batch, exact=True)[0]
+            stats = batch_stats(batch)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             rows += len(next(iter(batch.values())))

@@ -87,6 +87,17 @@ class SoftmaxParametrization(Parametrization):
 PARAMETRIZATIONS = {p.name: p for p in (SimplexParametrization(), SoftmaxParametrization())}
 
 
+def vertices(groups: int, experts: int) -> torch.Tensor:
+    """Every expert alone, as coefficient sets ``[K, G, K]`` (the same expert in every group)."""
+    return torch.eye(experts, dtype=torch.float64).unsqueeze(1).repeat(1, groups, 1)
+
+
+def midpoints(points: torch.Tensor) -> torch.Tensor:
+    """The even blend of every pair of ``points`` ``[M, G, K]``: ``[M(M−1)/2, G, K]``."""
+    pairs = [(points[i] + points[j]) / 2 for i in range(len(points)) for j in range(i + 1, len(points))]
+    return torch.stack(pairs) if pairs else points[:0]
+
+
 #: Gathers every process's local losses ``[2q]`` into ``[P, 2q]`` in rank order (perturbation-parallel runs).
 LossGather = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
@@ -139,12 +150,17 @@ class SPSA:
         samples: int = 1,
         sample_offset: int = 0,
         max_move: Optional[float] = None,
+        average_from: Optional[int] = None,
     ) -> None:
         self.param = PARAMETRIZATIONS[parametrization]
         self.x = self.param.init(alpha0.double())
         self.c, self.gamma, self.a, self.A = c, gamma, a, A
         self.seed, self.samples, self.sample_offset = seed, samples, sample_offset
         self.max_move = max_move
+        #: iterates after the updates of steps ``average_from`` … are averaged (Polyak–Ruppert); None: none are
+        self.average_from = average_from
+        self.alpha_sum: Optional[torch.Tensor] = None
+        self.averaged_steps = 0
         self.t = 0
         self.rejections = 0
         #: halved by every rejected step: the next evaluations stay closer to the last good α
@@ -153,6 +169,15 @@ class SPSA:
     @property
     def alpha(self) -> torch.Tensor:
         return self.param.alpha(self.x)
+
+    @property
+    def result(self) -> torch.Tensor:
+        """The search's answer: the average of the averaged iterates' α, or the current α when none is averaged yet."""
+        return self.alpha if self.alpha_sum is None else self.alpha_sum / self.averaged_steps
+
+    def restart(self, alpha: torch.Tensor) -> None:
+        """Move the start to ``alpha`` (e.g. the best of screened candidates), before any step."""
+        self.x = self.param.init(alpha.double())
 
     def c_t(self, t: int) -> float:
         return self.c * self.shrink / (t + 1) ** self.gamma
@@ -240,6 +265,9 @@ class SPSA:
             if self.max_move is not None:
                 move = move.clamp(-self.max_move, self.max_move)
             self.x = self.param.project(self.x - move)
+        if self.average_from is not None and self.t >= self.average_from:
+            self.alpha_sum = self.alpha.clone() if self.alpha_sum is None else self.alpha_sum + self.alpha
+            self.averaged_steps += 1
         record = StepRecord(self.t, lp, lm, self.alpha.clone(), rejected)
         self.t += 1
         return record
@@ -247,9 +275,14 @@ class SPSA:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where this optimiser is (Δ is a function of the step)."""
         return {"x": self.x.tolist(), "t": self.t, "a": self.a, "max_move": self.max_move,
-                "rejections": self.rejections, "shrink": self.shrink}
+                "rejections": self.rejections, "shrink": self.shrink,
+                "alpha_sum": None if self.alpha_sum is None else self.alpha_sum.tolist(),
+                "averaged_steps": self.averaged_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.x = torch.tensor(state["x"], dtype=torch.float64)
         self.t, self.a, self.max_move = int(state["t"]), state["a"], state["max_move"]
         self.rejections, self.shrink = int(state["rejections"]), float(state["shrink"])
+        total = state["alpha_sum"]
+        self.alpha_sum = None if total is None else torch.tensor(total, dtype=torch.float64)
+        self.averaged_steps = int(state["averaged_steps"])

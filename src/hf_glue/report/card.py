@@ -54,7 +54,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         title=result.get("model_name") or f"GLUE merge of {len(experts)} experts",
         method=result["method"],
         method_pretty=method["pretty_name"],
-        method_description=method["description"],
+        method_description=_describe(method["description"], result.get("details") or {}),
         experts=experts,
         granularity=result["granularity"],
         group_rows=[{"group": g, "values": [row[e["name"]] for e in result["experts"]]} for g, row in groups.items()],
@@ -76,6 +76,14 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         versions=result.get("versions", {}),
     )
     return str(card)
+
+
+def _describe(description: str, details: dict) -> str:
+    """The method's description, and a black-box search's settings when the result records them (cma, nevergrad)."""
+    if "optimizer" not in details:
+        return description
+    return (f"{description}; search: {_code(details['optimizer'])}, {details['generations']} generations of up to "
+            f"{details['population']} candidates, initial step size {details['initial_step']:g}")
 
 
 def _fmt_number(value) -> str:

@@ -66,7 +66,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     columns += ["forward", "backward", "seconds", PEAK_COLUMN]
     rows = []
     for s in report["summary"]:
-        row = [" ".join(f"{v:.2f}" for v in s["coefficients"].values()), _fmt(s["merged"].get(metric)),
+        row = [" ".join(f"{v:.2f}" for v in s["coefficients"].values()) or "–", _fmt(s["merged"].get(metric)),
                _fmt(s["merged"].get("loss"))]
         if finetuned:
             row.append(_fmt((s["finetuned"] or {}).get(metric)))

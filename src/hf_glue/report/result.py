@@ -42,6 +42,8 @@ class MergeResult:
     eval: dict[str, float] = field(default_factory=dict)
     eval_before: Optional[dict[str, float]] = None
     eval_after: Optional[dict[str, float]] = None
+    #: held-out metrics during fine-tuning ({"step", metrics...}), when the Trainer evaluated at steps
+    finetune_curve: list[dict] = field(default_factory=list)
     forward_passes: int = 0
     backward_passes: int = 0
     seconds: float = 0.0
@@ -83,6 +85,8 @@ class MergeResult:
             out["eval_before"] = self.eval_before
         if self.eval_after is not None:
             out["eval_after"] = self.eval_after
+        if self.finetune_curve:
+            out["finetune_curve"] = self.finetune_curve
         if self.details:
             out["details"] = self.details
         if self.model_name:

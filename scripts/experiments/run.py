@@ -1,0 +1,156 @@
+"""Reproduce a table of docs/results.md: build a real expert set, then run `hf-glue compare` on it per seed and budget.
+
+    python scripts/experiments/run.py text|images|label-skew [--quick] [--seeds 0 1 2 3 4]
+
+1. The setup's base model is made (MiniLM from its package, or a ViT pretrained on Fashion-MNIST) and each expert
+   fine-tuned from it on its domain; base and experts are published into a local Hugging Face cache
+   (WORKDIR/hub) as ``exp/<setup>-<name>``, so `hf-glue` resolves them by repo id with HF_HUB_OFFLINE=1.
+2. For every seed and budget, the target's rows for that seed (a seeded sample of the budget's size) are
+   published as a dataset, and `hf-glue compare` runs every method on it — the users' own path — once at model
+   granularity (with the base as a --baselines start and every expert alone) and once for GLUE at block
+   granularity. Built models and finished compare outputs are reused when the command is run again.
+3. report.py turns the compare.json files into the tables and the time-to-accuracy plot (WORKDIR/report/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import data  # noqa: E402
+import report  # noqa: E402
+from setups import SETUPS, Budget, Setup  # noqa: E402
+
+METHODS = ["glue", "uniform", "data-size", "proxy", "full-gradient", "cma", "nevergrad"]
+QUICK_METHODS = ["glue", "uniform", "cma"]
+
+
+def hub_env(workdir: Path) -> dict:
+    """The environment that makes repo ids resolve from WORKDIR's cache, offline."""
+    return {**os.environ, "HF_HUB_CACHE": str(workdir / "hub"), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def build(setup: Setup, workdir: Path, quick: bool) -> dict:
+    """Base and experts, trained once and published into WORKDIR/hub; returns their repo ids."""
+    from hf_glue.testing import publish_to_cache
+    from train import train_model
+
+    models = workdir / "models"
+    ids = {"base": f"exp/{setup.name}-base", "experts": [f"exp/{setup.name}-{n}" for n in setup.experts]}
+    base = models / "base"
+    if not (base / "config.json").is_file():
+        print(f"[{setup.name}] making the base model", flush=True)
+        setup.make_base(base)
+    publish_to_cache(base, ids["base"], workdir / "hub")
+    for (name, rows), repo_id in zip(setup.experts.items(), ids["experts"]):
+        folder = models / name
+        if not (folder / "config.json").is_file():
+            from transformers import AutoConfig
+            from hf_glue.tasks import detect_task
+
+            start = time.perf_counter()
+            task = detect_task(AutoConfig.from_pretrained(base).to_dict(), None)
+            model = task.model_class().from_pretrained(base)
+            processor = task.load_processor(base)
+            train_model(model, processor, rows, epochs=setup.expert_epochs, lr=setup.expert_lr,
+                        batch_size=setup.batch_size, seed=0, max_length=setup.max_length)
+            tmp = folder.with_name(folder.name + ".tmp")
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            tmp.rename(folder)
+            print(f"[{setup.name}] expert {name}: {len(rows)} rows, {time.perf_counter() - start:.0f} s", flush=True)
+        publish_to_cache(folder, repo_id, workdir / "hub")
+    return ids
+
+
+def target(setup: Setup, budget: Budget, seed: int, workdir: Path) -> str:
+    """Publish the seed's target sample for a budget (train: ``budget.rows`` rows; test: fixed) as a dataset."""
+    from hf_glue.testing import publish_to_cache
+
+    folder = workdir / "targets" / f"{budget.name}-s{seed}"
+    if not folder.is_dir():
+        rows = list(setup.target_pool)
+        random.Random(1000 + seed).shuffle(rows)
+        data.save_dataset_dict(rows[:budget.rows], setup.target_test, folder)
+    repo_id = f"exp/{setup.name}-target-{budget.name}-s{seed}"
+    publish_to_cache(folder, repo_id, workdir / "hub", repo_type="dataset")
+    return repo_id
+
+
+def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, out: Path, workdir: Path,
+            methods: list[str], granularity: str, quick: bool) -> Path:
+    """One `hf-glue compare` run (skipped when its compare.json exists); returns its output folder."""
+    if (out / "compare.json").is_file():
+        return out
+    args = ["--experts", *ids["experts"], "--dataset", dataset, "--data-sizes", *map(str, setup.data_sizes),
+            "--methods", *methods, "--granularity", granularity, "--seeds", str(seed),
+            "--batch-size", str(min(setup.batch_size, budget.rows)), "--finetune-epochs", str(budget.epochs),
+            "--learning-rate", str(setup.finetune_lr), "--cpu", "--output-dir", str(out), *setup.extra_args]
+    if quick:
+        args += ["--steps", "4", "--proxy-batches", "1"]
+    if granularity == "model":
+        args += ["--baselines", ids["base"]]
+    else:
+        args += ["--no-include-experts"]
+    if budget.eval_steps:
+        training_args = out.parent / f"training-args-{granularity}.json"
+        training_args.parent.mkdir(parents=True, exist_ok=True)
+        training_args.write_text(json.dumps({"eval_strategy": "steps", "eval_steps": budget.eval_steps}))
+        args += ["--training-args", str(training_args)]
+    command = [sys.executable, "-m", "hf_glue", "compare", *args]
+    print(f"[{setup.name}] {budget.name} seed {seed} {granularity}: hf-glue compare {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=hub_env(workdir), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"hf-glue compare failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    print(f"[{setup.name}]   done in {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setup", choices=sorted(SETUPS))
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes, one seed: a smoke test of the whole path.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: 0-4; --quick: 0).")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="Where models, the local hub cache and compare outputs go (default: "
+                             "./experiments/<setup>[-quick]); re-running reuses what is there.")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"Methods to compare (default: {' '.join(METHODS)}; --quick: {' '.join(QUICK_METHODS)}).")
+    parser.add_argument("--data-cache", type=Path, default=None, help="Where package downloads are kept.")
+    args = parser.parse_args(argv)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
+    workdir = (args.workdir or Path("experiments") / (args.setup + ("-quick" if args.quick else ""))).resolve()
+    cache = args.data_cache or data.default_cache()
+    os.environ.update({k: v for k, v in hub_env(workdir).items() if k.startswith(("HF_", "TOKENIZERS"))})
+    setup = SETUPS[args.setup](cache, args.quick)
+    ids = build(setup, workdir, args.quick)
+    methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
+    outputs = []
+    for budget in setup.budgets:
+        for seed in seeds:
+            dataset = target(setup, budget, seed, workdir)
+            runs = workdir / "runs" / budget.name / f"seed{seed}"
+            outputs.append((budget, seed, compare(setup, ids, dataset, budget, seed, runs / "model", workdir,
+                                                  methods, "model", args.quick)))
+            outputs.append((budget, seed, compare(setup, ids, dataset, budget, seed, runs / "block", workdir,
+                                                  ["glue"], "block", args.quick)))
+    text = report.write(setup, outputs, seeds, workdir / "report", command=" ".join(
+        ["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
+        + ["--seeds", *map(str, seeds)]))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

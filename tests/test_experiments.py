@@ -1,0 +1,33 @@
+"""Smoke tests of the real-data experiments (scripts/experiments/run.py --quick): packaged data → experts fine-tuned
+from the real base → local hub cache → `hf-glue compare` → the results table, for every setup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_ENV
+
+RUN = Path(__file__).resolve().parents[1] / "scripts" / "experiments" / "run.py"
+
+
+@pytest.mark.parametrize("setup", ["text", "images", "label-skew"])
+def test_quick_experiment_runs_end_to_end(setup, tmp_path):
+    env = {**os.environ, **TEST_ENV}
+    env.pop("HF_HUB_CACHE")  # run.py points the hub cache at its own work folder
+    proc = subprocess.run([sys.executable, str(RUN), setup, "--quick", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "report" / f"{setup}.json").read_text())["small"]
+    assert {"base model", "best single expert", "uniform", "GLUE (model)"} <= set(summary)
+    glue = summary["GLUE (model)"]
+    assert glue["forward_passes"] > 0 and len(glue["merged"]) == len(glue["finetuned"]) == 1
+    assert all(0.0 <= v <= 1.0 for v in glue["merged"] + glue["finetuned"])
+    assert abs(sum(glue["coefficients"][0].values()) - 1.0) < 1e-6
+    table = (tmp_path / "report" / f"{setup}.md").read_text()
+    assert "| GLUE (model) |" in table and f"run.py {setup} --quick" in table
