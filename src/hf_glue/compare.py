@@ -49,19 +49,18 @@ def run_compare(
     out_dir = Path(compare_config.output_dir)
     check_output_dir(out_dir, compare_config.overwrite_output_dir,
                      input_paths(experts_config.experts, data_config.dataset), marker=COMPARE_FILE)
-    baselines = _resolve_baselines(compare_config.baselines, experts_config.experts)  # metadata: fails early
+    baselines = _resolve_baselines(compare_config.baselines, experts_config, data_config)  # metadata: fails early
     prep = prepare(experts_config, data_config, glue_config)
     finetuning = finetune_config.finetune_epochs > 0
     entries = [(m, m) for m in methods]
     if compare_config.include_experts:
         entries += [(f"expert: {name}", k) for k, name in enumerate(prep.matrix.expert_names)]
     runs = []
-    if baselines:
-        baseline_params = _load_baselines(prep, baselines)
-        runs += [_baseline_run(prep, glue_config, finetune_config, name, params, seed)
-                 for name, params in baseline_params.items()
+    for baseline in baselines:  # one at a time: a baseline is a whole model beside the experts' matrix
+        params = _load_baseline(prep, baseline)
+        runs += [_baseline_run(prep, glue_config, finetune_config, baseline.name, params, seed)
                  for seed in (compare_config.seeds if finetuning else compare_config.seeds[:1])]
-        del baseline_params
+        del params
     for label, what in entries:
         seeded = finetuning or (isinstance(what, str) and what in ("glue", "full-gradient", "cma", "nevergrad"))
         for seed in compare_config.seeds if seeded else compare_config.seeds[:1]:
@@ -106,34 +105,45 @@ def _one_hot(prep, k: int) -> MethodOutput:
     return MethodOutput(alpha=alpha, peak_memory_bytes=peak_memory_bytes(prep.matrix.device))
 
 
-def _resolve_baselines(specs: list[str], experts: list[str]) -> list:
-    """The --baselines checkpoints' metadata (configs, weight headers): unknown repos fail before any download."""
-    from .io.experts import resolve_experts
+def _resolve_baselines(specs: list[str], experts_config: ExpertsConfig, data_config: DataConfig) -> list:
+    """The --baselines checkpoints' metadata, checked against the first expert's architecture before any weight is
+    downloaded or loaded."""
+    from .io.experts import check_compatible, resolve_experts
+    from .tasks import detect_task
 
-    clash = sorted(set(specs) & set(experts))
+    if not specs:
+        return []
+    clash = sorted(set(specs) & set(experts_config.experts))
     if clash:
         raise GlueError(f"--baselines {clash[0]!r} is also an expert; each expert is already scored alone.")
-    return resolve_experts(specs, what="baseline") if specs else []
+    baselines = resolve_experts(specs, what="baseline", minimum=1)
+    reference = resolve_experts(experts_config.experts[:1], minimum=1)[0]
+    task = detect_task(reference.config, data_config.task)
+    try:
+        check_compatible([reference, *baselines], task.model_class(), experts_config.trust_remote_code)
+    except GlueError as err:
+        raise GlueError(f"--baselines: {err}") from None
+    return baselines
 
 
-def _load_baselines(prep, baselines: list) -> dict[str, dict[str, torch.Tensor]]:
-    """Each baseline's weights in the experts' parameter names, dtype and device; refuses another architecture."""
-    from .io.experts import check_compatible, fetch_weights, read_through_transformers
+def _load_baseline(prep, baseline) -> dict[str, torch.Tensor]:
+    """A baseline's weights in the experts' parameter names, dtype and device; refuses one that lacks any of the
+    model's parameters (e.g. a checkpoint without the task head)."""
+    from .io.experts import fetch_weights, read_through_transformers
 
     cfg = prep.experts_config
-    fetch_weights(baselines, cfg.allow_pickle)
-    model_class = prep.task.model_class()
-    check_compatible([prep.experts[0], *baselines], model_class, cfg.trust_remote_code)
-    if prep.experts[0].loader is not None:  # the experts were read through transformers: read these the same way
-        read_through_transformers(baselines, model_class, cfg.trust_remote_code)
+    fetch_weights([baseline], cfg.allow_pickle)
+    if prep.experts[0].loader is not None:  # the experts were read through transformers: read it the same way
+        read_through_transformers([baseline], prep.task.model_class(), cfg.trust_remote_code)
     dtypes = {s.dtype for s in prep.matrix.slots.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     device = prep.matrix.device
-    out = {}
-    for b in baselines:
-        tensors = b.loader() if b.loader is not None else dict(b.iter_tensors())
-        out[b.name] = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
-    return out
+    tensors = baseline.loader() if baseline.loader is not None else dict(baseline.iter_tensors())
+    missing = [name for name, _ in prep.model.named_parameters() if name not in tensors]
+    if missing:
+        raise GlueError(f"baseline {baseline.name!r} lacks parameter {missing[0]!r} of {type(prep.model).__name__} "
+                        f"({len(missing)} missing): pass a checkpoint of the experts' class, task head included.")
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
 
 
 def _baseline_run(prep, glue_config: GlueConfig, finetune_config: FinetuneConfig, name: str,

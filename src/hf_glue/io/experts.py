@@ -105,11 +105,11 @@ class Expert:
                 del state
 
 
-def resolve_experts(specs: Sequence[str], what: str = "expert") -> list[Expert]:
+def resolve_experts(specs: Sequence[str], what: str = "expert", minimum: int = 2) -> list[Expert]:
     """Pin every expert and fetch only its metadata files; fails fast on missing repos or configs.
 
-    ``what``: the word errors use (``baseline`` for compare's --baselines, which may be a single checkpoint)."""
-    if what == "expert" and len(specs) < 2:
+    ``what``: the word errors use (``baseline`` for compare's --baselines); ``minimum``: how many must be given."""
+    if len(specs) < minimum:
         raise GlueError(f"GLUE merges at least two experts; got {len(specs)} ({list(specs)}). Pass --experts A B ...")
     experts: list[Expert] = []
     for spec in specs:

@@ -74,13 +74,10 @@ class Glue(MergeMethod):
 
         batches = CountingIterator(ctx.batches)
 
-        def losses_on(alphas: torch.Tensor, batch: dict) -> torch.Tensor:
-            # data-parallel: the global batch's losses (summed over processes); perturbation-parallel: this
-            # process's models on the shared batch (gathered by the optimiser; identical on every process)
-            return ctx.objective.losses(alphas, batch, reduce=not perturbation_parallel)
-
         def loss_fn(alphas: torch.Tensor) -> torch.Tensor:
-            return losses_on(alphas, next(batches))
+            # data-parallel: the global batch's losses (summed over processes); perturbation-parallel: this
+            # process's models on the shared batch, gathered by the optimiser
+            return ctx.objective.losses(alphas, next(batches), reduce=not perturbation_parallel)
 
         ckpt = ctx.checkpoint
         history: list[dict] = []
@@ -95,7 +92,11 @@ class Glue(MergeMethod):
             details["resumed_at_step"] = spsa.t
         else:
             if cfg.screen_batches > 0:
-                start_alpha, details["screening"] = self._screen(spsa.alpha, losses_on, batches, cfg)
+                start_alpha, details["screening"] = self._screen(spsa.alpha, ctx.objective, batches, cfg)
+                if cfg.parametrization == "softmax":
+                    # a one-hot start is a logit of log(0): softmax's gradient there is ~0 and the search would
+                    # never leave it; keep a tenth of the mass spread evenly
+                    start_alpha = 0.9 * start_alpha + 0.1 / matrix.num_experts
                 spsa.restart(start_alpha)
                 details["start"] = matrix.summarize(start_alpha)
             if spsa.a is None:
@@ -127,16 +128,20 @@ class Glue(MergeMethod):
                 if signum is not None:
                     bar.close()
                     raise SearchInterrupted(spsa.t, cfg.steps, signum, ckpt.folder if ckpt is not None else None)
+        if spsa.averaged_steps:
+            details["averaged_steps"] = spsa.averaged_steps  # the result is the mean α of the last steps' iterates
         return MethodOutput(alpha=spsa.result.clone(), history=history, details=details,
                             prior_forward_passes=prior["forward_passes"], prior_seconds=prior["seconds"])
 
     @staticmethod
-    def _screen(init: torch.Tensor, losses_on, batches: CountingIterator, cfg) -> tuple[torch.Tensor, dict]:
+    def _screen(init: torch.Tensor, objective, batches: CountingIterator, cfg) -> tuple[torch.Tensor, dict]:
         """The start with the lowest mean loss over ``cfg.screen_batches`` train batches among the --init α, every
         expert alone and the even blends of the three best of those (all scored on the same batches).
 
         Local descent from one start can settle in a poor basin (a blend of the wrong experts); these few points
-        show which region holds the good ones. Models are scored 2·q at a time, as an SPSA step holds them.
+        show which region holds the good ones. Models are scored 2·q at a time, as an SPSA step holds them. Losses
+        are of the global batch (summed over processes, in perturbation-parallel mode too), so every process
+        picks the same start.
         """
         drawn = [next(batches) for _ in range(cfg.screen_batches)]
         chunk = 2 * cfg.spsa_samples
@@ -144,7 +149,7 @@ class Glue(MergeMethod):
         def mean_losses(points: torch.Tensor) -> torch.Tensor:
             total = torch.zeros(len(points), dtype=torch.float64)
             for batch in drawn:
-                total += torch.cat([losses_on(points[i:i + chunk], batch).double()
+                total += torch.cat([objective.losses(points[i:i + chunk], batch).double()
                                     for i in range(0, len(points), chunk)])
             return torch.nan_to_num(total / len(drawn), nan=math.inf)
 

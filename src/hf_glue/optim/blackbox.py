@@ -12,6 +12,9 @@ One ask/tell loop (`run_search`) drives every optimiser through the small `AskTe
 - **Budget.** Exactly GLUE's forward passes with the same config (`glue_budget`: its steps, its gain calibration
   and its start screening), so `hf-glue compare` sets them side by side at equal cost. It is split into
   ⌈budget / λ⌉ generations of λ or λ − 1 candidates, λ ≤ 4 + ⌊3 ln(G·K)⌋ (the CMA-ES default population).
+  With --parallel perturbation on P processes the count is one process's (as GLUE's is), but GLUE's processes
+  score P·2q distinct models a step while every process here scores the same candidates: compare the methods
+  at equal cost in data-parallel mode.
 - **Step size.** The initial standard deviation per coordinate (`initial_step`) follows pycma's guidance that the
   optimum lie within x0 ± 3σ0: 0.3 on α (each α lies in [0, 1]), 1.0 on logits (±3 spans α from even to one
   expert holding nearly all); --first-step sets it instead.
