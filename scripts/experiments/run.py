@@ -67,11 +67,21 @@ def build(setup: Setup, workdir: Path, quick: bool) -> dict:
                         batch_size=setup.batch_size, seed=0, max_length=setup.max_length)
             tmp = folder.with_name(folder.name + ".tmp")
             model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
+            copy_processor(base, tmp)
             tmp.rename(folder)
             print(f"[{setup.name}] expert {name}: {len(rows)} rows, {time.perf_counter() - start:.0f} s", flush=True)
         publish_to_cache(folder, repo_id, workdir / "hub")
     return ids
+
+
+def copy_processor(base: Path, folder: Path) -> None:
+    """The base's tokenizer / image-processor files, byte for byte (a re-saved tokenizer records the truncation
+    it was last used with, and hf-glue rightly refuses experts whose tokenizer files differ)."""
+    import shutil
+
+    for f in base.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy2(f, folder / f.name)
 
 
 def target(setup: Setup, budget: Budget, seed: int, workdir: Path) -> str:

@@ -86,7 +86,7 @@ def text(cache: Path, quick: bool) -> Setup:
         target_pool=_take(train, 4000, 1),
         target_test=_take(test, 32 if quick else len(test), 2),
         budgets=[Budget("small", 16, 1)] if quick else
-                [Budget("small", 32, 1), Budget("large", 256, 2, eval_steps=32)],
+                [Budget("small", 32, 1), Budget("large", 256, 1, eval_steps=8)],
         expert_epochs=1,
         expert_lr=1e-4,
         finetune_lr=5e-5,

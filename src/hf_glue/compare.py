@@ -72,7 +72,7 @@ def run_compare(
             result = to_result(prep, config, out)
             if finetuning:
                 result.model = blended_model(prep, result.alpha)
-                finetune_result(prep, result, finetune_config, seed)
+                finetune_result(prep, result, finetune_config, seed, before=result.eval)  # measured just now
             runs.append({
                 "method": label,
                 "seed": seed,
@@ -162,7 +162,7 @@ def _baseline_run(prep, glue_config: GlueConfig, finetune_config: FinetuneConfig
         result.model = copy.deepcopy(prep.model)
         result.model.load_state_dict({k: v.clone() for k, v in params.items()}, strict=False, assign=True)
         result.model.tie_weights()
-        finetune_result(prep, result, finetune_config, seed)
+        finetune_result(prep, result, finetune_config, seed, before=merged)
     return {"method": f"model: {name}", "seed": seed, "coefficients": {}, "merged": merged,
             "finetuned": result.eval_after, "finetune_curve": result.finetune_curve, "forward_passes": 0,
             "backward_passes": 0, "seconds": 0.0, "peak_memory_bytes": None, "memory_before_bytes": None}

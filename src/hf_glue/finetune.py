@@ -41,11 +41,13 @@ def finetune(
     model_config: dict,
     seed: int = 0,
     cpu: bool = False,
+    before: Optional[dict[str, float]] = None,
 ) -> tuple[Any, dict[str, float], dict[str, float], list[dict]]:
     """Train ``model`` in place for ``config.finetune_epochs``; returns (model, eval before, eval after, curve).
 
     ``curve`` holds the held-out metrics at each step the Trainer evaluated during training (with
-    ``eval_strategy: steps`` in --training-args; empty otherwise): how fast a start reaches a given accuracy."""
+    ``eval_strategy: steps`` in --training-args; empty otherwise): how fast a start reaches a given accuracy.
+    ``before``: the start's held-out metrics when the caller has them already (no second evaluation)."""
     from transformers import Trainer, TrainingArguments
 
     overrides = read_training_args(config.training_args)
@@ -74,11 +76,15 @@ def finetune(
             data_collator=task.collator(processor),
             compute_metrics=task.compute_metrics(model_config),
         )
-        before = _clean(trainer.evaluate(), task)
+        if before is None:
+            before = _clean(trainer.evaluate(), task)
         trainer.train()
         curve = [{"step": entry["step"], **_clean(entry, task)} for entry in trainer.state.log_history
                  if "eval_loss" in entry]
-        after = _clean(trainer.evaluate(), task)
+        if curve and curve[-1]["step"] == trainer.state.global_step:  # evaluated at the last step already
+            after = {k: v for k, v in curve[-1].items() if k != "step"}
+        else:
+            after = _clean(trainer.evaluate(), task)
     model.eval()
     return model, before, after, curve
 

@@ -277,13 +277,15 @@ def blended_model(prep: Prepared, alpha: torch.Tensor) -> torch.nn.Module:
     return model
 
 
-def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig, seed: int) -> MergeResult:
-    """Fine-tune ``result.model`` with the Trainer; records ``eval_before`` / ``eval_after``."""
+def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig, seed: int,
+                    before: Optional[dict] = None) -> MergeResult:
+    """Fine-tune ``result.model`` with the Trainer; records ``eval_before`` / ``eval_after`` (``before``: the
+    start's held-out metrics, when already measured)."""
     from .finetune import finetune
 
     result.model, result.eval_before, result.eval_after, result.finetune_curve = finetune(
         result.model, prep.task, prep.processor, prep.train, prep.eval, config, prep.experts[0].config,
-        seed=seed, cpu=prep.experts_config.cpu,
+        seed=seed, cpu=prep.experts_config.cpu, before=before,
     )
     result.config["finetune"] = asdict(config)
     return result
