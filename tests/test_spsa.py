@@ -278,16 +278,21 @@ def test_screening_starts_from_the_best_candidate_on_shared_batches():
     target = torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64)
     seen, sizes = [], []
 
-    def losses_on(alphas, batch):
-        seen.append(batch["id"])
-        sizes.append(len(alphas))
-        return ((alphas - target) ** 2).sum(dim=(1, 2)) + batch["id"]
+    class Objective:  # the global-batch losses of the blends ``alphas`` (a reduce over processes is a no-op here)
+        def __init__(self, flat: bool = False) -> None:
+            self.flat = flat
+
+        def losses(self, alphas, batch, reduce=True):
+            assert reduce  # screening must agree across processes: always the global batch's losses
+            seen.append(batch["id"])
+            sizes.append(len(alphas))
+            return torch.zeros(len(alphas)) if self.flat else ((alphas - target) ** 2).sum(dim=(1, 2)) + batch["id"]
 
     batches = CountingIterator(iter({"id": i} for i in range(100)))
     init = torch.full((1, 3), 1 / 3, dtype=torch.float64)
-    start, info = Glue._screen(init, losses_on, batches, GlueConfig(screen_batches=2))
+    start, info = Glue._screen(init, Objective(), batches, GlueConfig(screen_batches=2))
     torch.testing.assert_close(start, target)  # a blend of two experts, not a vertex, not the start
     assert batches.count == 2 and set(seen) == {0, 1} and max(sizes) <= 2
     assert info["candidates"] == 7 and info["batches"] == 2
-    flat, _ = Glue._screen(init, lambda alphas, batch: torch.zeros(len(alphas)), batches, GlueConfig())
+    flat, _ = Glue._screen(init, Objective(flat=True), batches, GlueConfig())
     assert torch.equal(flat, init)

@@ -67,6 +67,9 @@ def write(setup, outputs: list, seeds: list[int], folder: Path, command: str) ->
     summary: dict = {}
     for budget in setup.budgets:
         runs = table.get(budget.name, {})
+        if not runs:
+            continue
+        budget_seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
         experts = {k: v for k, v in runs.items() if k.startswith("expert ")}
         best = max(experts, key=lambda k: _mean(experts[k], "merged")) if experts else None
         labels = {**runs, **({"best single expert": experts[best]} if best else {})}
@@ -75,7 +78,7 @@ def write(setup, outputs: list, seeds: list[int], folder: Path, command: str) ->
         lines += [f"**Budget {budget.name}**: {budget.rows} target rows for the search and for fine-tuning "
                   + ("(the whole train split: the seeds vary the search and the fine-tuning, not the rows)"
                      if everything else "(a different sample for each seed)")
-                  + f", {budget.epochs:g} epoch(s); held-out {METRIC} (%) over seeds {seeds}, mean ± std."
+                  + f", {budget.epochs:g} epoch(s); held-out {METRIC} (%) over seeds {budget_seeds}, mean ± std."
                   + (f" Best single expert: {best[len('expert '):]}, chosen by its merged mean on the test split "
                      "(an oracle choice; `proxy` chooses from the target's train rows)." if best else ""), "",
                   f"| start | merged | fine-tuned | forward passes | backward passes | search seconds |",

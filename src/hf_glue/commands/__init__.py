@@ -13,18 +13,23 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from ..config import hub_environment
-from ..errors import GlueError
-from ..io.checkpoint import SearchInterrupted
-from . import blend, card, compare, merge, push
-from .parsing import GlueArgumentParser, add_command_parser
+import importlib
+from types import ModuleType
 
-#: name → module with HELP, DESCRIPTION, CONFIGS, run(args, parser) and optionally add_arguments(parser)
-COMMANDS = {"merge": merge, "compare": compare, "blend": blend, "push": push, "card": card}
+#: the subcommands; each is a module with HELP, DESCRIPTION, CONFIGS, run(args, parser) and optionally
+#: add_arguments(parser), imported when the parser is built (``--version`` needs none of them, nor transformers)
+COMMANDS = ("merge", "compare", "blend", "push", "card")
+
+
+def command(name: str) -> ModuleType:
+    """The module of subcommand ``name``."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from importlib.metadata import version
+
+    from .parsing import GlueArgumentParser, add_command_parser
 
     parser = argparse.ArgumentParser(
         prog="hf-glue",
@@ -34,7 +39,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("--version", action="version", version=f"hf-glue {version('hf-glue')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=GlueArgumentParser)
     parsers = {}
-    for name, module in COMMANDS.items():
+    for name in COMMANDS:
+        module = command(name)
         parsers[name] = add_command_parser(subparsers, name, module.HELP, module.DESCRIPTION, module.CONFIGS)
         if hasattr(module, "add_arguments"):
             module.add_arguments(parsers[name])
@@ -42,9 +48,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..io import hub
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # answered before torch and transformers are imported
+        from importlib.metadata import version
+
+        print(f"hf-glue {version('hf-glue')}")
+        return 0
+    from ..config import hub_environment
+    from ..errors import GlueError
+    from ..io import hub
+    from ..io.checkpoint import SearchInterrupted
+
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         guess = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
         hint = f"did you mean {guess[0]}?" if guess else f"choose one of {', '.join(COMMANDS)}."
@@ -58,12 +72,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = argv[0]
     hub.new_run()
     try:
-        return COMMANDS[name].run(argv[1:], parsers[name])
+        return command(name).run(argv[1:], parsers[name])
     except GlueError as err:
         print(f"hf-glue {name}: error: {err}", file=sys.stderr)
         return 1
     except SearchInterrupted as stop:
-        if merge.is_main_process():
+        if command("merge").is_main_process():
             again = hub_environment() + shlex.join(["hf-glue", name, *argv[1:]]
                                                    + ([] if "--resume" in argv else ["--resume"]))
             print(f"hf-glue {name}: {stop}; nothing else was written. Resume with: {again}", file=sys.stderr)

@@ -18,7 +18,10 @@ CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, CompareConfig)
 
 def run(args: list[str], parser) -> int:
     from ..compare import run_compare
+    from ..errors import GlueError
 
+    if any(a == "--method" or a.startswith("--method=") for a in args):  # GlueConfig's field, unused by compare
+        raise GlueError("compare runs every method in --methods (plural); --method has no effect here.")
     experts, data, glue, finetune, compare, _ = build_configs(parser, CONFIGS, args)
     run_compare(experts, data, glue, finetune, compare)
     return 0

@@ -51,7 +51,8 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        title=result.get("model_name") or f"GLUE merge of {len(experts)} experts",
+        title=result.get("model_name") or (f"GLUE merge of {len(experts)} experts" if result["method"] == "glue" else
+                                           f"Merge of {len(experts)} experts ({method['pretty_name']})"),
         method=result["method"],
         method_pretty=method["pretty_name"],
         method_description=_describe(method["description"], result.get("details") or {}),
