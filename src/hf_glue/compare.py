@@ -14,7 +14,7 @@ import torch
 from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig
 from .errors import GlueError
 from .io.output import COMPARE_FILE, atomic_dir, check_output_dir, input_paths, strict_json
-from .methods import MethodOutput, check_method
+from .methods import MethodOutput, check_method, get_method
 from .engine.memory import memory_in_use, peak_memory_bytes, reset_peak_memory
 from .report.comparison import build_report, format_table, plot_comparison
 
@@ -62,7 +62,7 @@ def run_compare(
                  for seed in (compare_config.seeds if finetuning else compare_config.seeds[:1])]
         del params
     for label, what in entries:
-        seeded = finetuning or (isinstance(what, str) and what in ("glue", "full-gradient", "cma", "nevergrad"))
+        seeded = finetuning or (isinstance(what, str) and get_method(what).seeded)
         for seed in compare_config.seeds if seeded else compare_config.seeds[:1]:
             config = replace(glue_config, method=what if isinstance(what, str) else "uniform", seed=seed)
             before = memory_in_use(prep.matrix.device)  # the loaded experts (and whatever earlier runs kept)
@@ -135,8 +135,7 @@ def _load_baseline(prep, baseline) -> dict[str, torch.Tensor]:
     fetch_weights([baseline], cfg.allow_pickle)
     if prep.experts[0].loader is not None:  # the experts were read through transformers: read it the same way
         read_through_transformers([baseline], prep.task.model_class(), cfg.trust_remote_code)
-    dtypes = {s.dtype for s in prep.matrix.slots.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    dtype = prep.matrix.model_dtype
     device = prep.matrix.device
     tensors = baseline.loader() if baseline.loader is not None else dict(baseline.iter_tensors())
     missing = [name for name, _ in prep.model.named_parameters() if name not in tensors]

@@ -154,8 +154,7 @@ def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_c
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(expert.repo.path, trust_remote_code=trust_remote_code)
-    dtypes = {s.dtype for s in matrix.slots.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    dtype = matrix.model_dtype
     with init_empty_weights(include_buffers=False):
         model = task.model_class().from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.tie_weights()  # from_config leaves meta parameters untied; functional_call(tie_weights=True) needs it

@@ -147,6 +147,12 @@ class ExpertMatrix:
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype a model holding the blend uses: the experts' one float dtype, float32 when they mix several."""
+        dtypes = {s.dtype for s in self.slots.values()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
     def group_sizes(self) -> torch.Tensor:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
         return self._group_sizes

@@ -61,6 +61,8 @@ class MergeMethod(ABC):
     reference_url: ClassVar[Optional[str]] = None
     #: optional packages the method runs on (their versions are recorded in the result)
     packages: ClassVar[tuple[str, ...]] = ()
+    #: whether α depends on --seed (data order, perturbations): compare then runs the method once per seed
+    seeded: ClassVar[bool] = False
 
     def check_available(self) -> None:
         """Raise a `GlueError` naming what to install when an optional package the method needs is missing

@@ -26,6 +26,7 @@ def loss_and_grad(objective, param: Parametrization, x: torch.Tensor, batch: dic
 @register_method
 class FullGradient(MergeMethod):
     name = "full-gradient"
+    seeded = True
     pretty_name = "Full-gradient mixing"
     description = "coefficients optimised with Adam by backpropagating the target loss through the blend"
 

@@ -34,6 +34,7 @@ class CountingIterator:
 @register_method
 class Glue(MergeMethod):
     name = "glue"
+    seeded = True
     pretty_name = "GLUE (gradient-free SPSA)"
     description = "coefficients learned on the target data by two-point SPSA (two forward passes a step)"
     reference_url = "https://arxiv.org/abs/2512.22467"

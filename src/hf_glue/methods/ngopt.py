@@ -10,6 +10,7 @@ from .base import MergeContext, MergeMethod, MethodOutput, register_method
 @register_method
 class Nevergrad(MergeMethod):
     name = "nevergrad"
+    seeded = True
     pretty_name = "NGOpt (nevergrad)"
     description = ("coefficients learned on the target data by nevergrad's NGOpt (as in LoraHub), one forward "
                    "pass per candidate, with GLUE's forward-pass budget")
