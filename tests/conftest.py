@@ -111,3 +111,18 @@ def image_experts(build_root) -> dict:
     testing.publish_to_cache(data, "org/img-target", HUB_CACHE, repo_type="dataset")
     out["dataset"] = "org/img-target"
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_experts(build_root) -> dict:
+    """A tiny BERT base (org/lora-base) and three LoRA adapters of it (org/lora-{0,1,2}, domains 0-2, each with
+    its own classification head), plus a target mixing domains 0 and 1 (org/lora-mix)."""
+    base, paths = testing.build_adapters(build_root / "lora", n_experts=3, base_name="org/lora-base")
+    testing.publish_to_cache(base, "org/lora-base", HUB_CACHE)
+    ids = []
+    for d, path in enumerate(paths):
+        testing.publish_to_cache(path, f"org/lora-{d}", HUB_CACHE)
+        ids.append(f"org/lora-{d}")
+    data = testing.write_dataset(build_root / "lora-mix", "sequence-classification", domain=0, mix=[0, 1])
+    testing.publish_to_cache(data, "org/lora-mix", HUB_CACHE, repo_type="dataset")
+    return {"ids": ids, "paths": paths, "base": base, "dataset": "org/lora-mix", "data_dir": data}

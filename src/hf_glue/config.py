@@ -274,6 +274,11 @@ class ExpertsConfig:
         default="auto",
         metadata={"help": "Dtype experts are held and blended in (auto: as stored); blending accumulates in float32."},
     )
+    base_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "The base model the experts are deltas over (repo id, repo@revision or folder). For LoRA "
+                  "adapters it defaults to the base their adapter_config.json names."},
+    )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
     max_memory: Optional[str] = field(
         default=None,
@@ -342,6 +347,11 @@ class FinetuneConfig:
         default=None,
         metadata={"help": "JSON or YAML file with any other transformers.TrainingArguments fields."},
     )
+    finetune_mode: Literal["adapter", "full"] = field(
+        default="adapter",
+        metadata={"help": "For LoRA experts: adapter (train the blended adapter only: cheap; default) or full "
+                  "(fold it into the base and train every weight)."},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -359,6 +369,12 @@ class OutputConfig:
         default=None,
         metadata={"help": "Also push the output to this Hub repo (org/name); the token comes from HF_TOKEN or "
                   "`hf auth login`."},
+    )
+    save_as: Literal["merged", "adapter"] = field(
+        default="merged",
+        metadata={"help": "For LoRA experts: merged (the base with the learned blend folded in, a plain "
+                  "transformers model; default) or adapter (one PEFT LoRA adapter equal to the blend, loaded with "
+                  "PeftModel.from_pretrained(base, OUTPUT_DIR))."},
     )
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ Every check that can fail on user input runs before weights are downloaded or lo
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -20,12 +21,15 @@ from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, Outpu
 from .errors import GlueError
 from .io.checkpoint import STATE_FILE, Checkpoint, state_dir_for
 from .io.hub import check_repo_id
+from .io.adapters import is_adapter
 from .io.experts import (
     Expert,
     check_compatible,
+    expert_from_repo,
     fetch_weights,
     read_through_transformers,
     resolve_experts,
+    resolve_repos,
 )
 from .methods import MergeContext, check_method, get_method, method_info
 from .methods.base import check_data_sizes
@@ -55,6 +59,24 @@ class Prepared:
     accelerator: Any
     experts_config: ExpertsConfig
     data_config: DataConfig
+    #: the base the experts are deltas over (LoRA adapters), else None
+    base: Optional[Expert] = None
+    #: the config.json the task reads (labels, lengths): the first expert's, or the base's as the adapters use it
+    model_config: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.model_config is None:
+            self.model_config = self.experts[0].config
+
+    @property
+    def adapters(self) -> bool:
+        """Whether the experts are LoRA adapters over `base` (the matrix is an `AdapterMatrix`)."""
+        return self.base is not None
+
+    @property
+    def source_dir(self) -> Path:
+        """Where the tokenizer/processor and config come from."""
+        return (self.base or self.experts[0]).repo.path
 
 
 def make_accelerator(cpu: bool = False):
@@ -67,7 +89,7 @@ def make_accelerator(cpu: bool = False):
 
 def prepare(
     experts_config: ExpertsConfig, data_config: DataConfig, glue_config: GlueConfig, accelerator=None,
-    output_dir: Optional[str] = None,
+    output_dir: Optional[str] = None, save_as: str = "merged",
 ) -> Prepared:
     """Resolve and validate everything (``output_dir``'s free space too), then load weights into the engine."""
     accelerator = accelerator or make_accelerator(experts_config.cpu)
@@ -79,7 +101,21 @@ def prepare(
                             f"({accelerator.num_processes}).")
     # 1. metadata only: repo ids, configs, tokenizers, parameter shapes
     with accelerator.main_process_first():
-        experts = resolve_experts(experts_config.experts)
+        repos = resolve_repos(experts_config.experts)
+    is_adapter_repo = [is_adapter(r.path) for r in repos]
+    if any(is_adapter_repo):
+        if not all(is_adapter_repo):
+            adapter = repos[is_adapter_repo.index(True)].spec
+            full = repos[is_adapter_repo.index(False)].spec
+            raise GlueError(f"{adapter!r} is a LoRA adapter but {full!r} is a full checkpoint: hf-glue merges either "
+                            "adapters over one base or full experts, not a mix (yet); fold the adapters into the base "
+                            "first (`hf-glue merge` with --save-as merged on each, or PEFT's merge_and_unload).")
+        return prepare_adapters(repos, experts_config, data_config, glue_config, accelerator, output_dir)
+    if save_as == "adapter":
+        raise GlueError("--save-as adapter is for LoRA experts; full experts merge into a full model.")
+    if experts_config.base_model:
+        raise GlueError("--base-model is for LoRA adapters (their base); the experts given are full checkpoints.")
+    experts = [expert_from_repo(r) for r in repos]
     task = detect_task(experts[0].config, data_config.task)
     data_config = fit_max_length(data_config, experts[0].config)
     module_shapes = check_compatible(experts, task.model_class(), experts_config.trust_remote_code)
@@ -113,6 +149,139 @@ def prepare(
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config)
+
+
+def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConfig, glue_config: GlueConfig,
+                     accelerator, output_dir: Optional[str]) -> Prepared:
+    """`prepare` for LoRA adapters over one base: configs and shapes are checked against the base's config (and the
+    adapters' small weight files) before the base's weights are downloaded; the base is loaded once."""
+    from .engine.adapters import build_search_model
+    from .io.adapters import TASK_TYPES, check_against_base, common_base, fetch_adapter_weights, read_adapter
+
+    adapters = [read_adapter(r) for r in repos]
+    base_spec = common_base(adapters, experts_config.base_model)
+    with accelerator.main_process_first():
+        base = resolve_experts([base_spec], what="base model", minimum=1)[0]
+    task_types = {a.config.get("task_type") for a in adapters}
+    task = detect_task(base.config, data_config.task or (TASK_TYPES.get(task_types.pop()) if len(task_types) == 1
+                                                         else None))
+    with accelerator.main_process_first():
+        fetch_adapter_weights(adapters, experts_config.allow_pickle)
+    model_config = _config_for_heads(base, adapters, task, experts_config.trust_remote_code)
+    shapes = _meta_shapes(base, task, model_config, experts_config.trust_remote_code)
+    check_against_base(adapters, base_spec, shapes)
+    data_config = fit_max_length(data_config, model_config)
+    with accelerator.main_process_first():
+        target = data_mod.load_target(data_config, seed=glue_config.seed)
+    columns = task.resolve_columns(target.column_names, data_config)
+    target.check_cells(columns)
+    with accelerator.main_process_first():
+        fetch_weights([base], experts_config.allow_pickle)
+    check_free_space(output_dir, output_bytes(base.tensors.values(), torch_dtype(experts_config.dtype)))
+    check_adapter_memory(base, adapters, experts_config, data_config, glue_config, accelerator)
+    processor = task.load_processor(base.repo.path, experts_config.trust_remote_code)
+    with accelerator.main_process_first():
+        train = task.preprocess(target.train, processor, columns, data_config, model_config)
+        held_out = task.preprocess(target.eval, processor, columns, data_config, model_config)
+    base_model = _load_base(base, adapters, task, model_config, experts_config, accelerator.device)
+    model, matrix = build_search_model(base_model, adapters, glue_config.granularity)
+    objective = Objective(matrix, model, task, accelerator)
+    return Prepared(adapters, task, target, train, held_out, processor, matrix, model, objective, accelerator,
+                    experts_config, data_config, base=base, model_config=model_config)
+
+
+def _config_for_heads(base: Expert, adapters, task: Task, trust_remote_code: bool) -> dict:
+    """The base's config as the adapters use it: a classification head the adapters save with another number of
+    classes than the base's config says (a base without a head) sets ``num_labels``."""
+    head = _head_name(base, task, base.config, trust_remote_code)
+    sizes = {a.full_tensors().get(f"{head}.weight", (None,))[0] for a in adapters} - {None} if head else set()
+    if len(sizes) > 1:
+        raise GlueError(f"the adapters' saved heads ({head}) have different numbers of classes ({sorted(sizes)}); "
+                        "adapters merge only when they predict the same classes.")
+    config = dict(base.config)
+    if sizes:
+        n = sizes.pop()
+        if len(config.get("id2label") or {}) != n:
+            config.update(num_labels=n, id2label={str(i): f"LABEL_{i}" for i in range(n)},
+                          label2id={f"LABEL_{i}": i for i in range(n)})
+    return config
+
+
+def _meta_model(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base.repo.path, trust_remote_code=trust_remote_code,
+                                        **_label_overrides(base.config, model_config))
+    with torch.device("meta"):
+        return task.model_class().from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _label_overrides(original: dict, model_config: dict) -> dict:
+    keys = ("num_labels", "id2label", "label2id")
+    if all(original.get(k) == model_config.get(k) for k in keys):
+        return {}
+    return {"num_labels": model_config["num_labels"],
+            "id2label": {int(k): v for k, v in model_config["id2label"].items()},
+            "label2id": model_config["label2id"]}
+
+
+def _head_name(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> Optional[str]:
+    model = _meta_model(base, task, model_config, trust_remote_code)
+    head = task.head_module(model)
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def _meta_shapes(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> dict:
+    model = _meta_model(base, task, model_config, trust_remote_code)
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+def _load_base(base: Expert, adapters, task: Task, model_config: dict, experts_config: ExpertsConfig, device):
+    """The base model with its weights, in the run's dtype; refuses weights it lacks unless every adapter saves them
+    (a base without a classification head, adapters that each trained one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base.repo.path, trust_remote_code=experts_config.trust_remote_code,
+                                        **_label_overrides(base.config, model_config))
+    dtype = torch_dtype(experts_config.dtype) or "auto"
+    model, info = task.model_class().from_pretrained(
+        base.repo.path, config=config, dtype=dtype, trust_remote_code=experts_config.trust_remote_code,
+        output_loading_info=True, use_safetensors=not experts_config.allow_pickle or None)
+    saved_by_all = set.intersection(*(set(a.full_tensors()) for a in adapters))
+    missing = sorted(set(info.get("missing_keys") or []) - saved_by_all)
+    if missing:
+        raise GlueError(f"base model {base.name!r} lacks {missing[0]!r} ({len(missing)} such) and not every adapter "
+                        "saves it: it would be left at random init. Pass the base the adapters were trained on "
+                        "(--base-model).")
+    return model.to(device).eval()
+
+
+def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, data_config: DataConfig,
+                         glue_config: GlueConfig, accelerator) -> memory.MemoryEstimate:
+    """`check_memory` for adapters: the base once, the K adapters, 2q scaled copies of their A factors."""
+    dtype = torch_dtype(experts_config.dtype)
+    elements: dict[torch.dtype, int] = {}
+    floats = [info for info in base.tensors.values() if info.dtype.is_floating_point]
+    for info in floats:
+        elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
+    adapter_elements = sum(math.prod(s) for a in adapters for s in a.shapes.values())
+    est = memory.estimate(
+        elements, 1, base.config,
+        models_per_step=0,
+        batch_per_process=max(glue_config.batch_size // accelerator.num_processes,
+                              glue_config.eval_batch_size // accelerator.num_processes),
+        sequence_length=data_config.max_length,
+        backward=glue_config.method == "full-gradient",
+    )
+    # the adapters (float32, as PEFT holds them) and each blend's copies of them
+    est.experts += 4 * adapter_elements
+    est.blends += 4 * adapter_elements * get_method(glue_config.method).models_per_step(glue_config)
+    budget = memory.parse_size(experts_config.max_memory) if experts_config.max_memory else \
+        memory.available(accelerator.device)
+    memory.check_fits(est, budget, device=accelerator.device, dtype_is_full=all(dt == torch.float32 for dt in elements),
+                      samples=glue_config.spsa_samples,
+                      where="--max-memory" if experts_config.max_memory else "the device")
+    return est
 
 
 def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
@@ -251,7 +420,8 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
                 "experts": {k: v for k, v in asdict(prep.experts_config).items() if k != "experts"}},
         details=out.details,
         processor=prep.processor,
-        source_dir=prep.experts[0].repo.path,
+        source_dir=prep.source_dir,
+        base=({"name": prep.base.name, **prep.base.repo.to_dict()} if prep.base is not None else None),
     )
 
 
@@ -261,14 +431,20 @@ def learn(prep: Prepared, config: GlueConfig, command: str = "", checkpoint: Opt
     return to_result(prep, config, run_method(prep, config, checkpoint), command)
 
 
-def blended_model(prep: Prepared, alpha: torch.Tensor) -> torch.nn.Module:
+def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) -> torch.nn.Module:
     """A standalone model of the experts' class holding the exact θ(α) (for saving, fine-tuning, the API).
 
     The search's product buffers are freed first and the blended tensors are assigned, not copied, into a copy
-    of the template, whose parameters are on the meta device: this needs θ(α) itself and nothing more.
+    of the template, whose parameters are on the meta device: this needs θ(α) itself and nothing more. For LoRA
+    experts: a `PeftModel` whose one adapter is the blend (``consume``: built from the search model's own base
+    weights, which leaves nothing to search with; else from a copy).
     """
     import copy
 
+    if prep.adapters:
+        base = prep.base.repo
+        return prep.matrix.to_adapter_model(alpha, {"base_model_name_or_path": base.repo_id,
+                                                    "revision": base.revision}, consume=consume)
     prep.matrix.release()
     model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
     model.load_state_dict(prep.matrix.materialize(alpha), strict=False, assign=True)
@@ -282,12 +458,31 @@ def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig,
     start's held-out metrics, when already measured)."""
     from .finetune import finetune
 
+    if prep.adapters:
+        result.model = adapter_training_model(result.model, config.finetune_mode)
     result.model, result.eval_before, result.eval_after, result.finetune_curve = finetune(
-        result.model, prep.task, prep.processor, prep.train, prep.eval, config, prep.experts[0].config,
+        result.model, prep.task, prep.processor, prep.train, prep.eval, config, prep.model_config,
         seed=seed, cpu=prep.experts_config.cpu, before=before,
     )
     result.config["finetune"] = asdict(config)
     return result
+
+
+def adapter_training_model(model, mode: str):
+    """The blended adapter made trainable (``adapter``), or folded into the base for full fine-tuning (``full``)."""
+    if mode == "full":
+        return model.merge_and_unload()
+    model.base_model.set_adapter("default", inference_mode=False)  # the blend's factors and saved modules train
+    return model
+
+
+def output_model(model, save_as: str):
+    """What is saved: a `PeftModel` as its adapter (``adapter``) or folded into the base (``merged``)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and save_as == "merged":
+        return model.merge_and_unload()
+    return model
 
 
 def run_merge(
@@ -320,7 +515,12 @@ def run_merge(
         if not output_config.output_dir or not (state_dir_for(output_config.output_dir) / STATE_FILE).is_file():
             raise GlueError("--resume: no saved search state for this --output-dir (it is written beside it every "
                             "--checkpoint-every steps and when a run is interrupted); run without --resume.")
-    prep = prepare(experts_config, data_config, glue_config, output_dir=output_config.output_dir)
+    if output_config.save_as == "adapter" and finetune_config.finetune_epochs > 0 and \
+            finetune_config.finetune_mode == "full":
+        raise GlueError("--save-as adapter with --finetune-mode full: a fully fine-tuned model is no adapter; use "
+                        "--save-as merged, or --finetune-mode adapter.")
+    prep = prepare(experts_config, data_config, glue_config, output_dir=output_config.output_dir,
+                   save_as=output_config.save_as)
     command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config)
     if any(not e.repo.is_local for e in prep.experts) or prep.target.to_dict().get("revision"):
         command = hub_environment() + command  # the cache/offline/endpoint the repo ids were resolved with
@@ -333,10 +533,13 @@ def run_merge(
             logger.warning("an interrupted search for this output was saved in %s; pass --resume to continue it "
                            "(this run starts over and replaces it)", checkpoint.folder)
     result = learn(prep, glue_config, command, checkpoint)
-    result.model = blended_model(prep, result.alpha)
+    result.model = blended_model(prep, result.alpha, consume=True)
     prep.matrix.release(experts=True)  # nothing blends any more: K·N·b freed before fine-tuning and saving
     if finetune_config.finetune_epochs > 0:
         finetune_result(prep, result, finetune_config, glue_config.seed)
+    if prep.adapters:
+        result.model = output_model(result.model, output_config.save_as)
+        result.save_as = output_config.save_as
     result.model_name = output_config.push_to_hub
     if output_config.output_dir and prep.accelerator.is_main_process:
         result.save_pretrained(output_config.output_dir, overwrite=output_config.overwrite_output_dir)

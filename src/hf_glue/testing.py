@@ -204,6 +204,46 @@ def build_experts(
     return paths
 
 
+def build_adapters(
+    root: Path,
+    n_experts: int = 3,
+    base_steps: int = 30,
+    expert_steps: int = 120,
+    seed: int = 0,
+    base_name: Optional[str] = None,
+    rank: int = 4,
+) -> tuple[Path, list[Path]]:
+    """Save a tiny BERT base under ``root/base`` and ``n_experts`` PEFT LoRA adapters of it under
+    ``root/lora-{d}``, each trained on domain d (query/value/dense factors plus its own classification head, as
+    ``modules_to_save``). Ranks differ across adapters (``rank``, ``rank + 2``, ...). ``base_name``: the
+    ``base_model_name_or_path`` the adapters record (default: the base folder)."""
+    from peft import LoraConfig, get_peft_model
+
+    root = Path(root)
+    tokenizer = make_tokenizer(classification_vocab(n_experts))
+    base = tiny_model("sequence-classification", len(tokenizer), seed)
+    mixed = [r for d in range(n_experts) for r in classification_rows(d, 200, seed + 1)]
+    train(base, tokenizer, mixed, "sequence-classification", base_steps, seed)
+    base_path = root / "base"
+    base.save_pretrained(base_path)
+    tokenizer.save_pretrained(base_path)
+    paths = []
+    for d in range(n_experts):
+        torch.manual_seed(seed + 10 + d)
+        config = LoraConfig(task_type="SEQ_CLS", r=rank + 2 * (d % 2), lora_alpha=2 * rank,
+                            target_modules=["query", "value"] + (["dense"] if d % 2 else []), lora_dropout=0.0)
+        model = get_peft_model(copy.deepcopy(base), config)
+        train(model, tokenizer, classification_rows(d, 400, seed + 2), "sequence-classification", expert_steps,
+              seed + d)
+        path = root / f"lora-{d}"
+        model.save_pretrained(path)
+        adapter_config = json.loads((path / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = base_name or str(base_path)
+        (path / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        paths.append(path)
+    return base_path, paths
+
+
 def write_dataset(folder: Path, task: str, domain: int, n_train: int = 256, n_test: int = 128, seed: int = 0,
                   mix: Optional[Sequence[int]] = None) -> Path:
     """Target data from ``domain`` (or an even mix of ``mix`` domains): ``train.jsonl`` / ``test.jsonl``, or for

@@ -194,6 +194,25 @@ class ExpertMatrix:
                     buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(tensor.reshape(-1))
         return cls([e.name for e in experts], group_names, slots, buffers, constants)
 
+    @classmethod
+    def from_rows(cls, expert_names: Sequence[str], rows: Sequence[dict[str, torch.Tensor]], groups: Sequence[str],
+                  group_index: dict[str, int]) -> "ExpertMatrix":
+        """A matrix of in-memory tensors (one name → tensor dict per expert, same names and shapes in each), with
+        the groups given by the caller (e.g. the whole tensors that adapters save, grouped like their factors)."""
+        names = sorted(rows[0], key=lambda n: group_index[n])
+        sizes: dict[torch.dtype, int] = {}
+        slots: dict[str, Slot] = {}
+        for name in names:
+            t = rows[0][name]
+            slots[name] = Slot(name, t.dtype, group_index[name], sizes.get(t.dtype, 0), tuple(t.shape))
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        device = rows[0][names[0]].device
+        buffers = {dt: torch.empty(len(rows), n, dtype=dt, device=device) for dt, n in sizes.items()}
+        for k, row in enumerate(rows):
+            for name, slot in slots.items():
+                buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(row[name].reshape(-1))
+        return cls(expert_names, groups, slots, buffers, {})
+
     def blend(self, alphas: torch.Tensor, *, exact: bool = False) -> list[dict[str, torch.Tensor]]:
         """θ for each of M coefficient sets ``alphas[M, G, K]``: one product per (dtype, group) segment.
 

@@ -109,25 +109,36 @@ def resolve_experts(specs: Sequence[str], what: str = "expert", minimum: int = 2
     """Pin every expert and fetch only its metadata files; fails fast on missing repos or configs.
 
     ``what``: the word errors use (``baseline`` for compare's --baselines); ``minimum``: how many must be given."""
+    return [expert_from_repo(repo, what) for repo in resolve_repos(specs, what, minimum)]
+
+
+def resolve_repos(specs: Sequence[str], what: str = "expert", minimum: int = 2) -> list[hub.ResolvedRepo]:
+    """Pin every input (full checkpoint or adapter) to a snapshot of its metadata files; refuses duplicates."""
     if len(specs) < minimum:
         raise GlueError(f"GLUE merges at least two experts; got {len(specs)} ({list(specs)}). Pass --experts A B ...")
-    experts: list[Expert] = []
+    repos: list[hub.ResolvedRepo] = []
     for spec in specs:
         repo = hub.resolve(spec, allow_patterns=METADATA_PATTERNS, what=what)
-        same = next((e for e in experts if e.repo.path.resolve() == repo.path.resolve()), None)
+        same = next((r for r in repos if r.path.resolve() == repo.path.resolve()), None)
         if same is not None:  # e0 and ./e0, a folder and a link to it, org/a and org/a@<its commit>
-            raise GlueError(f"{what}s {same.name!r} and {spec!r} are the same checkpoint ({repo.path}); list it once.")
-        config_file = repo.path / "config.json"
-        if not config_file.is_file():
-            raise GlueError(f"{what} {spec!r} has no config.json in {repo.path}: is it a transformers model?")
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GlueError(f"{what} {spec!r}: config.json is not valid JSON ({err}).") from None
-        if not isinstance(config, dict):
-            raise GlueError(f"{what} {spec!r}: config.json holds a {type(config).__name__}, not a JSON object.")
-        experts.append(Expert(repo=repo, config=config))
-    return experts
+            raise GlueError(f"{what}s {same.spec!r} and {spec!r} are the same checkpoint ({repo.path}); list it once.")
+        repos.append(repo)
+    return repos
+
+
+def expert_from_repo(repo: hub.ResolvedRepo, what: str = "expert") -> Expert:
+    """A full checkpoint from its pinned snapshot: its ``config.json`` read and checked."""
+    spec = repo.spec
+    config_file = repo.path / "config.json"
+    if not config_file.is_file():
+        raise GlueError(f"{what} {spec!r} has no config.json in {repo.path}: is it a transformers model?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GlueError(f"{what} {spec!r}: config.json is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise GlueError(f"{what} {spec!r}: config.json holds a {type(config).__name__}, not a JSON object.")
+    return Expert(repo=repo, config=config)
 
 
 def expected_state_shapes(expert: Expert, model_class, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:

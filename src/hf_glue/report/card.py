@@ -34,13 +34,17 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     ]
     hub_experts = [e["id"] for e in result["experts"] if e.get("revision")]
     dataset = result.get("dataset")
+    base = result.get("base_model")
+    save_as = result.get("save_as") if base else None
+    hub_base = [base["id"]] if base and base.get("revision") else []
     card_data = ModelCardData(
-        base_model=hub_experts or None,
-        base_model_relation="merge",
+        # an adapter's parent is its base; a merge's are the base and the adapters (or the experts)
+        base_model=(hub_base if save_as == "adapter" else hub_base + hub_experts) or None,
+        base_model_relation="adapter" if save_as == "adapter" else "merge",
         datasets=[dataset["id"]] if dataset and dataset.get("revision") else None,
-        library_name="transformers",
+        library_name="peft" if save_as == "adapter" else "transformers",
         pipeline_tag=task.pipeline_tag if task else None,
-        tags=["merge", "hf-glue"] + ([task.pipeline_tag] if task else []),
+        tags=["merge", "hf-glue"] + (["lora"] if base else []) + ([task.pipeline_tag] if task else []),
         eval_results=_eval_results(result, task) if task and dataset else None,
         model_name=result.get("model_name") or "hf-glue-merge",
     )
@@ -54,6 +58,14 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         title=result.get("model_name") or (f"GLUE merge of {len(experts)} experts" if result["method"] == "glue" else
                                            f"Merge of {len(experts)} experts ({method['pretty_name']})"),
         method=result["method"],
+        formula=("θ(α) = θ_base + Σ α_k s_k B_k A_k of the adapters' low-rank updates" if base else
+                 "the convex combination θ(α) = Σ α_k θ_k"),
+        experts_noun=("LoRA adapters" if base else "fine-tuned experts"),
+        base=({**base, "label": (f"[{base['id']}](https://huggingface.co/{base['id']})" if base.get("revision")
+                                 else _code(base["id"]))} if base else None),
+        save_as=save_as,
+        auto_class=task.auto_model if task else "AutoModel",
+        model_id=result.get("model_name") or "OUTPUT_DIR",
         method_pretty=method["pretty_name"],
         method_description=_describe(method["description"], result.get("details") or {}),
         experts=experts,

@@ -53,6 +53,9 @@ class MergeResult:
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     model_name: Optional[str] = None
+    #: LoRA experts: the base they are deltas over (name, id, revision) and the saved form (merged / adapter)
+    base: Optional[dict] = None
+    save_as: Optional[str] = None
     model: Any = field(default=None, repr=False)
     processor: Any = field(default=None, repr=False)
     source_dir: Optional[Path] = field(default=None, repr=False)
@@ -68,6 +71,9 @@ class MergeResult:
             "dataset": self.dataset,
             "coefficients": self.coefficients,
         }
+        if self.base is not None:
+            out["base_model"] = self.base
+            out["save_as"] = self.save_as or "merged"
         if self.granularity != "model":
             out["group_coefficients"] = self.group_coefficients
         out.update({

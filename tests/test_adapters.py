@@ -1,0 +1,218 @@
+"""LoRA adapters as experts (issue 10): the blend equals PEFT's own combination, both save forms load and agree,
+bad adapters are refused early, and GLUE finds the right blend over adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+ALPHA = [0.5, 0.3, 0.2]
+
+
+def _batch(lora_experts):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lora_experts["base"])
+    rows = [json.loads(line) for line in (lora_experts["data_dir"] / "test.jsonl").read_text().splitlines()[:16]]
+    return tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)
+
+
+def _peft_reference(lora_experts, alpha: list[float], folder: Path) -> torch.nn.Module:
+    """PEFT's own weighted combination: add_weighted_adapter(..., "cat") over the adapters' LoRA factors. PEFT
+    refuses adapters with modules_to_save there, so they are loaded from copies without their heads, and the
+    head is set to Σ α_k head_k."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
+    model, heads = None, {}
+    for k, path in enumerate(lora_experts["paths"]):
+        copy = folder / f"a{k}"
+        copy.mkdir()
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        config.update(modules_to_save=None, task_type=None)
+        (copy / "adapter_config.json").write_text(json.dumps(config))
+        state = load_file(Path(path) / "adapter_model.safetensors")
+        save_file({n: t for n, t in state.items() if "lora_" in n}, copy / "adapter_model.safetensors")
+        if model is None:
+            model = PeftModel.from_pretrained(base, copy, adapter_name=f"a{k}")
+        else:
+            model.load_adapter(copy, adapter_name=f"a{k}")
+        for name in ("classifier.weight", "classifier.bias"):
+            heads[name] = heads.get(name, 0) + alpha[k] * state[f"base_model.model.{name}"]
+    model.add_weighted_adapter([f"a{k}" for k in range(len(alpha))], alpha, "mix", combination_type="cat")
+    model.set_adapter("mix")
+    classifier = model.base_model.model.classifier
+    classifier.weight.data, classifier.bias.data = heads["classifier.weight"], heads["classifier.bias"]
+    return model.eval()
+
+
+def test_merged_and_adapter_saves_equal_peft_cat(lora_experts, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    weights = [str(a) for a in ALPHA]
+    outputs = {}
+    for save_as in ("merged", "adapter"):
+        out = tmp_path / save_as
+        proc = run_cli("merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"],
+                       "--method", "weights", "--weights", *weights, "--save-as", save_as, "--output-dir", str(out))
+        assert proc.returncode == 0, proc.stderr
+        outputs[save_as] = out
+    batch = _batch(lora_experts)
+    with torch.no_grad():
+        reference = _peft_reference(lora_experts, ALPHA, tmp_path)(**batch).logits
+        merged_model = AutoModelForSequenceClassification.from_pretrained(outputs["merged"]).eval()
+        merged = merged_model(**batch).logits
+        base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
+        base_logits = base(**batch).logits
+        adapter = PeftModel.from_pretrained(base, outputs["adapter"]).eval()(**batch).logits
+    assert not (outputs["merged"] / "adapter_config.json").exists()
+    torch.testing.assert_close(merged, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(adapter, merged, rtol=0, atol=1e-5)
+    assert (merged - base_logits).abs().max() > 1e-1  # the blend is not trivially the base
+
+    config = json.loads((outputs["adapter"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/lora-base" and len(config["revision"]) == 40
+    assert config["modules_to_save"] == ["classifier"]
+    for save_as, relation in (("adapter", "adapter"), ("merged", "merge")):
+        result = json.loads((outputs[save_as] / "merge_result.json").read_text())
+        assert result["base_model"]["id"] == "org/lora-base" and result["save_as"] == save_as
+        assert [e["id"] for e in result["experts"]] == lora_experts["ids"]
+        assert all(len(e["revision"]) == 40 for e in result["experts"])
+        assert result["coefficients"] == pytest.approx(dict(zip(lora_experts["ids"], ALPHA)))
+        card = (outputs[save_as] / "README.md").read_text()
+        assert f"base_model_relation: {relation}" in card and "org/lora-base" in card
+
+
+def test_block_granularity_saves_agree(lora_experts, tmp_path):
+    """Per-layer α: the saved adapter (per-module scales folded into A) equals the merged save."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_glue import GlueConfig
+    from hf_glue.config import DataConfig, ExpertsConfig, OutputConfig
+    from hf_glue.pipeline import run_merge
+
+    results = {}
+    for save_as in ("merged", "adapter"):
+        results[save_as] = run_merge(
+            ExpertsConfig(experts=lora_experts["ids"], cpu=True), DataConfig(dataset=lora_experts["dataset"]),
+            GlueConfig(steps=10, granularity="block"), OutputConfig(output_dir=str(tmp_path / save_as),
+                                                                      save_as=save_as))
+    groups = results["merged"].group_coefficients
+    assert len(groups) >= 3 and groups == results["adapter"].group_coefficients
+    assert len({round(row[lora_experts["ids"][0]], 6) for row in groups.values()}) > 1  # α differs by layer
+    batch = _batch(lora_experts)
+    with torch.no_grad():
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(**batch).logits
+        base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
+        adapter = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(**batch).logits
+    torch.testing.assert_close(adapter, merged, rtol=0, atol=1e-5)
+
+
+def test_glue_finds_the_best_blend_of_adapters(lora_experts):
+    """Mixture target (domains 0 and 1): GLUE's held-out loss is within 10 % of the best blend on a 0.1 grid of
+    the simplex, on at least 4 of 5 seeds."""
+    from hf_glue import GlueConfig
+    from hf_glue.config import DataConfig, ExpertsConfig
+    from hf_glue.pipeline import eval_batches, prepare, run_method
+
+    config = GlueConfig()
+    prep = prepare(ExpertsConfig(experts=lora_experts["ids"], cpu=True), DataConfig(dataset=lora_experts["dataset"]),
+                   config)
+
+    def held_out(alpha) -> float:
+        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(1, 3)
+        return prep.objective.evaluate(alpha, eval_batches(prep, config))["loss"]
+
+    grid = [(i / 10, j / 10, (10 - i - j) / 10) for i in range(11) for j in range(11 - i)]
+    best = min(held_out(a) for a in grid)
+    uniform = held_out([1 / 3] * 3)
+    assert best < 0.8 * uniform  # the blend matters here
+    found = [held_out(run_method(prep, GlueConfig(seed=seed)).alpha) for seed in range(5)]
+    assert sum(loss <= 1.1 * best for loss in found) >= 4, (best, found)
+
+
+@pytest.fixture(scope="session")
+def bad_adapters(lora_experts, build_root) -> dict:
+    """Adapters that must be refused next to org/lora-0."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import HUB_CACHE
+    from hf_glue import testing
+
+    def variant(name: str, edit) -> str:
+        path = build_root / name
+        shutil.copytree(lora_experts["paths"][1], path, dirs_exist_ok=True)
+        edit(path)
+        testing.publish_to_cache(path, f"org/{name}", HUB_CACHE)
+        return f"org/{name}"
+
+    def other_base(path: Path) -> None:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "org/some-other-base"
+        (path / "adapter_config.json").write_text(json.dumps(config))
+
+    def wider(path: Path) -> None:  # factors of a model with hidden size 48, not 32
+        state = load_file(path / "adapter_model.safetensors")
+        state = {k: torch.zeros(v.shape[0], 48) if k.endswith("query.lora_A.weight") else v for k, v in state.items()}
+        save_file(state, path / "adapter_model.safetensors")
+
+    def pickled(path: Path) -> None:
+        torch.save(load_file(path / "adapter_model.safetensors"), path / "adapter_model.bin")
+        (path / "adapter_model.safetensors").unlink()
+
+    return {
+        "other_base": variant("lora-other-base", other_base),
+        "wider": variant("lora-wider", wider),
+        "unreadable": variant("lora-unreadable", lambda p: (p / "adapter_config.json").write_text("{not json")),
+        "pickled": variant("lora-pickled", pickled),
+    }
+
+
+BAD = {
+    "other_base": ([], ["org/lora-other-base", "different base models", "org/some-other-base"]),
+    "wider": ([], ["org/lora-wider", "lora_A", "another base"]),
+    "unreadable": ([], ["org/lora-unreadable", "adapter_config.json"]),
+    "pickled": ([], ["org/lora-pickled", "--allow-pickle"]),
+    "mixed": ([], ["org/lora-0", "org/expert-0", "full checkpoint"]),
+    "save_as_full": (["--save-as", "adapter"], ["--save-as adapter", "LoRA"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_adapters_fail_early_and_clearly(case, lora_experts, bad_adapters, cls_experts, tmp_path):
+    extra, needles = BAD[case]
+    if case == "mixed":
+        experts = ["org/lora-0", "org/expert-0"]
+    elif case == "save_as_full":
+        experts = ["org/expert-0", "org/expert-1"]
+    else:
+        experts = ["org/lora-0", bad_adapters[case]]
+    out = tmp_path / "out"
+    proc = run_cli("merge", "--experts", *experts, "--dataset", lora_experts["dataset"], "--output-dir", str(out),
+                   *extra)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+    assert "SPSA" not in proc.stderr
+
+
+def test_pickled_adapter_loads_with_allow_pickle(lora_experts, bad_adapters):
+    from hf_glue import ExpertsConfig, GlueConfig, merge_experts
+
+    result = merge_experts(["org/lora-0", bad_adapters["pickled"]], lora_experts["dataset"],
+                           GlueConfig(method="uniform"), experts_config=ExpertsConfig(allow_pickle=True, cpu=True))
+    assert result.coefficients == {"org/lora-0": 0.5, bad_adapters["pickled"]: 0.5}
