@@ -117,6 +117,23 @@ def test_block_granularity_saves_agree(lora_experts, tmp_path):
         adapter = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(**batch).logits
     torch.testing.assert_close(adapter, merged, rtol=0, atol=1e-5)
 
+    # hf-glue blend re-applies the per-layer coefficients to the adapters, in either form
+    proc = run_cli("blend", "--from-result", str(tmp_path / "adapter" / "merge_result.json"),
+                   "--output-dir", str(tmp_path / "blended"))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("blend", "--from-result", str(tmp_path / "merged" / "merge_result.json"), "--save-as", "adapter",
+                   "--output-dir", str(tmp_path / "blended-adapter"))
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        blended = AutoModelForSequenceClassification.from_pretrained(tmp_path / "blended").eval()(**batch).logits
+        base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
+        blended_adapter = PeftModel.from_pretrained(base, tmp_path / "blended-adapter").eval()(**batch).logits
+    torch.testing.assert_close(blended, merged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(blended_adapter, merged, rtol=0, atol=1e-5)
+    blended_result = json.loads((tmp_path / "blended-adapter" / "merge_result.json").read_text())
+    assert blended_result["group_coefficients"] == groups
+    assert blended_result["base_model"]["id"] == "org/lora-base"
+
 
 def test_glue_finds_the_best_blend_of_adapters(lora_experts):
     """Mixture target (domains 0 and 1): GLUE's held-out loss is within 10 % of the best blend on a 0.1 grid of
@@ -216,3 +233,31 @@ def test_pickled_adapter_loads_with_allow_pickle(lora_experts, bad_adapters):
     result = merge_experts(["org/lora-0", bad_adapters["pickled"]], lora_experts["dataset"],
                            GlueConfig(method="uniform"), experts_config=ExpertsConfig(allow_pickle=True, cpu=True))
     assert result.coefficients == {"org/lora-0": 0.5, bad_adapters["pickled"]: 0.5}
+
+
+def test_finetune_continues_the_adapter_or_the_whole_model(lora_experts, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_glue import GlueConfig
+    from hf_glue.config import DataConfig, ExpertsConfig, FinetuneConfig, OutputConfig
+    from hf_glue.pipeline import run_merge
+
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"]).state_dict()
+    for mode, save_as in (("adapter", "adapter"), ("full", "merged")):
+        out = tmp_path / mode
+        result = run_merge(ExpertsConfig(experts=lora_experts["ids"], cpu=True),
+                           DataConfig(dataset=lora_experts["dataset"]), GlueConfig(method="weights", weights=ALPHA),
+                           OutputConfig(output_dir=str(out), save_as=save_as),
+                           finetune_config=FinetuneConfig(finetune_epochs=1, finetune_mode=mode, learning_rate=1e-3))
+        assert result.eval_after["loss"] != pytest.approx(result.eval_before["loss"], abs=1e-6)
+        if mode == "adapter":
+            model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+                lora_experts["base"]), out).merge_and_unload()
+            # only the blended adapter (and its head) trained: the base's own weights are untouched
+            torch.testing.assert_close(model.state_dict()[embeddings], base[embeddings], rtol=0, atol=0)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(out)
+            assert not torch.equal(model.state_dict()[embeddings], base[embeddings])
+        assert json.loads((out / "merge_result.json").read_text())["config"]["finetune"]["finetune_mode"] == mode

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 from .engine.matrix import group_of
 from .config import BlendConfig, ExpertsConfig, OutputConfig, torch_dtype
 from .errors import GlueError
-from .io.experts import check_model_types, check_processor_files, fetch_weights, resolve_experts
+from .io.adapters import is_adapter
+from .io.experts import check_model_types, check_processor_files, expert_from_repo, fetch_weights, resolve_repos
 from .methods import method_info
 from .methods.weights import check_weights
 from .io.output import (RESULT_FILE, atomic_dir, check_free_space, check_output_dir, input_paths, output_bytes,
@@ -82,7 +83,12 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
     max_shard = parse_size(blend.max_shard_size)
     dtype = torch_dtype(experts_config.dtype)
     start = time.perf_counter()
-    experts = resolve_experts(specs)
+    repos = resolve_repos(specs)
+    if any(is_adapter(r.path) for r in repos):
+        return _blend_adapters(repos, names, source, experts_config, blend, output, command, start)
+    if output.save_as == "adapter":
+        raise GlueError("--save-as adapter is for LoRA experts; full experts blend into a full model.")
+    experts = [expert_from_repo(r) for r in repos]
     check_model_types(experts)
     check_processor_files(experts)
     fetch_weights(experts, allow_pickle=False)
@@ -138,6 +144,68 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
                 result["eval"] = source["eval"]
             else:  # measured on the source's weights only: kept apart, out of the card
                 result["source_eval"] = {"dtype": source_dtype, "eval": source["eval"]}
+        (tmp / RESULT_FILE).write_text(strict_json(result))
+        write_card(tmp, result)
+    return Path(output.output_dir)
+
+
+def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_config: ExpertsConfig,
+                    blend: BlendConfig, output: OutputConfig, command: str, start: float) -> Path:
+    """`blend` for LoRA experts: the base with every adapter loaded once (PEFT), the coefficients applied by the
+    same code as `merge`'s save, written as the merged model or as one adapter (--save-as)."""
+    import dataclasses
+
+    import torch
+
+    from . import lora
+    from .pipeline import output_model
+    from .versions import library_versions
+
+    if not all(is_adapter(r.path) for r in repos):
+        raise GlueError("the experts mix LoRA adapters and full checkpoints; blend one kind at a time.")
+    if source is not None and not experts_config.base_model and source.get("base_model"):
+        base = source["base_model"]
+        experts_config = dataclasses.replace(
+            experts_config, base_model=f"{base['id']}@{base['revision']}" if base.get("revision") else base["id"])
+    adapters, base, task, model_config = lora.resolve(repos, experts_config, source.get("task") if source else None)
+    fetch_weights([base], experts_config.allow_pickle)
+    check_free_space(output.output_dir, output_bytes(base.tensors.values(), torch_dtype(experts_config.dtype)))
+    granularity = source.get("granularity", "model") if source else "model"
+    device = torch.device("cpu")
+    model, matrix = lora.load(base, adapters, task, model_config, experts_config, granularity, device)
+    if source is not None:
+        coefficients = source["coefficients"]
+        groups = source.get("group_coefficients") or {g: coefficients for g in matrix.groups}
+        missing = [g for g in matrix.groups if g not in groups]
+        if missing:
+            raise GlueError(f"--from-result has no coefficients for group {missing[0]!r}.")
+        alpha = torch.tensor([[groups[g][n] for n in names] for g in matrix.groups], dtype=torch.float64)
+    else:
+        coefficients = dict(zip(names, blend.weights))
+        alpha = torch.tensor([list(blend.weights)] * matrix.num_groups, dtype=torch.float64)
+    out = output_model(matrix.to_adapter_model(alpha, {"base_model_name_or_path": base.repo.repo_id,
+                                                       "revision": base.repo.revision}), output.save_as)
+    with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
+        out.save_pretrained(tmp, safe_serialization=True)
+        copy_processor_files(base.repo.path, tmp)
+        result = {
+            "method": source["method"] if source else "weights",
+            "method_info": method_info(source["method"] if source else "weights"),
+            "task": task.name,
+            "granularity": granularity,
+            "experts": [{"name": n, **a.repo.to_dict()} for n, a in zip(names, adapters)],
+            "base_model": {"name": base.name, **base.repo.to_dict()},
+            "save_as": output.save_as,
+            "dataset": source.get("dataset") if source else None,
+            "coefficients": coefficients,
+            "history": [], "eval": {}, "forward_passes": 0, "backward_passes": 0,
+            "seconds": round(time.perf_counter() - start, 3),
+            "command": command,
+            "versions": library_versions(("peft",)),
+            "config": {"experts": {"dtype": experts_config.dtype}},
+        }
+        if granularity != "model":
+            result["group_coefficients"] = source["group_coefficients"]
         (tmp / RESULT_FILE).write_text(strict_json(result))
         write_card(tmp, result)
     return Path(output.output_dir)

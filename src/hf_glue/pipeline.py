@@ -28,7 +28,6 @@ from .io.experts import (
     expert_from_repo,
     fetch_weights,
     read_through_transformers,
-    resolve_experts,
     resolve_repos,
 )
 from .methods import MergeContext, check_method, get_method, method_info
@@ -155,21 +154,10 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
                      accelerator, output_dir: Optional[str]) -> Prepared:
     """`prepare` for LoRA adapters over one base: configs and shapes are checked against the base's config (and the
     adapters' small weight files) before the base's weights are downloaded; the base is loaded once."""
-    from .engine.adapters import build_search_model
-    from .io.adapters import TASK_TYPES, check_against_base, common_base, fetch_adapter_weights, read_adapter
+    from . import lora
 
-    adapters = [read_adapter(r) for r in repos]
-    base_spec = common_base(adapters, experts_config.base_model)
     with accelerator.main_process_first():
-        base = resolve_experts([base_spec], what="base model", minimum=1)[0]
-    task_types = {a.config.get("task_type") for a in adapters}
-    task = detect_task(base.config, data_config.task or (TASK_TYPES.get(task_types.pop()) if len(task_types) == 1
-                                                         else None))
-    with accelerator.main_process_first():
-        fetch_adapter_weights(adapters, experts_config.allow_pickle)
-    model_config = _config_for_heads(base, adapters, task, experts_config.trust_remote_code)
-    shapes = _meta_shapes(base, task, model_config, experts_config.trust_remote_code)
-    check_against_base(adapters, base_spec, shapes)
+        adapters, base, task, model_config = lora.resolve(repos, experts_config, data_config.task)
     data_config = fit_max_length(data_config, model_config)
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
@@ -183,77 +171,11 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, model_config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, model_config)
-    base_model = _load_base(base, adapters, task, model_config, experts_config, accelerator.device)
-    model, matrix = build_search_model(base_model, adapters, glue_config.granularity)
+    model, matrix = lora.load(base, adapters, task, model_config, experts_config, glue_config.granularity,
+                              accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(adapters, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config, base=base, model_config=model_config)
-
-
-def _config_for_heads(base: Expert, adapters, task: Task, trust_remote_code: bool) -> dict:
-    """The base's config as the adapters use it: a classification head the adapters save with another number of
-    classes than the base's config says (a base without a head) sets ``num_labels``."""
-    head = _head_name(base, task, base.config, trust_remote_code)
-    sizes = {a.full_tensors().get(f"{head}.weight", (None,))[0] for a in adapters} - {None} if head else set()
-    if len(sizes) > 1:
-        raise GlueError(f"the adapters' saved heads ({head}) have different numbers of classes ({sorted(sizes)}); "
-                        "adapters merge only when they predict the same classes.")
-    config = dict(base.config)
-    if sizes:
-        n = sizes.pop()
-        if len(config.get("id2label") or {}) != n:
-            config.update(num_labels=n, id2label={str(i): f"LABEL_{i}" for i in range(n)},
-                          label2id={f"LABEL_{i}": i for i in range(n)})
-    return config
-
-
-def _meta_model(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> torch.nn.Module:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base.repo.path, trust_remote_code=trust_remote_code,
-                                        **_label_overrides(base.config, model_config))
-    with torch.device("meta"):
-        return task.model_class().from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _label_overrides(original: dict, model_config: dict) -> dict:
-    keys = ("num_labels", "id2label", "label2id")
-    if all(original.get(k) == model_config.get(k) for k in keys):
-        return {}
-    return {"num_labels": model_config["num_labels"],
-            "id2label": {int(k): v for k, v in model_config["id2label"].items()},
-            "label2id": model_config["label2id"]}
-
-
-def _head_name(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> Optional[str]:
-    model = _meta_model(base, task, model_config, trust_remote_code)
-    head = task.head_module(model)
-    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-
-
-def _meta_shapes(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> dict:
-    model = _meta_model(base, task, model_config, trust_remote_code)
-    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
-
-
-def _load_base(base: Expert, adapters, task: Task, model_config: dict, experts_config: ExpertsConfig, device):
-    """The base model with its weights, in the run's dtype; refuses weights it lacks unless every adapter saves them
-    (a base without a classification head, adapters that each trained one)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base.repo.path, trust_remote_code=experts_config.trust_remote_code,
-                                        **_label_overrides(base.config, model_config))
-    dtype = torch_dtype(experts_config.dtype) or "auto"
-    model, info = task.model_class().from_pretrained(
-        base.repo.path, config=config, dtype=dtype, trust_remote_code=experts_config.trust_remote_code,
-        output_loading_info=True, use_safetensors=not experts_config.allow_pickle or None)
-    saved_by_all = set.intersection(*(set(a.full_tensors()) for a in adapters))
-    missing = sorted(set(info.get("missing_keys") or []) - saved_by_all)
-    if missing:
-        raise GlueError(f"base model {base.name!r} lacks {missing[0]!r} ({len(missing)} such) and not every adapter "
-                        "saves it: it would be left at random init. Pass the base the adapters were trained on "
-                        "(--base-model).")
-    return model.to(device).eval()
 
 
 def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, data_config: DataConfig,
@@ -415,7 +337,7 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
         seconds=out.seconds,
         peak_memory_bytes=out.peak_memory_bytes,
         command=command,
-        versions=library_versions(get_method(config.method).packages),
+        versions=library_versions(get_method(config.method).packages + (("peft",) if prep.adapters else ())),
         config={"glue": asdict(config), "data": asdict(prep.data_config),
                 "experts": {k: v for k, v in asdict(prep.experts_config).items() if k != "experts"}},
         details=out.details,
@@ -471,7 +393,7 @@ def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig,
 def adapter_training_model(model, mode: str):
     """The blended adapter made trainable (``adapter``), or folded into the base for full fine-tuning (``full``)."""
     if mode == "full":
-        return model.merge_and_unload()
+        return model.merge_and_unload().requires_grad_(True)  # the search froze the base
     model.base_model.set_adapter("default", inference_mode=False)  # the blend's factors and saved modules train
     return model
 
