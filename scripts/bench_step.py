@@ -34,7 +34,7 @@ from hf_glue.engine.memory import estimate, peak_memory_bytes, reset_peak_memory
 from hf_glue.io.experts import TensorInfo
 from hf_glue.methods.full_gradient import loss_and_grad
 from hf_glue.methods.objective import Objective
-from hf_glue.optim.spsa import PARAMETRIZATIONS, SPSA
+from hf_glue.optim.spsa import SPSA, make_parametrization
 from hf_glue.tasks import get_task
 
 
@@ -164,7 +164,7 @@ def main() -> None:
         if args.memory_probe == "spsa":
             SPSA(alpha0, "simplex", c=0.05, a=0.01, A=10).step(lambda a: objective.losses(a, batch))
         else:
-            loss_and_grad(objective, PARAMETRIZATIONS["simplex"], alpha0, batch)
+            loss_and_grad(objective, make_parametrization("simplex"), alpha0, batch)
         synchronize(device)
         peak = peak_memory_bytes(torch.device(device))
         print(json.dumps({"above": peak - before, "peak": peak - start}))
@@ -184,7 +184,7 @@ def main() -> None:
         spsa = SPSA(alpha0, "simplex", c=0.05, a=0.01, A=10)
         step_s, _ = timed(lambda: spsa.step(lambda a: objective.losses(a, batch)), device, args.repeats)
         floor_s = forward_s + (k * n + 2 * n) * elem / bandwidth
-        param, x = PARAMETRIZATIONS["simplex"], alpha0.clone()
+        param, x = make_parametrization("simplex"), alpha0.clone()
         full_s, _ = timed(lambda: loss_and_grad(objective, param, x, batch), device, args.repeats)
         times.append((k, step_s, floor_s, full_s))
         del experts, matrix, objective, spsa  # the memory probes run in fresh processes beside this one

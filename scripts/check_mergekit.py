@@ -3,7 +3,8 @@
 The script builds a tiny Llama base (hidden size 32, 2 layers) and three experts fine-tuned from it in spirit
 (base + seeded noise; the third leaves the norms untouched, so some deltas are exactly 0), merges them with
 mergekit's ``mergekit-yaml`` (hand-set weights, ``normalize: false``, float32), computes
-θ = θ_base + Σ_k w_k τ̂_k with :func:`hf_glue.engine.task_vectors.process_deltas`, and prints the largest
+θ = θ_base + Σ_k w_k τ̂_k with hf-glue's engine (``ExpertMatrix.from_task_vectors``, the path of ``merge
+--combine``), and prints the largest
 absolute difference per method, exiting 1 if a tensor differs by more than ``--tolerance`` or is missing.
 
 mergekit goes in a throw-away virtual environment outside the repository (it reuses this Python's torch and
@@ -31,7 +32,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hf_glue.engine.task_vectors import process_deltas
 
 #: mergekit's method name -> hf-glue's.
 METHODS = {"ties": "ties", "task_arithmetic": "task-arithmetic"}
@@ -107,17 +107,18 @@ def run_mergekit(command: list[str], method: str, base: Path, experts: list[Path
     return load_state(out)
 
 
-def merge_here(method: str, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
-               weights: list[float], density: float) -> dict[str, torch.Tensor]:
-    """θ = θ_base + Σ_k w_k τ̂_k, in float32 like mergekit with ``dtype: float32``."""
-    w = torch.tensor(weights, dtype=torch.float32)
-    merged = {}
-    for name, theta in base.items():
-        theta = theta.float()
-        deltas = torch.stack([expert[name].float() - theta for expert in experts])
-        tau = process_deltas(deltas, METHODS[method], density, w, inplace=True)
-        merged[name] = theta + (tau * w.view(-1, *[1] * theta.dim())).sum(dim=0)
-    return merged
+def merge_here(method: str, base: Path, experts: list[Path], weights: list[float], density: float
+               ) -> dict[str, torch.Tensor]:
+    """θ = θ_base + Σ_k w_k τ̂_k through hf-glue's own engine (the path `merge --combine` takes): the experts'
+    task vectors processed into `ExpertMatrix.from_task_vectors`, then the exact blend for ``weights``."""
+    from hf_glue.engine.matrix import ExpertMatrix
+    from hf_glue.io.experts import fetch_weights, resolve_experts
+
+    loaded = resolve_experts([str(p) for p in [*experts, base]], minimum=1)
+    fetch_weights(loaded)
+    matrix = ExpertMatrix.from_task_vectors(loaded[:-1], loaded[-1], METHODS[method], density=density,
+                                            weights=weights, seed=0)
+    return matrix.materialize(torch.tensor([weights], dtype=torch.float64))
 
 
 def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> tuple[float, list[str]]:
@@ -154,13 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.workdir or scratch)
         root.mkdir(parents=True, exist_ok=True)
         base_path, expert_paths = build_models(root, len(args.weights), args.noise)
-        base = load_state(base_path)
-        experts = [load_state(path) for path in expert_paths]
         failed = False
         for method in args.methods:
             theirs = run_mergekit(command, method, base_path, expert_paths, args.weights, args.density,
                                   root / f"merged-{method}")
-            ours = merge_here(method, base, experts, args.weights, args.density)
+            ours = merge_here(method, base_path, expert_paths, args.weights, args.density)
             worst, problems = compare(ours, theirs)
             verdict = "OK" if worst <= args.tolerance and not problems else "MISMATCH"
             print(f"{method}: {len(ours)} tensors, weights {args.weights}, density {args.density}, "

@@ -40,14 +40,14 @@ def test_full_gradient_matches_finite_differences(cls_experts):
     from hf_glue.config import DataConfig as DC, ExpertsConfig as EC
     from hf_glue.methods.full_gradient import loss_and_grad
     from hf_glue.pipeline import batch_iterator, prepare
-    from hf_glue.optim.spsa import PARAMETRIZATIONS
+    from hf_glue.optim.spsa import make_parametrization
 
     glue = GlueConfig(batch_size=64)
     prep = prepare(EC(experts=cls_experts["ids"]), DC(dataset="org/target"), glue)
     batch = next(batch_iterator(prep, glue))
     for name, x in (("softmax", torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)),
                     ("simplex", torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))):
-        param = PARAMETRIZATIONS[name]
+        param = make_parametrization(name)
         _, grad = loss_and_grad(prep.objective, param, x, batch)
         eps = 1e-3
         for i in range(3):

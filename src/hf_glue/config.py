@@ -164,13 +164,28 @@ class GlueConfig:
         default=32, metadata={"help": "Global batch size per step, split across processes when several run."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for data order and SPSA perturbations: same seed, same α."})
-    parametrization: Literal["simplex", "softmax"] = field(
-        default="simplex",
-        metadata={"help": "simplex: SPSA on α with projection onto the simplex (default); softmax: SPSA on logits."},
+    parametrization: Optional[Literal["simplex", "softmax", "box"]] = field(
+        default=None,
+        metadata={"help": "simplex: SPSA on α with projection onto the simplex (the default); softmax: SPSA on "
+                  "logits; box: each coefficient in --bounds, clipped (the default with --combine)."},
     )
-    granularity: Literal["model", "block", "tensor"] = field(
+    granularity: Literal["model", "block", "module", "tensor"] = field(
         default="model",
-        metadata={"help": "One α per expert (model, the paper's), per transformer block (block), or per tensor."},
+        metadata={"help": "One α per expert (model, the paper's), per transformer block (block), per module type "
+                  "(module: e.g. every layer's query together), or per tensor."},
+    )
+    combine: Optional[Literal["task-arithmetic", "ties", "dare", "dare-ties"]] = field(
+        default=None,
+        metadata={"help": "Merge full experts as task vectors θ_k − θ_base over --base-model, processed as mergekit "
+                  "does (ties: trim to --density and elect signs; dare: drop with keep-probability --density and "
+                  "rescale; dare-ties: both), then learn their coefficients in --bounds: θ = θ_base + Σ λ_k τ̂_k."},
+    )
+    density: float = field(
+        default=0.5, metadata={"help": "--combine ties/dare/dare-ties: fraction of each task vector kept."}
+    )
+    bounds: list[float] = field(
+        default_factory=lambda: [0.0, 1.5],
+        metadata={"help": "--parametrization box: the range LO HI of every coefficient (AdaMerging-style)."},
     )
     init: Literal["uniform", "data-size"] = field(
         default="uniform", metadata={"help": "Starting point: uniform α, or α ∝ --data-sizes."}
@@ -242,14 +257,23 @@ class GlueConfig:
         check_fields(self)
         if self.init == "data-size" and not self.data_sizes:
             raise GlueError("--init data-size needs --data-sizes n1 n2 ... (one per expert).")
+        if len(self.bounds) != 2 or not self.bounds[0] < self.bounds[1]:
+            raise GlueError(f"--bounds takes LO HI with LO < HI; got {self.bounds}.")
+        if not 0.0 < self.density <= 1.0:
+            raise GlueError(f"--density must be in (0, 1]; got {self.density}.")
+
+    @property
+    def space(self) -> str:
+        """The coefficient space searched: --parametrization, else box for --combine and simplex otherwise."""
+        return self.parametrization or ("box" if self.combine else "simplex")
 
     @property
     def c(self) -> float:
-        return self.perturbation or (0.05 if self.parametrization == "simplex" else 0.1)
+        return self.perturbation or (0.1 if self.space == "softmax" else 0.05)
 
     @property
     def first_move(self) -> float:
-        return self.first_step or (0.1 if self.parametrization == "simplex" else 0.5)
+        return self.first_step or (0.5 if self.space == "softmax" else 0.1)
 
     @property
     def A(self) -> float:

@@ -28,10 +28,11 @@ from .io.experts import (
     expert_from_repo,
     fetch_weights,
     read_through_transformers,
+    resolve_experts,
     resolve_repos,
 )
 from .methods import MergeContext, check_method, get_method, method_info
-from .methods.base import check_data_sizes
+from .methods.base import check_data_sizes, initial_alpha
 from .methods.objective import Objective
 from .io.output import check_free_space, check_output_dir, input_paths, output_bytes
 from .report.result import MergeResult
@@ -58,8 +59,10 @@ class Prepared:
     accelerator: Any
     experts_config: ExpertsConfig
     data_config: DataConfig
-    #: the base the experts are deltas over (LoRA adapters), else None
+    #: the base the experts are deltas over (LoRA adapters, or task vectors with --combine), else None
     base: Optional[Expert] = None
+    #: what the experts are: ``full`` checkpoints, LoRA ``adapters``, or ``task-vectors`` (full experts over base)
+    kind: str = "full"
     #: the config.json the task reads (labels, lengths): the first expert's, or the base's as the adapters use it
     model_config: Optional[dict] = None
 
@@ -70,7 +73,7 @@ class Prepared:
     @property
     def adapters(self) -> bool:
         """Whether the experts are LoRA adapters over `base` (the matrix is an `AdapterMatrix`)."""
-        return self.base is not None
+        return self.kind == "adapters"
 
     @property
     def source_dir(self) -> Path:
@@ -109,15 +112,25 @@ def prepare(
             raise GlueError(f"{adapter!r} is a LoRA adapter but {full!r} is a full checkpoint: hf-glue merges either "
                             "adapters over one base or full experts, not a mix (yet); fold the adapters into the base "
                             "first (`hf-glue merge` with --save-as merged on each, or PEFT's merge_and_unload).")
+        if glue_config.combine:
+            raise GlueError(f"--combine {glue_config.combine} makes task vectors of full experts; LoRA adapters are "
+                            "deltas already: drop --combine.")
         return prepare_adapters(repos, experts_config, data_config, glue_config, accelerator, output_dir)
     if save_as == "adapter":
         raise GlueError("--save-as adapter is for LoRA experts; full experts merge into a full model.")
-    if experts_config.base_model:
-        raise GlueError("--base-model is for LoRA adapters (their base); the experts given are full checkpoints.")
     experts = [expert_from_repo(r) for r in repos]
+    base = None
+    if glue_config.combine:
+        base_spec = experts_config.base_model or card_base(experts)
+        with accelerator.main_process_first():
+            base = resolve_experts([base_spec], what="base model", minimum=1)[0]
+    elif experts_config.base_model:
+        raise GlueError("--base-model with full experts needs --combine task-arithmetic|ties|dare|dare-ties (the "
+                        "experts as task vectors over it); without it they blend as they are.")
     task = detect_task(experts[0].config, data_config.task)
     data_config = fit_max_length(data_config, experts[0].config)
-    module_shapes = check_compatible(experts, task.model_class(), experts_config.trust_remote_code)
+    module_shapes = check_compatible(experts + ([base] if base else []), task.model_class(),
+                                     experts_config.trust_remote_code)
     # 2. the target data and its columns
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
@@ -130,12 +143,13 @@ def prepare(
     columns = task.resolve_columns(target.column_names, data_config)
     target.check_cells(columns)
     # 3. weights (the long download), headers checked before any tensor is read
+    inputs = experts + ([base] if base else [])
     with accelerator.main_process_first():
-        fetch_weights(experts, experts_config.allow_pickle)
+        fetch_weights(inputs, experts_config.allow_pickle)
     if any(name not in module_shapes for name in experts[0].tensors):  # transformers renames/fuses keys
         logger.info("checkpoint keys differ from %s's modules: reading experts through from_pretrained",
                     task.model_class().__name__)
-        read_through_transformers(experts, task.model_class(), experts_config.trust_remote_code)
+        read_through_transformers(inputs, task.model_class(), experts_config.trust_remote_code)
     check_free_space(output_dir, output_bytes(experts[0].tensors.values(), torch_dtype(experts_config.dtype)))
     check_memory(experts, experts_config, data_config, glue_config, accelerator)
     processor = task.load_processor(experts[0].repo.path, experts_config.trust_remote_code)
@@ -143,11 +157,45 @@ def prepare(
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, experts[0].config)
     dtype = torch_dtype(experts_config.dtype)
-    matrix = ExpertMatrix.from_experts(experts, glue_config.granularity, dtype=dtype, device=accelerator.device)
+    if base is not None:
+        start = glue_config.weights if glue_config.method == "weights" else \
+            initial_alpha(glue_config, 1, len(experts))[0].tolist()
+        matrix = ExpertMatrix.from_task_vectors(
+            experts, base, glue_config.combine, density=glue_config.density, weights=start, seed=glue_config.seed,
+            granularity=glue_config.granularity, dtype=dtype, device=accelerator.device)
+    else:
+        matrix = ExpertMatrix.from_experts(experts, glue_config.granularity, dtype=dtype, device=accelerator.device)
     model = build_model(experts[0], task, matrix, experts_config.trust_remote_code, device=accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
-                    experts_config, data_config)
+                    experts_config, data_config, base=base, kind="task-vectors" if base else "full")
+
+
+def card_base(experts: list[Expert]) -> str:
+    """The base model the experts' model cards name (``base_model:`` in README.md), for --combine without
+    --base-model; refused when a card names none or the cards disagree."""
+    import yaml
+
+    bases = {}
+    for expert in experts:
+        card = expert.repo.path / "README.md"
+        text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+        meta = {}
+        if text.startswith("---"):
+            try:
+                meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+            except yaml.YAMLError:
+                meta = {}
+        named = meta.get("base_model") if isinstance(meta, dict) else None
+        named = named[0] if isinstance(named, list) and len(named) == 1 else named
+        if not isinstance(named, str):
+            raise GlueError(f"--combine needs the experts' base model: pass --base-model (expert {expert.name!r}'s "
+                            "model card names no single base_model).")
+        bases[expert.name] = named
+    if len(set(bases.values())) > 1:
+        listed = "; ".join(f"{n!r} over {b!r}" for n, b in bases.items())
+        raise GlueError(f"the experts' model cards name different base models ({listed}); pass --base-model.")
+    return next(iter(bases.values()))
 
 
 def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConfig, glue_config: GlueConfig,
@@ -175,7 +223,7 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
                               accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(adapters, task, target, train, held_out, processor, matrix, model, objective, accelerator,
-                    experts_config, data_config, base=base, model_config=model_config)
+                    experts_config, data_config, base=base, kind="adapters", model_config=model_config)
 
 
 def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, data_config: DataConfig,

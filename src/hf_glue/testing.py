@@ -179,7 +179,8 @@ def build_experts(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
-    """Save ``n_experts`` experts under ``root/expert-{d}``: one shared base, each fine-tuned on domain d.
+    """Save ``n_experts`` experts under ``root/expert-{d}``: one shared base (saved as ``root/base``), each
+    fine-tuned on domain d.
 
     ``task``: sequence-classification (BERT), causal-lm (GPT-2), vit or resnet (image classification).
     """
@@ -194,6 +195,9 @@ def build_experts(
     base = tiny_model(task, len(tokenizer) if make_rows is not image_rows else 0, seed)
     mixed = [r for d in range(n_experts) for r in make_rows(d, 200, seed + 1)]
     train(base, tokenizer, mixed, task, base_steps, seed)
+    base.to(dtype).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base.to(torch.float32)
     paths = []
     for d in range(n_experts):
         expert = train(copy.deepcopy(base), tokenizer, make_rows(d, 400, seed + 2), task, expert_steps, seed + d)

@@ -134,6 +134,8 @@ class ExpertMatrix:
         # name → view dict of every row, built once per allocation
         self._outputs: dict[tuple[torch.dtype, int], torch.Tensor] = {}
         self._views: list[dict[str, torch.Tensor]] = []
+        #: task vectors: the matrix has one more row, the base, whose coefficient is always 1
+        self.offset = False
 
     @property
     def num_experts(self) -> int:
@@ -195,6 +197,43 @@ class ExpertMatrix:
         return cls([e.name for e in experts], group_names, slots, buffers, constants)
 
     @classmethod
+    def from_task_vectors(
+        cls,
+        experts: Sequence[Expert],
+        base: Expert,
+        method: str,
+        *,
+        density: float,
+        weights: Sequence[float],
+        seed: int,
+        granularity: str = "model",
+        dtype: Optional[torch.dtype] = None,
+        device: torch.device | str = "cpu",
+    ) -> "ExpertMatrix":
+        """θ(λ) = θ_base + Σ_k λ_k τ̂_k as one product: rows 0…K−1 hold the experts' processed task vectors
+        τ̂_k (`task_vectors.process_deltas` of θ_k − θ_base: ``method``, ``density``, sign election with
+        ``weights``), row K the base, whose coefficient is always 1 (added by `blend` and `materialize`). A DARE
+        mask is drawn from a generator seeded by (``seed``, tensor name): the same on every process."""
+        import zlib
+
+        from .task_vectors import process_deltas
+
+        matrix = cls.from_experts([*experts, base], granularity, dtype=dtype, device=device)
+        k = len(experts)
+        election = torch.tensor(list(weights), dtype=torch.float32)
+        for slot in matrix.slots.values():
+            cols = matrix.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
+            deltas = cols[:k].float() - cols[k:].float()
+            generator = torch.Generator(device=cols.device).manual_seed(
+                (seed * 1_000_003 + zlib.crc32(slot.name.encode())) % (1 << 63))
+            processed = process_deltas(deltas.view(k, *slot.shape), method, density, election, generator,
+                                       inplace=True)
+            cols[:k].copy_(processed.reshape(k, -1))
+        matrix.expert_names = [e.name for e in experts]
+        matrix.offset = True
+        return matrix
+
+    @classmethod
     def from_rows(cls, expert_names: Sequence[str], rows: Sequence[dict[str, torch.Tensor]], groups: Sequence[str],
                   group_index: dict[str, int]) -> "ExpertMatrix":
         """A matrix of in-memory tensors (one name → tensor dict per expert, same names and shapes in each), with
@@ -226,7 +265,7 @@ class ExpertMatrix:
             raise RuntimeError("the expert matrix was released: nothing left to blend.")
         if alphas.dim() == 2:
             alphas = alphas.unsqueeze(0)
-        alphas = alphas.to(self.device)  # differentiable: the gradient flows back to where alphas came from
+        alphas = self._with_offset(alphas.to(self.device))  # differentiable: the gradient flows back to alphas
         m = alphas.shape[0]
         product = self._exact_product if exact else self._product
         if torch.is_grad_enabled() and alphas.requires_grad:
@@ -246,7 +285,7 @@ class ExpertMatrix:
     def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Exact θ(α) for one ``alpha[G, K]`` as standalone tensors (one allocation each, not views of a shared
         buffer), which a model can own and save; it needs no memory beyond the result."""
-        alpha = alpha.reshape(self.num_groups, self.num_experts).to(self.device, torch.float32)
+        alpha = self._with_offset(alpha.reshape(self.num_groups, self.num_experts).to(self.device, torch.float32))
         out = dict(self.constants)
         with torch.no_grad():
             for slot in self.slots.values():
@@ -255,6 +294,12 @@ class ExpertMatrix:
                 self._exact_product(alpha[slot.group: slot.group + 1], e, tensor)
                 out[slot.name] = tensor.view(slot.shape)
         return out
+
+    def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
+        """``alphas[..., K]`` with the base's coefficient 1 appended for task vectors (unchanged otherwise)."""
+        if not self.offset:
+            return alphas
+        return torch.cat([alphas, alphas.new_ones(*alphas.shape[:-1], 1)], -1)
 
     def release(self, experts: bool = False) -> None:
         """Free the product buffers (the next no-grad blend allocates them again); with ``experts`` also the

@@ -20,7 +20,7 @@ from ..errors import GlueError
 from .safetensors import SafetensorsError, SafetensorsReader, read_header
 
 #: Small files fetched first: configs, weight indexes, tokenizer and processor files.
-METADATA_PATTERNS = ("*.json", "*.txt", "*.model")
+METADATA_PATTERNS = ("*.json", "*.txt", "*.model", "README.md")
 SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE_PATTERNS = ("*.bin", "*.bin.index.json")
 #: Files that define tokenisation / preprocessing: they must be identical across experts.

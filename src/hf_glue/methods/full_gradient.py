@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..optim.spsa import PARAMETRIZATIONS, Parametrization
+from ..optim.spsa import Parametrization, make_parametrization
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 
 
@@ -32,7 +32,7 @@ class FullGradient(MergeMethod):
 
     def _run(self, ctx: MergeContext) -> MethodOutput:
         cfg, matrix = ctx.config, ctx.matrix
-        param = PARAMETRIZATIONS[cfg.parametrization]
+        param = make_parametrization(cfg.space, cfg.bounds)
         x = param.init(initial_alpha(cfg, matrix.num_groups, matrix.num_experts)).requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=cfg.adam_lr)
         history = []

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GlueError
 from ..io.checkpoint import SearchInterrupted, stop_signals
-from ..optim.spsa import SPSA, NonFiniteLoss, midpoints, vertices
+from ..optim.spsa import SPSA, NonFiniteLoss, make_parametrization, midpoints, vertices
 from ..config import GlueConfig
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 
@@ -57,7 +57,7 @@ class Glue(MergeMethod):
         perturbation_parallel = cfg.parallel == "perturbation" and processes > 1
         spsa = SPSA(
             initial_alpha(cfg, matrix.num_groups, matrix.num_experts),
-            cfg.parametrization,
+            make_parametrization(cfg.space, cfg.bounds),
             c=cfg.c,
             gamma=cfg.perturbation_decay,
             a=cfg.gain,
@@ -94,7 +94,7 @@ class Glue(MergeMethod):
         else:
             if cfg.screen_batches > 0:
                 start_alpha, details["screening"] = self._screen(spsa.alpha, ctx.objective, batches, cfg)
-                if cfg.parametrization == "softmax":
+                if cfg.space == "softmax":
                     # a one-hot start is a logit of log(0): softmax's gradient there is ~0 and the search would
                     # never leave it; keep a tenth of the mass spread evenly
                     start_alpha = 0.9 * start_alpha + 0.1 / matrix.num_experts

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..config import GlueConfig
 from ..errors import GlueError
-from .spsa import PARAMETRIZATIONS
+from .spsa import make_parametrization
 
 if TYPE_CHECKING:
     from ..methods.base import MergeContext, MethodOutput
@@ -70,7 +70,7 @@ def initial_step(config: GlueConfig) -> float:
     """σ0 of the search: --first-step when given, else 0.3 on α (simplex) or 1.0 on logits (softmax)."""
     if config.first_step is not None:
         return config.first_step
-    return 0.3 if config.parametrization == "simplex" else 1.0
+    return 1.0 if config.space == "softmax" else 0.3
 
 
 def models_per_call(config: GlueConfig) -> int:
@@ -175,10 +175,10 @@ class NGOpt(AskTell):
 
     def __init__(self, setup: SearchSetup) -> None:
         ng = self.require()
-        parametrization = ng.p.Array(init=setup.x0).set_mutation(sigma=setup.sigma0)
-        parametrization.random_state = np.random.RandomState(setup.seed)
-        parametrization.function.deterministic = False
-        self.opt = ng.optimizers.NGOpt(parametrization=parametrization, budget=setup.budget,
+        space = ng.p.Array(init=setup.x0).set_mutation(sigma=setup.sigma0)
+        space.random_state = np.random.RandomState(setup.seed)
+        space.function.deterministic = False
+        self.opt = ng.optimizers.NGOpt(parametrization=space, budget=setup.budget,
                                        num_workers=setup.population)
         self.pending: list = []
         self._warning = ng.errors.LossTooLargeWarning
@@ -208,7 +208,7 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
 
     optimizer.require()  # a missing package fails before any batch is drawn
     cfg, matrix = ctx.config, ctx.matrix
-    param = PARAMETRIZATIONS[cfg.parametrization]
+    param = make_parametrization(cfg.space, cfg.bounds)
     x0 = param.init(initial_alpha(cfg, matrix.num_groups, matrix.num_experts))
     budget = glue_budget(cfg, matrix.num_experts)
     population = min(default_population(x0.numel()), budget)

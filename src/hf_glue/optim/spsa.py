@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -84,7 +84,33 @@ class SoftmaxParametrization(Parametrization):
         return torch.softmax(x, dim=-1)
 
 
-PARAMETRIZATIONS = {p.name: p for p in (SimplexParametrization(), SoftmaxParametrization())}
+class BoxParametrization(Parametrization):
+    """x = α, every coefficient clipped to [lo, hi] after each update (task vectors: θ_base + Σ λ_k τ_k)."""
+
+    name = "box"
+
+    def __init__(self, lo: float = 0.0, hi: float = 1.5) -> None:
+        self.lo, self.hi = lo, hi
+
+    def init(self, alpha0):
+        return self.project(alpha0.clone())
+
+    def alpha(self, x):
+        return x
+
+    def project(self, x):
+        return x.clamp(self.lo, self.hi)
+
+
+def make_parametrization(name: str, bounds: Sequence[float] = (0.0, 1.5)) -> Parametrization:
+    """The parametrization called ``name`` (simplex, softmax, or box over ``bounds``)."""
+    if name == "simplex":
+        return SimplexParametrization()
+    if name == "softmax":
+        return SoftmaxParametrization()
+    if name == "box":
+        return BoxParametrization(*bounds)
+    raise ValueError(f"unknown parametrization {name!r}")
 
 
 def vertices(groups: int, experts: int) -> torch.Tensor:
@@ -140,7 +166,7 @@ class SPSA:
     def __init__(
         self,
         alpha0: torch.Tensor,
-        parametrization: str = "simplex",
+        parametrization: str | Parametrization = "simplex",
         *,
         c: float = 0.05,
         gamma: float = 0.101,
@@ -152,7 +178,8 @@ class SPSA:
         max_move: Optional[float] = None,
         average_from: Optional[int] = None,
     ) -> None:
-        self.param = PARAMETRIZATIONS[parametrization]
+        self.param = parametrization if isinstance(parametrization, Parametrization) else \
+            make_parametrization(parametrization)
         self.x = self.param.init(alpha0.double())
         self.c, self.gamma, self.a, self.A = c, gamma, a, A
         self.seed, self.samples, self.sample_offset = seed, samples, sample_offset

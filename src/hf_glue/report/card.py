@@ -35,7 +35,10 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     hub_experts = [e["id"] for e in result["experts"] if e.get("revision")]
     dataset = result.get("dataset")
     base = result.get("base_model")
-    save_as = result.get("save_as") if base else None
+    glue = (result.get("config") or {}).get("glue") or {}
+    combine = glue.get("combine")
+    lora = bool(base) and not combine
+    save_as = result.get("save_as") if lora else None
     hub_base = [base["id"]] if base and base.get("revision") else []
     card_data = ModelCardData(
         # an adapter's parent is its base; a merge's are the base and the adapters (or the experts)
@@ -44,7 +47,8 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         datasets=[dataset["id"]] if dataset and dataset.get("revision") else None,
         library_name="peft" if save_as == "adapter" else "transformers",
         pipeline_tag=task.pipeline_tag if task else None,
-        tags=["merge", "hf-glue"] + (["lora"] if base else []) + ([task.pipeline_tag] if task else []),
+        tags=["merge", "hf-glue"] + (["lora"] if lora else []) + ([combine] if combine else [])
+        + ([task.pipeline_tag] if task else []),
         eval_results=_eval_results(result, task) if task and dataset else None,
         model_name=result.get("model_name") or "hf-glue-merge",
     )
@@ -58,11 +62,10 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         title=result.get("model_name") or (f"GLUE merge of {len(experts)} experts" if result["method"] == "glue" else
                                            f"Merge of {len(experts)} experts ({method['pretty_name']})"),
         method=result["method"],
-        formula=("θ(α) = θ_base + Σ α_k s_k B_k A_k of the adapters' low-rank updates" if base else
-                 "the convex combination θ(α) = Σ α_k θ_k"),
-        experts_noun=("LoRA adapters" if base else "fine-tuned experts"),
+        formula=_formula(lora, combine, glue),
+        experts_noun=("LoRA adapters" if lora else "fine-tuned experts"),
         base=({**base, "label": (f"[{base['id']}](https://huggingface.co/{base['id']})" if base.get("revision")
-                                 else _code(base["id"]))} if base else None),
+                                 else _code(base["id"]))} if lora else None),
         save_as=save_as,
         auto_class=task.auto_model if task else "AutoModel",
         model_id=result.get("model_name") or "OUTPUT_DIR",
@@ -89,6 +92,20 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         versions=result.get("versions", {}),
     )
     return str(card)
+
+
+def _formula(lora: bool, combine: Optional[str], glue: dict) -> str:
+    """How the weights are formed from the coefficients, in the card's words."""
+    if lora:
+        return "θ(α) = θ_base + Σ α_k s_k B_k A_k of the adapters' low-rank updates"
+    if combine:
+        how = {"task-arithmetic": "as they are",
+               "ties": f"TIES-processed (top {glue.get('density')} of each kept, signs elected)",
+               "dare": f"DARE-processed (kept with probability {glue.get('density')}, rescaled)",
+               "dare-ties": f"DARE-TIES-processed (kept with probability {glue.get('density')}, signs elected)"}
+        return (f"θ(λ) = θ_base + Σ λ_k τ̂_k over the experts' task vectors τ_k = θ_k − θ_base, {how[combine]}, "
+                f"with λ in {glue.get('bounds')}")
+    return "the convex combination θ(α) = Σ α_k θ_k"
 
 
 def _describe(description: str, details: dict) -> str:
