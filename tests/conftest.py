@@ -50,12 +50,14 @@ def build_root() -> Path:
 
 @pytest.fixture(scope="session")
 def cls_experts(build_root) -> dict:
-    """Three BERT classifiers (org/expert-{0,1,2}) fine-tuned on domains 0-2 and the target org/target (domain 0)."""
+    """Three BERT classifiers (org/expert-{0,1,2}) fine-tuned on domains 0-2 from org/base, and the target
+    org/target (domain 0)."""
     paths = testing.build_experts(build_root / "cls", task="sequence-classification", n_experts=3)
     ids = []
     for d, path in enumerate(paths):
         testing.publish_to_cache(path, f"org/expert-{d}", HUB_CACHE)
         ids.append(f"org/expert-{d}")
+    testing.publish_to_cache(paths[0].parent / "base", "org/base", HUB_CACHE)  # the base they were tuned from
     data = testing.write_dataset(build_root / "target", "sequence-classification", domain=0)
     testing.publish_to_cache(data, "org/target", HUB_CACHE, repo_type="dataset")
     # the same rows under unusual column names, for --text-column / --label-column

@@ -194,3 +194,101 @@ def _plot(labels: dict, names: list[str], threshold: float, setup: str, budget, 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+COMBINE_LABELS = {"uniform": "uniform λ = 1/K", "glue": "GLUE-learned λ", "cma": "CMA-ES-learned λ",
+                  "nevergrad": "NGOpt-learned λ"}
+
+
+def _stat_plain(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def write_combine(setup, outputs: list, references: list, folder: Path, command: str, density: float) -> str:
+    """The task-vector table (``<setup>-combine.md`` / ``.json``): per budget, per --combine method, the held-out
+    accuracy and loss of uniform λ = 1/K and of each learned λ, their mean λ, and on how many seeds the learned λ
+    beat uniform; then, from the plain simplex runs of the same seeds (``references``), GLUE merged and the best
+    single expert (both without fine-tuning). ``outputs``: (combine, budget, seed, folder); ``references``:
+    (budget, seed, folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = f"exp/{setup.name}-"
+    experts = [prefix + name for name in setup.experts]
+    lines = [f"### {setup.name}: task vectors", "", f"Command: `{command}`", ""]
+    summary: dict = {}
+    for budget in setup.budgets:
+        runs: dict = {}  # {(combine, method): {seed: run}}
+        for combine, b, seed, out in outputs:
+            if b.name != budget.name:
+                continue
+            for run in json.loads((out / "compare.json").read_text())["runs"]:
+                runs.setdefault((combine, run["method"]), {})[seed] = run
+        if not runs:
+            continue
+        seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+        lines += [f"**Budget {budget.name}**: {budget.rows} target rows for the search, no fine-tuning; held-out "
+                  f"{METRIC} (%) and loss over seeds {seeds}, mean ± std; λ in expert order "
+                  f"({', '.join(setup.experts)}), mean over seeds; density {density:g} for ties / dare.", "",
+                  f"| combine | start | {METRIC} (%) | loss | λ (mean) | beats uniform ({METRIC}, seeds) | "
+                  "forward passes | search seconds |", "|---|---|---|---|---|---|---|---|"]
+        summary[budget.name] = {}
+        combines = list(dict.fromkeys(c for c, _ in runs))
+        for combine in combines:
+            uniform = runs.get((combine, "uniform"), {})
+            expert_rows = {m: r for (c, m), r in runs.items() if c == combine and m.startswith("expert: ")}
+            best = (max(expert_rows, key=lambda m: statistics.fmean(r["merged"][METRIC]
+                                                                     for r in expert_rows[m].values()))
+                    if expert_rows else None)
+            names = [m for m in COMBINE_LABELS if (combine, m) in runs] + ([best] if best else [])
+            for method in names:
+                by_seed = runs[(combine, method)] if method != best else expert_rows[best]
+                rs = [by_seed[s] for s in sorted(by_seed)]
+                acc = [r["merged"][METRIC] for r in rs]
+                loss = [r["merged"]["loss"] for r in rs]
+                lam = [statistics.fmean(r["coefficients"].get(e, 0.0) for r in rs) for e in experts]
+                label = (COMBINE_LABELS[method] if method != best
+                         else f"best expert alone, λ = e_k ({best[len('expert: ' + prefix):]}, oracle)")
+                wins = "–"
+                if method in ("glue", "cma", "nevergrad") and uniform:
+                    common = [s for s in by_seed if s in uniform]
+                    won = sum(by_seed[s]["merged"][METRIC] > uniform[s]["merged"][METRIC] + 1e-12 for s in common)
+                    wins = f"{won}/{len(common)}"
+                seconds = statistics.fmean(r["seconds"] for r in rs)
+                lines.append(f"| {combine} | {label} | {_stat(acc)} | {_stat_plain(loss)} | "
+                             f"{' '.join(f'{v:.2f}' for v in lam)} | {wins} | {rs[0]['forward_passes']} | "
+                             f"{seconds:.1f} |")
+                summary[budget.name][f"{combine} · {label}"] = {
+                    "accuracy": acc, "loss": loss, "lambda_mean": lam, "seconds": seconds,
+                    "coefficients": [r["coefficients"] for r in rs], "seeds": sorted(by_seed)}
+        ref = {}
+        for b, seed, out in references:
+            if b.name == budget.name and seed in seeds:
+                for run in json.loads((out / "compare.json").read_text())["runs"]:
+                    ref.setdefault(run["method"], {})[seed] = run
+        if ref:
+            ref_seeds = sorted({s for by_seed in ref.values() for s in by_seed})
+            rows = []
+            if "glue" in ref:
+                rows.append(("GLUE merge on the simplex (no fine-tuning)", ref["glue"]))
+            ex = {m: r for m, r in ref.items() if m.startswith("expert: ")}
+            if ex:
+                best = max(ex, key=lambda m: statistics.fmean(r["merged"][METRIC] for r in ex[m].values()))
+                rows.append((f"best single expert ({best[len('expert: ' + prefix):]}, oracle)", ex[best]))
+            for label, by_seed in rows:
+                rs = [by_seed[s] for s in sorted(by_seed)]
+                acc = [r["merged"][METRIC] for r in rs]
+                loss = [r["merged"]["loss"] for r in rs]
+                lam = [statistics.fmean(r["coefficients"].get(e, 0.0) for r in rs) for e in experts]
+                lines.append(f"| simplex (runs/, seeds {ref_seeds}) | {label} | {_stat(acc)} | "
+                             f"{_stat_plain(loss)} | {' '.join(f'{v:.2f}' for v in lam)} | – | "
+                             f"{rs[0]['forward_passes']} | {statistics.fmean(r['seconds'] for r in rs):.1f} |")
+                summary[budget.name][f"simplex · {label}"] = {"accuracy": acc, "loss": loss, "lambda_mean": lam,
+                                                             "seeds": sorted(by_seed)}
+        lines.append("")
+    suffix = "" if density == 0.5 else f"-d{density:g}"
+    text = "\n".join(lines)
+    (folder / f"{setup.name}-combine{suffix}.md").write_text(text)
+    (folder / f"{setup.name}-combine{suffix}.json").write_text(json.dumps(summary, indent=1))
+    return text

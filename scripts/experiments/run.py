@@ -11,6 +11,13 @@
    granularity (with the base as a --baselines start and every expert alone) and once for GLUE at block
    granularity. Built models and finished compare outputs are reused when the command is run again.
 3. report.py turns the compare.json files into the tables and the time-to-accuracy plot (WORKDIR/report/).
+
+With ``--combine ties|dare|dare-ties|task-arithmetic`` (one or more) the experts are merged as task vectors over the
+setup's base instead: every compare gets ``--base-model exp/<setup>-base --combine METHOD --density D``, runs at model
+granularity only, without fine-tuning (``--finetune-epochs 0``) and without ``--baselines`` (the base is λ = 0),
+and writes under WORKDIR/runs-combine-<method>[-d<density>]/ so the simplex results in WORKDIR/runs/ are untouched;
+the table (WORKDIR/report-combine/) sets the learned λ beside uniform λ = 1/K and, where WORKDIR/runs/ has them, the
+plain (simplex) GLUE merge and the best single expert of the same seeds.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ from setups import SETUPS, Budget, Setup  # noqa: E402
 
 METHODS = ["glue", "uniform", "data-size", "proxy", "full-gradient", "cma", "nevergrad"]
 QUICK_METHODS = ["glue", "uniform", "cma"]
+COMBINE_METHODS = ["task-arithmetic", "ties", "dare", "dare-ties"]
+COMBINE_DEFAULT_METHODS = ["glue", "uniform", "cma"]
+
+
+def combine_runs(workdir: Path, combine: str, density: float) -> Path:
+    """Where the compare outputs of one --combine setting go (the density is named when it is not the default)."""
+    return workdir / (f"runs-combine-{combine}" + ("" if density == 0.5 else f"-d{density:g}"))
 
 
 def hub_env(workdir: Path) -> dict:
@@ -99,27 +113,33 @@ def target(setup: Setup, budget: Budget, seed: int, workdir: Path) -> str:
 
 
 def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, out: Path, workdir: Path,
-            methods: list[str], granularity: str, quick: bool) -> Path:
-    """One `hf-glue compare` run (skipped when its compare.json exists); returns its output folder."""
+            methods: list[str], granularity: str, quick: bool, combine: str | None = None,
+            density: float = 0.5) -> Path:
+    """One `hf-glue compare` run (skipped when its compare.json exists); returns its output folder.
+
+    ``combine``: task vectors over the base (``--base-model --combine --density``), no fine-tuning, no baselines."""
     if (out / "compare.json").is_file():
         return out
+    epochs = 0 if combine else budget.epochs
     args = ["--experts", *ids["experts"], "--dataset", dataset, "--data-sizes", *map(str, setup.data_sizes),
             "--methods", *methods, "--granularity", granularity, "--seeds", str(seed),
-            "--batch-size", str(min(setup.batch_size, budget.rows)), "--finetune-epochs", str(budget.epochs),
+            "--batch-size", str(min(setup.batch_size, budget.rows)), "--finetune-epochs", str(epochs),
             "--learning-rate", str(setup.finetune_lr), "--cpu", "--output-dir", str(out), *setup.extra_args]
     if quick:
         args += ["--steps", "4", "--proxy-batches", "1"]
-    if granularity == "model":
+    if combine:
+        args += ["--base-model", ids["base"], "--combine", combine, "--density", f"{density:g}"]
+    elif granularity == "model":
         args += ["--baselines", ids["base"]]
     else:
         args += ["--no-include-experts"]
-    if budget.eval_steps:
+    if budget.eval_steps and epochs:
         training_args = out.parent / f"training-args-{granularity}.json"
         training_args.parent.mkdir(parents=True, exist_ok=True)
         training_args.write_text(json.dumps({"eval_strategy": "steps", "eval_steps": budget.eval_steps}))
         args += ["--training-args", str(training_args)]
     command = [sys.executable, "-m", "hf_glue", "compare", *args]
-    print(f"[{setup.name}] {budget.name} seed {seed} {granularity}: hf-glue compare {' '.join(args)}", flush=True)
+    print(f"[{setup.name}] {budget.name} seed {seed} {granularity}{' ' + combine if combine else ''}: hf-glue compare {' '.join(args)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(command, env=hub_env(workdir), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -142,12 +162,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="Only tabulate the compare outputs already in WORKDIR (e.g. of an interrupted run, or "
                              "of seeds run in several work folders and copied together); runs nothing.")
     parser.add_argument("--data-cache", type=Path, default=None, help="Where package downloads are kept.")
+    parser.add_argument("--combine", nargs="+", choices=COMBINE_METHODS, default=None,
+                        help="Merge the experts as task vectors over the setup's base with each of these methods "
+                             "(model granularity, no fine-tuning, no --baselines; outputs in "
+                             "WORKDIR/runs-combine-<method>/; default methods: "
+                             f"{' '.join(COMBINE_DEFAULT_METHODS)}).")
+    parser.add_argument("--density", type=float, default=0.5,
+                        help="--combine ties/dare/dare-ties: the fraction of each task vector kept (default 0.5).")
+    parser.add_argument("--budgets", nargs="+", default=None,
+                        help="Only these budgets of the setup, by name (e.g. small; default: all).")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
     workdir = (args.workdir or Path("experiments") / (args.setup + ("-quick" if args.quick else ""))).resolve()
     cache = args.data_cache or data.default_cache()
     os.environ.update({k: v for k, v in hub_env(workdir).items() if k.startswith(("HF_", "TOKENIZERS"))})
     setup = SETUPS[args.setup](cache, args.quick)
+    if args.budgets:
+        unknown = set(args.budgets) - {b.name for b in setup.budgets}
+        if unknown:
+            raise SystemExit(f"unknown budget(s) {sorted(unknown)}; {setup.name} has "
+                             f"{[b.name for b in setup.budgets]}.")
+        setup.budgets = [b for b in setup.budgets if b.name in args.budgets]
+    if args.combine:
+        return main_combine(args, setup, seeds, workdir)
     methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
     outputs = []
     if args.report_only:
@@ -174,6 +211,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         print("--quick: a few rows and steps, a smoke test of the whole path; its figures say nothing about the "
               "methods (see docs/results.md for the full runs).")
+    return 0
+
+
+def main_combine(args, setup: Setup, seeds: list[int], workdir: Path) -> int:
+    """--combine: one model-granularity compare per method, budget and seed, then the task-vector table."""
+    methods = args.methods or COMBINE_DEFAULT_METHODS
+    outputs = []
+    if args.report_only:
+        outputs = [(combine, budget, seed, folder) for combine in args.combine for budget in setup.budgets
+                   for seed in seeds
+                   for folder in [combine_runs(workdir, combine, args.density) / budget.name / f"seed{seed}" / "model"]
+                   if (folder / "compare.json").is_file()]
+        if not outputs:
+            raise SystemExit(f"no --combine compare outputs under {workdir} for seeds {seeds}.")
+    else:
+        ids = build(setup, workdir, args.quick)
+        for combine in args.combine:
+            for budget in setup.budgets:
+                for seed in seeds:
+                    dataset = target(setup, budget, seed, workdir)
+                    out = combine_runs(workdir, combine, args.density) / budget.name / f"seed{seed}" / "model"
+                    outputs.append((combine, budget, seed, compare(setup, ids, dataset, budget, seed, out, workdir,
+                                                                   methods, "model", args.quick, combine=combine,
+                                                                   density=args.density)))
+    references = [(budget, seed, folder) for budget in setup.budgets for seed in seeds
+                  for folder in [workdir / "runs" / budget.name / f"seed{seed}" / "model"]
+                  if (folder / "compare.json").is_file()]
+    command = " ".join(["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
+                       + ["--seeds", *map(str, seeds), "--combine", *args.combine]
+                       + ([] if args.density == 0.5 else ["--density", f"{args.density:g}"])
+                       + (["--budgets", *args.budgets] if args.budgets else [])
+                       + (["--methods", *args.methods] if args.methods else []))
+    text = report.write_combine(setup, outputs, references, workdir / "report-combine", command=command,
+                                density=args.density)
+    print(text)
     return 0
 
 

@@ -16,7 +16,7 @@ from .engine.matrix import group_of
 from .config import BlendConfig, ExpertsConfig, OutputConfig, torch_dtype
 from .errors import GlueError
 from .io.adapters import is_adapter
-from .io.experts import check_model_types, check_processor_files, expert_from_repo, fetch_weights, resolve_repos
+from .io.experts import check_model_types, check_processor_files, expert_from_repo, fetch_weights, resolve_experts, resolve_repos
 from .methods import method_info
 from .methods.weights import check_weights
 from .io.output import (RESULT_FILE, atomic_dir, check_free_space, check_output_dir, input_paths, output_bytes,
@@ -53,11 +53,16 @@ def _from_result(path: str) -> tuple[list[str], list[str], dict]:
     rows = {"coefficients": coefficients}
     if result.get("granularity", "model") != "model":
         rows.update({f"group {g!r}": row for g, row in (result.get("group_coefficients") or {}).items()})
+    task_vectors = (result.get("details") or {}).get("task_vectors")
     for where, row in rows.items():
         if not isinstance(row, dict) or sorted(row) != sorted(names):
             raise GlueError(f"--from-result {path!r}: {where} must give one value for each of its experts "
                             f"{names}.")
-        _convex([row[n] for n in names], f"--from-result {path!r}: {where}")
+        if task_vectors:  # coefficients of task vectors: any finite values (a box, not the simplex)
+            if not all(isinstance(row[n], (int, float)) and math.isfinite(row[n]) for n in names):
+                raise GlueError(f"--from-result {path!r}: {where} must be finite numbers.")
+        else:
+            _convex([row[n] for n in names], f"--from-result {path!r}: {where}")
     return specs, names, result
 
 
@@ -89,6 +94,15 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
     if output.save_as == "adapter":
         raise GlueError("--save-as adapter is for LoRA experts; full experts blend into a full model.")
     experts = [expert_from_repo(r) for r in repos]
+    task_vectors = ((source or {}).get("details") or {}).get("task_vectors")
+    transform = None
+    if task_vectors:  # θ = θ_base + Σ λ_k τ̂_k: the base is one more input, with coefficient 1
+        base_info = source.get("base_model") or {}
+        base_spec = f"{base_info['id']}@{base_info['revision']}" if base_info.get("revision") else base_info.get("id")
+        if not base_spec:
+            raise GlueError(f"--from-result {blend.from_result!r} has task vectors but names no base_model.")
+        experts.append(resolve_experts([base_spec], what="base model", minimum=1)[0])
+        transform = _task_vector_transform(task_vectors)
     check_model_types(experts)
     check_processor_files(experts)
     fetch_weights(experts, allow_pickle=False)
@@ -99,12 +113,13 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
         coefficients = source["coefficients"]
 
         def weights(name: str) -> list[float]:
+            base = [1.0] if task_vectors else []
             if granularity == "model" or not groups:
-                return [coefficients[n] for n in names]
+                return [coefficients[n] for n in names] + base
             group = group_of(name, granularity)
             if group not in groups:
                 raise GlueError(f"--from-result has no coefficients for group {group!r} (tensor {name!r}).")
-            return [groups[group][n] for n in names]
+            return [groups[group][n] for n in names] + base
     else:
         coefficients = dict(zip(names, blend.weights))
 
@@ -114,7 +129,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
     from .engine.streaming import blend_checkpoints
 
     with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
-        blend_checkpoints(experts, weights, tmp, dtype=dtype, max_shard_bytes=max_shard)
+        blend_checkpoints(experts, weights, tmp, dtype=dtype, max_shard_bytes=max_shard, transform=transform)
         copy_processor_files(experts[0].repo.path, tmp, extra=("config.json", "generation_config.json"))
         settle_remote_code(tmp, experts[0].repo.path, experts_config.trust_remote_code)
         if dtype is not None and (tmp / "config.json").is_file():
@@ -125,6 +140,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
             "task": source.get("task") if source else _task_name(experts[0].config),
             "granularity": source.get("granularity", "model") if source else "model",
             "experts": [{"name": n, **e.repo.to_dict()} for n, e in zip(names, experts)],
+            **({"base_model": {"name": experts[-1].name, **experts[-1].repo.to_dict()}} if task_vectors else {}),
             "dataset": source.get("dataset") if source else None,
             "coefficients": coefficients,
             "history": [],
@@ -134,7 +150,9 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
             "seconds": round(time.perf_counter() - start, 3),
             "command": command,
             "versions": library_versions(),
-            "config": {"experts": {"dtype": experts_config.dtype}},
+            "config": {"experts": {"dtype": experts_config.dtype},
+                       **({"glue": source["config"]["glue"]} if task_vectors else {})},
+            **({"details": {"task_vectors": task_vectors}} if task_vectors else {}),
         }
         if source and source.get("group_coefficients"):
             result["group_coefficients"] = source["group_coefficients"]
@@ -209,6 +227,21 @@ def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_con
         (tmp / RESULT_FILE).write_text(strict_json(result))
         write_card(tmp, result)
     return Path(output.output_dir)
+
+
+def _task_vector_transform(spec: dict):
+    """The per-tensor step of a task-vector blend: the K experts' values and the base's → τ̂_1…τ̂_K and the base,
+    processed exactly as the merge did (`task_vectors.tensor_task_vectors`)."""
+    from .engine.task_vectors import tensor_task_vectors
+
+    def transform(name: str, tensors: list) -> list:
+        import torch
+
+        tau = tensor_task_vectors(name, torch.stack(tensors[:-1]), tensors[-1], spec["method"], spec["density"],
+                                  spec["election_weights"], spec["seed"])
+        return [*tau, tensors[-1]]
+
+    return transform
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:

@@ -367,6 +367,8 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
     """Evaluate a method's α on the held-out split and package everything as a `MergeResult`."""
     metrics = prep.objective.evaluate(out.alpha, eval_batches(prep, config))
     out.details["eval_samples"] = metrics.pop("samples", 0)
+    if getattr(prep.matrix, "task_vectors", None):
+        out.details["task_vectors"] = prep.matrix.task_vectors  # what `hf-glue blend --from-result` re-applies
     matrix = prep.matrix
     return MergeResult(
         method=config.method,
@@ -471,6 +473,11 @@ def run_merge(
     output_config = output_config or OutputConfig()
     finetune_config = finetune_config or FinetuneConfig()
     check_method(glue_config.method)  # unknown method or a missing optional package: fail before any work
+    if glue_config.method == "weights":
+        from .methods.weights import check_weights
+
+        check_weights(glue_config.weights, len(experts_config.experts),
+                      glue_config.bounds if glue_config.space == "box" else None)
     read_training_args(finetune_config.training_args)  # a bad --training-args file too
     if output_config.output_dir:
         check_output_dir(output_config.output_dir, output_config.overwrite_output_dir,

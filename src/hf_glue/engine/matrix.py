@@ -29,13 +29,16 @@ _LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
 
 
 def group_of(name: str, granularity: str) -> str:
-    """The coefficient group of a parameter: one for the model, one per numbered block, or one per tensor."""
+    """The coefficient group of a parameter: one for the model, one per numbered block, one per module type (the
+    name inside its block, e.g. ``attention.self.query``, shared by every block), or one per tensor."""
     if granularity == "model":
         return "model"
     if granularity == "tensor":
         return name
     match = _LAYER_INDEX.match(name)
     if match:
+        if granularity == "module":
+            return name[match.end():].rsplit(".", 1)[0]
         return match.group(1)
     if any(tag in name for tag in ("embed", "wte", "wpe", "patch")):
         return "embeddings"
@@ -136,6 +139,8 @@ class ExpertMatrix:
         self._views: list[dict[str, torch.Tensor]] = []
         #: task vectors: the matrix has one more row, the base, whose coefficient is always 1
         self.offset = False
+        #: task vectors: how they were processed (method, density, election weights, seed), for the result
+        self.task_vectors: Optional[dict] = None
 
     @property
     def num_experts(self) -> int:
@@ -214,23 +219,19 @@ class ExpertMatrix:
         τ̂_k (`task_vectors.process_deltas` of θ_k − θ_base: ``method``, ``density``, sign election with
         ``weights``), row K the base, whose coefficient is always 1 (added by `blend` and `materialize`). A DARE
         mask is drawn from a generator seeded by (``seed``, tensor name): the same on every process."""
-        import zlib
-
-        from .task_vectors import process_deltas
+        from .task_vectors import tensor_task_vectors
 
         matrix = cls.from_experts([*experts, base], granularity, dtype=dtype, device=device)
         k = len(experts)
-        election = torch.tensor(list(weights), dtype=torch.float32)
         for slot in matrix.slots.values():
             cols = matrix.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
-            deltas = cols[:k].float() - cols[k:].float()
-            generator = torch.Generator(device=cols.device).manual_seed(
-                (seed * 1_000_003 + zlib.crc32(slot.name.encode())) % (1 << 63))
-            processed = process_deltas(deltas.view(k, *slot.shape), method, density, election, generator,
-                                       inplace=True)
-            cols[:k].copy_(processed.reshape(k, -1))
+            tau = tensor_task_vectors(slot.name, cols[:k].view(k, *slot.shape), cols[k].view(slot.shape), method,
+                                      density, weights, seed)
+            cols[:k].copy_(tau.reshape(k, -1))
         matrix.expert_names = [e.name for e in experts]
         matrix.offset = True
+        matrix.task_vectors = {"method": method, "density": density, "election_weights": [float(w) for w in weights],
+                               "seed": seed}
         return matrix
 
     @classmethod

@@ -28,9 +28,11 @@ def blend_checkpoints(
     *,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 5 * 10**9,
+    transform: Optional[Callable[[str, list[torch.Tensor]], Sequence[torch.Tensor]]] = None,
 ) -> list[Path]:
     """Write Σ_k w_k(name) θ_k[name] for every floating tensor (non-floats from the first expert) as safetensors
-    shards in ``output_dir`` (plus an index when sharded). ``weights(name)`` gives the K coefficients of a tensor.
+    shards in ``output_dir`` (plus an index when sharded). ``weights(name)`` gives the K coefficients of a tensor;
+    ``transform(name, tensors)``, when given, replaces a tensor's K inputs before they are summed (task vectors).
     A blended tensor holding NaN or inf is refused before it is written, naming its cause.
     """
     ref = experts[0]
@@ -84,8 +86,10 @@ def blend_checkpoints(
                     queue.put((writer, reader(ref.tensors[name].file).read(name)))
                     continue
                 acc = None
-                for expert, w in zip(experts, weights(name)):
-                    t = reader(expert.tensors[name].file).read(name)
+                inputs = (reader(expert.tensors[name].file).read(name) for expert in experts)
+                if transform is not None:
+                    inputs = transform(name, list(inputs))
+                for t, w in zip(inputs, weights(name)):
                     acc = t.to(torch.float32) * w if acc is None else acc.add_(t.to(torch.float32), alpha=w)
                 out = acc.to(out_dtype)
                 if not bool(torch.isfinite(out).all()):

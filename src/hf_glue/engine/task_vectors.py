@@ -33,7 +33,8 @@ Magnitudes are ranked in float32, as mergekit does on CPU; the rest runs in floa
 
 from __future__ import annotations
 
-from typing import Optional
+import zlib
+from typing import Optional, Sequence
 
 import torch
 
@@ -170,3 +171,14 @@ def _elect_(flat: torch.Tensor, weights: torch.Tensor) -> None:
         elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(block.dtype)
         # sign(w_k τ_k) == elected ⟺ w_k τ_k · elected > 0 (exact: elected is ±1).
         block.masked_fill_(weighted.mul_(elected) <= 0, 0)
+
+
+def tensor_task_vectors(name: str, experts: torch.Tensor, base: torch.Tensor, method: str, density: float,
+                        weights: Sequence[float], seed: int) -> torch.Tensor:
+    """τ̂[K, ...] of the tensor called ``name`` from the experts' values ``experts[K, ...]`` and the base's, in
+    float32 on the CPU, with the DARE mask drawn from a generator seeded by (``seed``, ``name``): a merge on any
+    device and `hf-glue blend` (streaming, tensor by tensor) process every tensor identically."""
+    deltas = experts.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+    return process_deltas(deltas, method, density, torch.tensor(list(weights), dtype=torch.float32), generator,
+                          inplace=True)
