@@ -43,6 +43,8 @@ from bench_step import synchronize  # noqa: E402
 from hf_glue.engine.memory import memory_in_use, peak_memory_bytes, reset_peak_memory  # noqa: E402
 
 GIB = 2**30
+#: the model every memory probe runs once before it measures anything
+WARM_UP = {"hidden": 16, "layers": 1, "heads": 1, "intermediate": 32, "vocab": 100, "seq_len": 8, "batch_size": 2}
 TINY = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "vocab": 1000, "seq_len": 32, "batch_size": 4,
         "repeats": 1}
 
@@ -57,9 +59,9 @@ def bert_config(args):
                       max_position_embeddings=max(512, args.seq_len), num_labels=2)
 
 
-def make_base_and_adapters(root: Path, args) -> tuple[Path, list[Path]]:
-    """Save a random base under ``root/base`` and ``max(--experts)`` LoRA adapters of it under ``root/lora-{k}``
-    (one PEFT model, its factors and head re-drawn per adapter, saved with ``save_pretrained``)."""
+def make_base_and_adapters(root: Path, args, count: int) -> tuple[Path, list[Path]]:
+    """Save a random base under ``root/base`` and ``count`` LoRA adapters of it under ``root/lora-{k}`` (one PEFT
+    model, its factors and head re-drawn per adapter, saved with ``save_pretrained``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BertForSequenceClassification
 
@@ -73,7 +75,7 @@ def make_base_and_adapters(root: Path, args) -> tuple[Path, list[Path]]:
     gen = torch.Generator().manual_seed(args.seed + 1)
     paths = []
     with torch.no_grad():
-        for k in range(max(args.experts)):
+        for k in range(count):
             for name, p in model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
                     p.normal_(0.0, 0.02, generator=gen)  # B non-zero: every adapter changes the model
@@ -132,9 +134,16 @@ def memory_probe(args, base_path: Path, adapter_paths: list[Path]) -> dict:
     was loaded, and what is held once everything is built (before the first forward pass)."""
     device, dtype = args.device, getattr(torch, args.dtype)
     dev = torch.device(device)
+    with torch.no_grad():  # warm-up on a tiny model: lazy imports and one-off kernel set-up stay out of the figures
+        warm = argparse.Namespace(**{**vars(args), **WARM_UP})
+        objective, matrix = search(base_path.parent / "warm-up" / "base", [base_path.parent / "warm-up" / "lora-0"],
+                                   device, dtype, args.granularity)
+        objective.losses(step_alphas(matrix.num_groups, 1), make_batch(warm, device))
+        objective.model.unload()(**make_batch(warm, device))
+        del objective, matrix, warm
     batch = make_batch(args, device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    start = memory_in_use(dev)  # imports done, batch made, nothing loaded
+    start = memory_in_use(dev)  # imports done, warmed up, batch made, nothing loaded
     reset_peak_memory(dev)
     with torch.no_grad():
         if args.memory_probe == "base":
@@ -153,15 +162,23 @@ def memory_probe(args, base_path: Path, adapter_paths: list[Path]) -> dict:
     return {"held": held - start, "peak": peak - start}
 
 
-def run_probe(args, mode: str, k: int, root: Path) -> dict:
-    cmd = [sys.executable, __file__, "--memory-probe", mode, "--root", str(root), "--experts", str(k)]
-    for name in ("hidden", "layers", "heads", "intermediate", "vocab", "seq_len", "batch_size", "rank", "seed",
-                 "device", "dtype", "granularity"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"memory probe {mode} K={k} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def probe_pool(args):
+    """Memory probes run each in a fresh process, forked from a server that has imported the libraries and done
+    nothing else (so a probe pays no start-up, and holds no memory of this process's measurements)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "peft", "hf_glue.engine.adapters", "hf_glue.io.adapters",
+                                "hf_glue.methods.objective", "hf_glue.tasks", "hf_glue.engine.memory", "bench_step"])
+    multiprocessing.forkserver.ensure_running()  # its imports overlap with building the adapters
+    return ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+
+
+def run_probe(pool, args, mode: str, k: int, root: Path) -> dict:
+    probe = argparse.Namespace(**{**vars(args), "memory_probe": mode})
+    return pool.submit(memory_probe, probe, root / "base", [root / f"lora-{i}" for i in range(k)]).result()
 
 
 def timed_pair(base_fn, step_fn, device: str, repeats: int) -> tuple[float, float]:
@@ -244,8 +261,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         root = Path(tmp)
+        pool = probe_pool(args)
         t0 = time.perf_counter()
-        base_path, adapter_paths = make_base_and_adapters(root, args)
+        base_path, adapter_paths = make_base_and_adapters(root, args, max(args.experts))
+        make_base_and_adapters(root / "warm-up", argparse.Namespace(**{**vars(args), **WARM_UP}), 1)
         info["build_s"] = round(time.perf_counter() - t0, 1)
         batch = make_batch(args, args.device)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -256,7 +275,7 @@ def main() -> None:
               f"parameters, {args.dtype}) on {args.device}, batch {args.batch_size} x {args.seq_len} tokens; "
               f"adapters: rank {args.rank} on query and value + classifier head; {info['machine']}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
-        base_memory = run_probe(args, "base", 0, root)
+        base_memory = run_probe(pool, args, "base", 0, root)
         for k in args.experts:
             objective, matrix = search(base_path, adapter_paths[:k], args.device, dtype, args.granularity)
             alphas = step_alphas(matrix.num_groups, k)
@@ -269,7 +288,7 @@ def main() -> None:
 
             base_s, step_s = timed_pair(base_fn, lambda: objective.losses(alphas, batch), args.device, args.repeats)
             del objective, matrix
-            memory = run_probe(args, "search", k, root)
+            memory = run_probe(pool, args, "search", k, root)
             row = {"k": k, "adapter_parameters": n_adapter, "base_s": base_s, "step_s": step_s,
                    "time_ratio": step_s / base_s, "base_peak": base_memory["peak"], "search_peak": memory["peak"],
                    "memory_ratio": memory["peak"] / base_memory["peak"], "base_held": base_memory["held"],
@@ -278,6 +297,7 @@ def main() -> None:
             print(f"K = {k}: step {step_s:.3f} s vs two plain forwards {base_s:.3f} s ({row['time_ratio']:.2f}); "
                   f"peak {memory['peak'] / GIB:.3f} vs {base_memory['peak'] / GIB:.3f} GiB "
                   f"({row['memory_ratio']:.2f})", flush=True)
+        pool.shutdown()
 
     print(f"\n{command}  (seed {args.seed})")
     print("\n| K | adapter parameters | SPSA step s | two base forwards s | step / base time | search peak | "

@@ -353,6 +353,7 @@ def search_checkpoint(prep: Prepared, config: GlueConfig, output_dir: str) -> Ch
     """The saved-state slot of a run writing ``output_dir``, keyed by everything that shapes its search."""
     fingerprint = {
         "experts": [[e.name, e.repo.revision] for e in prep.experts],
+        "base": [prep.base.name, prep.base.repo.revision] if prep.base is not None else None,
         "dataset": prep.target.to_dict(),
         "data": asdict(prep.data_config),
         "dtype": prep.experts_config.dtype,
