@@ -261,3 +261,21 @@ def test_finetune_continues_the_adapter_or_the_whole_model(lora_experts, tmp_pat
             model = AutoModelForSequenceClassification.from_pretrained(out)
             assert not torch.equal(model.state_dict()[embeddings], base[embeddings])
         assert json.loads((out / "merge_result.json").read_text())["config"]["finetune"]["finetune_mode"] == mode
+
+
+def test_module_granularity_groups_adapters_by_module_type(lora_experts):
+    """--granularity module: one α per module type across layers (lora-1 also adapts the dense layers)."""
+    from hf_glue import GlueConfig
+    from hf_glue.config import DataConfig, ExpertsConfig
+    from hf_glue.pipeline import prepare
+
+    prep = prepare(ExpertsConfig(experts=lora_experts["ids"], cpu=True), DataConfig(dataset=lora_experts["dataset"]),
+                   GlueConfig(granularity="module"))
+    assert set(prep.matrix.groups) == {"attention.self.query", "attention.self.value", "attention.output.dense",
+                                       "intermediate.dense", "output.dense", "head"}
+    # α of one module type moves only that type's branches: the blends differ exactly there
+    alpha = torch.full((2, len(prep.matrix.groups), 3), 1 / 3, dtype=torch.float64)
+    alpha[1, prep.matrix.groups.index("attention.self.query")] = torch.tensor([1.0, 0.0, 0.0])
+    first, second = [{k: v.clone() for k, v in p.items()} for p in prep.matrix.blend(alpha)]
+    differ = sorted(k for k in first if not torch.equal(first[k], second[k]))
+    assert differ and all(".attention.self.query.lora_A." in k for k in differ)

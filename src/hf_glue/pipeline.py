@@ -151,7 +151,7 @@ def prepare(
                     task.model_class().__name__)
         read_through_transformers(inputs, task.model_class(), experts_config.trust_remote_code)
     check_free_space(output_dir, output_bytes(experts[0].tensors.values(), torch_dtype(experts_config.dtype)))
-    check_memory(experts, experts_config, data_config, glue_config, accelerator)
+    check_memory(inputs, experts_config, data_config, glue_config, accelerator)
     processor = task.load_processor(experts[0].repo.path, experts_config.trust_remote_code)
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
