@@ -23,6 +23,18 @@ def _batch(lora_experts):
     return tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)
 
 
+def _held_out_loss(model, lora_experts) -> float:
+    """Mean cross-entropy of ``model`` over the target's whole test split."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lora_experts["base"])
+    rows = [json.loads(line) for line in (lora_experts["data_dir"] / "test.jsonl").read_text().splitlines()]
+    batch = tokenizer([r["text"] for r in rows], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor([r["label"] for r in rows])))
+
+
 def _peft_reference(lora_experts, alpha: list[float], folder: Path) -> torch.nn.Module:
     """PEFT's own weighted combination: add_weighted_adapter(..., "cat") over the adapters' LoRA factors. PEFT
     refuses adapters with modules_to_save there, so they are loaded from copies without their heads, and the
@@ -109,6 +121,9 @@ def test_block_granularity_saves_agree(lora_experts, tmp_path):
                                                                       save_as=save_as))
     groups = results["merged"].group_coefficients
     assert len(groups) >= 3 and groups == results["adapter"].group_coefficients
+    # the search's held-out loss is the saved model's: no parameter was renamed away on the way
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert _held_out_loss(saved, lora_experts) == pytest.approx(results["merged"].eval["loss"], abs=1e-5)
     assert len({round(row[lora_experts["ids"][0]], 6) for row in groups.values()}) > 1  # α differs by layer
     batch = _batch(lora_experts)
     with torch.no_grad():
@@ -253,10 +268,18 @@ def test_finetune_continues_the_adapter_or_the_whole_model(lora_experts, tmp_pat
                            finetune_config=FinetuneConfig(finetune_epochs=1, finetune_mode=mode, learning_rate=1e-3))
         assert result.eval_after["loss"] != pytest.approx(result.eval_before["loss"], abs=1e-6)
         if mode == "adapter":
+            # only the blended adapter (and its head) trained: the base's own weights are untouched in the model
+            # that was fine-tuned, and the saved adapter holds the trained factors
+            trained = {n: p for n, p in result.model.named_parameters()}
+            assert not any(p.requires_grad for n, p in trained.items() if "lora_" not in n
+                           and "modules_to_save" not in n)
+            torch.testing.assert_close(trained[f"base_model.model.{embeddings}"], base[embeddings], rtol=0, atol=0)
             model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
-                lora_experts["base"]), out).merge_and_unload()
-            # only the blended adapter (and its head) trained: the base's own weights are untouched
-            torch.testing.assert_close(model.state_dict()[embeddings], base[embeddings], rtol=0, atol=0)
+                lora_experts["base"]), out).eval()
+            with torch.no_grad():
+                batch = _batch(lora_experts)
+                torch.testing.assert_close(model(**batch).logits, result.model.eval()(**batch).logits,
+                                           rtol=0, atol=1e-5)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(out)
             assert not torch.equal(model.state_dict()[embeddings], base[embeddings])
@@ -279,3 +302,30 @@ def test_module_granularity_groups_adapters_by_module_type(lora_experts):
     first, second = [{k: v.clone() for k, v in p.items()} for p in prep.matrix.blend(alpha)]
     differ = sorted(k for k in first if not torch.equal(first[k], second[k]))
     assert differ and all(".attention.self.query.lora_A." in k for k in differ)
+
+
+def test_half_precision_adapters_blend(lora_experts, tmp_path):
+    """Adapters saved in bfloat16 (common on the Hub) are held in PEFT's float32 and blend like the float32 ones."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_glue import ExpertsConfig, GlueConfig, merge_experts
+
+    folders = []
+    for d, path in enumerate(lora_experts["paths"]):
+        folder = tmp_path / f"bf16-{d}"
+        shutil.copytree(path, folder)
+        state = load_file(folder / "adapter_model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, folder / "adapter_model.safetensors")
+        folders.append(str(folder))
+    config = GlueConfig(method="weights", weights=ALPHA)
+    half = merge_experts(folders, lora_experts["dataset"], config, experts_config=ExpertsConfig(cpu=True))
+    full = merge_experts(lora_experts["ids"], lora_experts["dataset"], config, experts_config=ExpertsConfig(cpu=True))
+    assert half.eval["loss"] == pytest.approx(full.eval["loss"], rel=2e-2)
+
+
+def test_box_without_task_vectors_is_refused():
+    from hf_glue import GlueConfig
+    from hf_glue.errors import GlueError
+
+    with pytest.raises(GlueError, match="--combine"):
+        GlueConfig(parametrization="box")

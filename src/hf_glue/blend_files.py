@@ -102,7 +102,8 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
         if not base_spec:
             raise GlueError(f"--from-result {blend.from_result!r} has task vectors but names no base_model.")
         experts.append(resolve_experts([base_spec], what="base model", minimum=1)[0])
-        transform = _task_vector_transform(task_vectors)
+        source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+        transform = _task_vector_transform(task_vectors, torch_dtype(source_dtype))
     check_model_types(experts)
     check_processor_files(experts)
     fetch_weights(experts, allow_pickle=False)
@@ -229,7 +230,7 @@ def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_con
     return Path(output.output_dir)
 
 
-def _task_vector_transform(spec: dict):
+def _task_vector_transform(spec: dict, dtype):
     """The per-tensor step of a task-vector blend: the K experts' values and the base's → τ̂_1…τ̂_K and the base,
     processed exactly as the merge did (`task_vectors.tensor_task_vectors`)."""
     from .engine.task_vectors import tensor_task_vectors
@@ -239,7 +240,8 @@ def _task_vector_transform(spec: dict):
 
         tau = tensor_task_vectors(name, torch.stack(tensors[:-1]), tensors[-1], spec["method"], spec["density"],
                                   spec["election_weights"], spec["seed"])
-        return [*tau, tensors[-1]]
+        # rounded to the dtype the merge's matrix held τ̂ in (the experts' own, or its --dtype)
+        return [*tau.to(dtype or tensors[-1].dtype), tensors[-1]]
 
     return transform
 

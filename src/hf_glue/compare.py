@@ -116,6 +116,12 @@ def _resolve_baselines(specs: list[str], experts_config: ExpertsConfig, data_con
     clash = sorted(set(specs) & set(experts_config.experts))
     if clash:
         raise GlueError(f"--baselines {clash[0]!r} is also an expert; each expert is already scored alone.")
+    from .io.adapters import is_adapter
+    from .io.experts import resolve_repos
+
+    if any(is_adapter(r.path) for r in resolve_repos(experts_config.experts[:1], minimum=1)):
+        raise GlueError("--baselines scores full checkpoints beside full experts; with LoRA adapters the base is "
+                        "already the blend at α = 0: drop --baselines.")
     baselines = resolve_experts(specs, what="baseline", minimum=1)
     reference = resolve_experts(experts_config.experts[:1], minimum=1)[0]
     task = detect_task(reference.config, data_config.task)

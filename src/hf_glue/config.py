@@ -261,6 +261,9 @@ class GlueConfig:
             raise GlueError(f"--bounds takes LO HI with LO < HI; got {self.bounds}.")
         if not 0.0 < self.density <= 1.0:
             raise GlueError(f"--density must be in (0, 1]; got {self.density}.")
+        if self.parametrization == "box" and not self.combine:
+            raise GlueError("--parametrization box is for task vectors (--combine ... with --base-model): without "
+                            "them, coefficients outside the simplex would scale the experts' weights themselves.")
 
     @property
     def space(self) -> str:

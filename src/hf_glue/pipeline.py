@@ -129,8 +129,14 @@ def prepare(
                         "experts as task vectors over it); without it they blend as they are.")
     task = detect_task(experts[0].config, data_config.task)
     data_config = fit_max_length(data_config, experts[0].config)
-    module_shapes = check_compatible(experts + ([base] if base else []), task.model_class(),
-                                     experts_config.trust_remote_code)
+    module_shapes = check_compatible(experts, task.model_class(), experts_config.trust_remote_code)
+    if base is not None:
+        try:
+            check_compatible([experts[0], base], task.model_class(), experts_config.trust_remote_code)
+        except GlueError as err:
+            raise GlueError(f"base model {base.name!r} does not match the experts ({err}); --combine needs the "
+                            "checkpoint they were fine-tuned from, with the same architecture, task head and "
+                            "tokenizer.") from None
     # 2. the target data and its columns
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
@@ -228,36 +234,19 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
 
 def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, data_config: DataConfig,
                          glue_config: GlueConfig, accelerator) -> memory.MemoryEstimate:
-    """`check_memory` for adapters: the base once, the K adapters, 2q scaled copies of their A factors."""
-    dtype = torch_dtype(experts_config.dtype)
-    elements: dict[torch.dtype, int] = {}
-    floats = [info for info in base.tensors.values() if info.dtype.is_floating_point]
-    for info in floats:
-        elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
-    adapter_elements = sum(math.prod(s) for a in adapters for s in a.shapes.values())
-    est = memory.estimate(
-        elements, 1, base.config,
-        models_per_step=0,
-        batch_per_process=max(glue_config.batch_size // accelerator.num_processes,
-                              glue_config.eval_batch_size // accelerator.num_processes),
-        sequence_length=data_config.max_length,
-        backward=glue_config.method == "full-gradient",
-    )
-    # the adapters (float32, as PEFT holds them) and each blend's copies of them
-    est.experts += 4 * adapter_elements
-    est.blends += 4 * adapter_elements * get_method(glue_config.method).models_per_step(glue_config)
-    budget = memory.parse_size(experts_config.max_memory) if experts_config.max_memory else \
-        memory.available(accelerator.device)
-    memory.check_fits(est, budget, device=accelerator.device, dtype_is_full=all(dt == torch.float32 for dt in elements),
-                      samples=glue_config.spsa_samples,
-                      where="--max-memory" if experts_config.max_memory else "the device")
-    return est
+    """`check_memory` for adapters: the base once, the K adapters (float32, as PEFT holds them) and each blend's
+    scaled copy of their factors."""
+    adapter_bytes = 4 * sum(math.prod(s) for a in adapters for s in a.shapes.values())
+    return check_memory([base], experts_config, data_config, glue_config, accelerator, blends=False,
+                        extra_experts=adapter_bytes, extra_per_blend=adapter_bytes)
 
 
 def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
-                 glue_config: GlueConfig, accelerator) -> memory.MemoryEstimate:
+                 glue_config: GlueConfig, accelerator, *, blends: bool = True, extra_experts: int = 0,
+                 extra_per_blend: int = 0) -> memory.MemoryEstimate:
     """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory);
-    returns the estimate."""
+    returns the estimate. ``experts``: the rows held (K experts, plus the base for task vectors); ``blends``: a
+    blend is a whole model's product (False for adapters, whose blends are ``extra_per_blend`` bytes each)."""
     dtype = torch_dtype(experts_config.dtype)
     elements: dict[torch.dtype, int] = {}
     floats = [info for info in experts[0].tensors.values() if info.dtype.is_floating_point]
@@ -265,15 +254,18 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
     parallel_batch = glue_config.batch_size if glue_config.parallel == "perturbation" else \
         glue_config.batch_size // accelerator.num_processes
+    models = get_method(glue_config.method).models_per_step(glue_config)
     est = memory.estimate(
         elements, len(experts), experts[0].config,
         # the blends a search holds at once: 2q for GLUE's step and the black-box generations, else one
-        models_per_step=get_method(glue_config.method).models_per_step(glue_config),
+        models_per_step=models if blends else 0,
         batch_per_process=max(parallel_batch, glue_config.eval_batch_size // accelerator.num_processes),
         sequence_length=data_config.max_length,
         tensors=len(floats),
         backward=glue_config.method == "full-gradient",
     )
+    est.experts += extra_experts
+    est.blends += models * extra_per_blend
     budget = memory.parse_size(experts_config.max_memory) if experts_config.max_memory else \
         memory.available(accelerator.device)
     memory.check_fits(est, budget, device=accelerator.device,

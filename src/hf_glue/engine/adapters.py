@@ -94,9 +94,6 @@ class AdapterMatrix:
     def group_sizes(self) -> torch.Tensor:
         return self._group_sizes
 
-    def product_bytes(self) -> int:
-        return sum(t.nbytes for row in self._outputs for t in row) + (self.heads.product_bytes() if self.heads else 0)
-
     summarize = ExpertMatrix.summarize
     by_group = ExpertMatrix.by_group
 
@@ -128,10 +125,10 @@ class AdapterMatrix:
         return self._views[:m]
 
     def release(self, experts: bool = False) -> None:
-        """Free the product buffers (the adapters themselves live in the model)."""
+        """Free the product buffers (with ``experts``: the saved tensors' rows too; the factors live in the model)."""
         self._outputs, self._views, self._head_views = [], [], None
         if self.heads is not None:
-            self.heads.release()
+            self.heads.release(experts)
 
     def _reserve(self, m: int, heads: list[dict]) -> None:
         if m > len(self._outputs):
@@ -271,27 +268,29 @@ def build_search_model(base: torch.nn.Module, adapters: Sequence[Adapter], granu
 
     rows: list[torch.Tensor] = []
     factor_rows: list[list[_Factor]] = []
+    parameters = dict(model.named_parameters())
     for k, (adapter, (factors, _)) in enumerate(zip(adapters, read)):
         name = adapter_name(k)
         entries, offset = [], 0
         for module in sorted(factors, key=lambda m: index[group_names[m]]):
             lora = factors[module]
-            layer = model.base_model.model.get_submodule(module)
             param = f"{PEFT_PREFIX}{module}." + (f"lora_A.{name}.weight" if not lora.embedding
                                                  else f"lora_embedding_A.{name}")
             entries.append(_Factor(module, param, index[group_names[module]], offset, tuple(lora.a.shape),
                                    lora.embedding))
             offset += lora.a.numel()
-            if abs(float(layer.scaling[name]) - lora.scale) > 1e-6 * abs(lora.scale):
-                raise GlueError(f"adapter {adapter.name!r}: module {module!r} would be scaled by "
-                                f"{float(layer.scaling[name]):g} in PEFT but {lora.scale:g} from its config.")
-        dtype = factors[entries[0].module].a.dtype if entries else torch.float32
+            if param not in parameters:
+                raise GlueError(f"internal: PEFT did not build {param!r} for adapter {adapter.name!r}.")
+        # the factors in the dtype PEFT holds adapters in (float32 over a half-precision base), whatever the file's
+        dtype = parameters[entries[0].param].dtype if entries else torch.float32
         row = torch.empty(offset, dtype=dtype, device=device)
         for f in entries:
             lora = factors[f.module]
             layer = model.base_model.model.get_submodule(f.module)
             a_param = layer.lora_embedding_A[name] if f.embedding else layer.lora_A[name].weight
             b_param = layer.lora_embedding_B[name] if f.embedding else layer.lora_B[name].weight
+            if a_param.dtype != dtype:
+                raise GlueError(f"adapter {adapter.name!r}: PEFT holds its factors in several dtypes.")
             if tuple(a_param.shape) != f.shape or tuple(b_param.shape) != tuple(lora.b.shape):
                 raise GlueError(f"adapter {adapter.name!r}: module {f.module!r} has factors of shapes "
                                 f"{list(lora.a.shape)}, {list(lora.b.shape)} but PEFT built {list(a_param.shape)}, "
@@ -308,10 +307,10 @@ def build_search_model(base: torch.nn.Module, adapters: Sequence[Adapter], granu
     if head_names:
         base_state = dict(model.base_model.model.named_parameters())
         base_state.update(dict(model.base_model.model.named_buffers()))
-        head_rows = []
+        head_rows = []  # on the CPU: from_rows copies them into its one device buffer
         for factors, full in read:
-            head_rows.append({f"{PEFT_PREFIX}{n}": (full[n] if n in full else base_state[n].detach())
-                              .to(device=device, dtype=base_state[n].dtype) for n in head_names})
+            head_rows.append({f"{PEFT_PREFIX}{n}": (full[n] if n in full else base_state[n].detach().cpu())
+                              .to(dtype=base_state[n].dtype) for n in head_names})
         heads = ExpertMatrix.from_rows([a.name for a in adapters], head_rows, groups,
-                                       {f"{PEFT_PREFIX}{n}": index[group_names[n]] for n in head_names})
+                                       {f"{PEFT_PREFIX}{n}": index[group_names[n]] for n in head_names}, device)
     return model, AdapterMatrix([a.name for a in adapters], groups, rows, factor_rows, heads, model)

@@ -236,7 +236,7 @@ class ExpertMatrix:
 
     @classmethod
     def from_rows(cls, expert_names: Sequence[str], rows: Sequence[dict[str, torch.Tensor]], groups: Sequence[str],
-                  group_index: dict[str, int]) -> "ExpertMatrix":
+                  group_index: dict[str, int], device: torch.device | str = "cpu") -> "ExpertMatrix":
         """A matrix of in-memory tensors (one name → tensor dict per expert, same names and shapes in each), with
         the groups given by the caller (e.g. the whole tensors that adapters save, grouped like their factors)."""
         names = sorted(rows[0], key=lambda n: group_index[n])
@@ -246,7 +246,6 @@ class ExpertMatrix:
             t = rows[0][name]
             slots[name] = Slot(name, t.dtype, group_index[name], sizes.get(t.dtype, 0), tuple(t.shape))
             sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-        device = rows[0][names[0]].device
         buffers = {dt: torch.empty(len(rows), n, dtype=dt, device=device) for dt, n in sizes.items()}
         for k, row in enumerate(rows):
             for name, slot in slots.items():

@@ -178,7 +178,7 @@ def tensor_task_vectors(name: str, experts: torch.Tensor, base: torch.Tensor, me
     """τ̂[K, ...] of the tensor called ``name`` from the experts' values ``experts[K, ...]`` and the base's, in
     float32 on the CPU, with the DARE mask drawn from a generator seeded by (``seed``, ``name``): a merge on any
     device and `hf-glue blend` (streaming, tensor by tensor) process every tensor identically."""
-    deltas = experts.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
+    deltas = experts.detach().to("cpu", torch.float32, copy=True).sub_(base.detach().to("cpu", torch.float32))
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
     return process_deltas(deltas, method, density, torch.tensor(list(weights), dtype=torch.float32), generator,
                           inplace=True)

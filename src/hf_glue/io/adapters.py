@@ -39,20 +39,18 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
 }
+#: PEFT's ``bias`` setting: anything but "none" trains biases of the base, which hf-glue does not read yet
+_BIAS_NONE = "none"
 
 
 @dataclass
 class LoraFactors:
-    """One adapter's factors for one module: ΔW = scale · B @ A (``embedding``: A is [r, vocab], B is [dim, r])."""
+    """One adapter's factors for one module: ΔW ∝ B @ A (``embedding``: A is [r, vocab], B is [dim, r]); the scale
+    s = lora_alpha / r (or / √r) is PEFT's, read from the layer it builds."""
 
     a: torch.Tensor
     b: torch.Tensor
-    scale: float
     embedding: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
 
 
 @dataclass
@@ -87,11 +85,6 @@ class Adapter:
         return {key[len(PEFT_PREFIX):]: shape for key, shape in self.shapes.items()
                 if not _LORA_KEY.match(key[len(PEFT_PREFIX):])}
 
-    def scale(self, module: str, rank: int) -> float:
-        """s = lora_alpha / r (or / √r with rsLoRA), with the per-module patterns PEFT applies."""
-        alpha = float(_pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8)))
-        return alpha / (rank ** 0.5 if self.config.get("use_rslora") else rank)
-
     def read(self) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
         """The factors of every targeted module and the saved whole tensors, both by base-model name."""
         if self.file is None:
@@ -116,19 +109,7 @@ class Adapter:
             factors.setdefault(match["module"], {})[match["ab"] or match["eab"]] = tensor
             if match["eab"]:
                 embedding.add(match["module"])
-        out = {}
-        for module, ab in factors.items():
-            rank = ab["A"].shape[0]
-            out[module] = LoraFactors(ab["A"], ab["B"], self.scale(module, rank), module in embedding)
-        return out, full
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank/alpha pattern lookup: the first key matching the end of the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+        return {m: LoraFactors(ab["A"], ab["B"], m in embedding) for m, ab in factors.items()}, full
 
 
 def is_adapter(path: Path) -> bool:
@@ -149,6 +130,9 @@ def read_adapter(repo: hub.ResolvedRepo) -> Adapter:
     kind = config.get("peft_type")
     if kind != "LORA":
         raise GlueError(f"adapter {repo.spec!r} is a {kind!r} adapter; hf-glue blends LoRA adapters (peft_type LORA).")
+    if config.get("bias", _BIAS_NONE) != _BIAS_NONE:
+        raise GlueError(f"adapter {repo.spec!r} trains the base's biases (bias={config['bias']!r} in {ADAPTER_CONFIG}), "
+                        "which hf-glue cannot blend yet; merge adapters trained with bias='none'.")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise GlueError(f"adapter {repo.spec!r} uses {what} ({key} in {ADAPTER_CONFIG}), which hf-glue cannot "
@@ -217,8 +201,8 @@ def check_against_base(adapters: Sequence[Adapter], base_name: str, shapes: dict
                 raise GlueError(f"adapter {adapter.name!r}: module {module!r} lacks its lora_{'B' if 'A' in ab else 'A'} "
                                 "weight.")
             a, b = ab["A"], ab["B"]
-            fan_out = adapter.config.get("fan_in_fan_out")
-            out_dim, in_dim = (weight[1], weight[0]) if fan_out else (weight[0], weight[1] if len(weight) > 1 else 1)
+            transposed = adapter.config.get("fan_in_fan_out")  # Conv1D-style weights: [in, out]
+            out_dim, in_dim = (weight[1], weight[0]) if transposed else (weight[0], weight[1] if len(weight) > 1 else 1)
             if len(weight) == 2 and b[0] != out_dim and not _embedding_fits(a, b, weight):
                 raise GlueError(f"adapter {adapter.name!r}: module {module!r} has lora_B of shape {list(b)} but base "
                                 f"model {base_name!r}'s weight is {list(weight)}: it is an adapter of another base "

@@ -3,7 +3,8 @@
 One ask/tell loop (`run_search`) drives every optimiser through the small `AskTell` interface:
 
 - **Coordinates.** The optimiser searches x of shape ``[G, K]`` in the parametrisation's coordinates: α itself on
-  the simplex (a candidate is scored, and the answer reported, projected onto the simplex), logits with softmax.
+  the simplex (a candidate is scored, and the answer reported, projected onto the simplex), logits with softmax,
+  coefficients clipped to --bounds in the box (task vectors).
   It starts at ``initial_alpha`` (uniform or ∝ --data-sizes).
 - **Evaluations.** A generation's candidates are all scored on one train minibatch (common random numbers), one
   forward pass each, at most 2·q models per blend (q = --spsa-samples: the memory a GLUE step holds). Losses are
@@ -67,7 +68,7 @@ def generation_sizes(budget: int, population: int) -> list[int]:
 
 
 def initial_step(config: GlueConfig) -> float:
-    """σ0 of the search: --first-step when given, else 0.3 on α (simplex) or 1.0 on logits (softmax)."""
+    """σ0 of the search: --first-step when given, else 0.3 on α (simplex, box) or 1.0 on logits (softmax)."""
     if config.first_step is not None:
         return config.first_step
     return 1.0 if config.space == "softmax" else 0.3

@@ -102,15 +102,14 @@ class BoxParametrization(Parametrization):
         return x.clamp(self.lo, self.hi)
 
 
+#: the parametrizations by name; box is built over the run's --bounds
+PARAMETRIZATIONS: dict[str, type[Parametrization]] = {
+    p.name: p for p in (SimplexParametrization, SoftmaxParametrization, BoxParametrization)}
+
+
 def make_parametrization(name: str, bounds: Sequence[float] = (0.0, 1.5)) -> Parametrization:
-    """The parametrization called ``name`` (simplex, softmax, or box over ``bounds``)."""
-    if name == "simplex":
-        return SimplexParametrization()
-    if name == "softmax":
-        return SoftmaxParametrization()
-    if name == "box":
-        return BoxParametrization(*bounds)
-    raise ValueError(f"unknown parametrization {name!r}")
+    """The parametrization called ``name``; ``bounds`` are box's [lo, hi]."""
+    return PARAMETRIZATIONS[name](*bounds) if name == BoxParametrization.name else PARAMETRIZATIONS[name]()
 
 
 def vertices(groups: int, experts: int) -> torch.Tensor:
