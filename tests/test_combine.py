@@ -124,3 +124,19 @@ def test_combine_refuses_adapters(lora_experts, tmp_path):
     proc = run_cli("merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"],
                    "--combine", "ties", "--output-dir", str(tmp_path / "out"))
     assert proc.returncode != 0 and "drop --combine" in proc.stderr
+
+
+def test_blend_reproduces_a_bfloat16_dare_merge(cls_experts, bf16_experts, tmp_path):
+    """bfloat16 experts over a float32 base: blend rounds τ̂ and the base as the merge's matrix held them."""
+    out = tmp_path / "dare"
+    proc = run_cli("merge", "--experts", *bf16_experts, "--dataset", "org/target", "--base-model", "org/base",
+                   "--combine", "dare", "--method", "weights", "--weights", "0.6", "0.5", "0.4",
+                   "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("blend", "--from-result", str(out / "merge_result.json"), "--output-dir", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    merged, again = _weights(out), _weights(tmp_path / "b")
+    for name in merged:
+        assert merged[name].dtype == again[name].dtype == torch.bfloat16
+        # float32 sums in another order may round to the neighbouring bfloat16 value, never further
+        torch.testing.assert_close(again[name].float(), merged[name].float(), rtol=2 ** -7, atol=1e-6)

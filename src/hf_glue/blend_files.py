@@ -238,10 +238,12 @@ def _task_vector_transform(spec: dict, dtype):
     def transform(name: str, tensors: list) -> list:
         import torch
 
-        tau = tensor_task_vectors(name, torch.stack(tensors[:-1]), tensors[-1], spec["method"], spec["density"],
-                                  spec["election_weights"], spec["seed"])
-        # rounded to the dtype the merge's matrix held τ̂ in (the experts' own, or its --dtype)
-        return [*tau.to(dtype or tensors[-1].dtype), tensors[-1]]
+        # as the merge's matrix held them: experts and base in the experts' dtype (or the merge's --dtype)
+        held = dtype or tensors[0].dtype
+        base = tensors[-1].to(held)
+        tau = tensor_task_vectors(name, torch.stack([t.to(held) for t in tensors[:-1]]), base, spec["method"],
+                                  spec["density"], spec["election_weights"], spec["seed"])
+        return [*tau.to(held), base]
 
     return transform
 
