@@ -329,3 +329,33 @@ def test_box_without_task_vectors_is_refused():
 
     with pytest.raises(GlueError, match="--combine"):
         GlueConfig(parametrization="box")
+
+
+def test_rslora_and_embedding_adapters_blend_exactly(lora_experts, tmp_path):
+    """rsLoRA scales (α/√r) and LoRA on an embedding: the merged save equals Σ α_k θ_k of the adapters each
+    folded into the base by PEFT itself."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_glue import ExpertsConfig, GlueConfig, merge_experts
+
+    folders, folded = [], []
+    for k, (rank, rslora) in enumerate(((2, True), (4, False))):
+        torch.manual_seed(k)
+        config = LoraConfig(r=rank, lora_alpha=8, use_rslora=rslora, init_lora_weights=False,
+                            target_modules=["word_embeddings", "query"], modules_to_save=["classifier"])
+        model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(lora_experts["base"]), config)
+        folder = tmp_path / f"a{k}"
+        model.save_pretrained(folder)
+        folders.append(str(folder))
+        base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
+        folded.append(PeftModel.from_pretrained(base, folder).merge_and_unload().state_dict())
+    alpha = [0.7, 0.3]
+    result = merge_experts(folders, lora_experts["dataset"], GlueConfig(method="weights", weights=alpha),
+                           experts_config=ExpertsConfig(cpu=True, base_model=str(lora_experts["base"])))
+    merged = result.model.state_dict()
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.attention.self.query.weight",
+                 "classifier.weight"):
+        expected = alpha[0] * folded[0][name] + alpha[1] * folded[1][name]
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)  # float32 rounding
+        assert name == "classifier.weight" or not torch.allclose(folded[0][name], folded[1][name])
