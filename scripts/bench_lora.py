@@ -10,10 +10,15 @@ K, in one run:
   * time: one SPSA step's evaluations, ``Objective.losses(alphas[2, G, K], batch)`` (blend the two perturbed
     coefficient sets, two forward passes of the base with all K adapters active), against two plain forward passes
     of the base model on the same batch; the two are timed alternately, median of --repeats after one warm-up each;
-  * memory: the whole peak of the search (base + K adapters + the search model + two steps' buffers) against the
-    base alone (base + two plain forward passes), each above what the process held before the base was loaded,
-    each measured in a fresh process (the approach of ``scripts/bench_step.py``: on CPU the RSS high-water mark
-    via `hf_glue.engine.memory`, after imports and the batch; on CUDA ``torch.cuda.max_memory_allocated``).
+  * memory: the whole peak of the search (the base, K adapters injected, two steps' buffers) against the base
+    alone (the base, two plain forward passes), each above what the process held before the base was loaded, and
+    what each holds once loaded (every weight read, before a forward pass). Each is measured in a fresh process,
+    as in ``scripts/bench_step.py``, with `hf_glue.engine.memory`'s probes: on CUDA the allocator
+    (``torch.cuda.max_memory_allocated``); on CPU the RSS high-water mark, with glibc's mmap threshold fixed at
+    128 KiB so that freed blocks leave RSS and RSS follows the bytes allocated. The probes are forked from a
+    server that has imported the libraries and nothing else, and each warms up on a tiny model first, so neither
+    imports nor one-off set-up count (``--memory-probe MODE --root DIR`` runs one in a fresh interpreter, to
+    cross-check; give it MALLOC_MMAP_THRESHOLD_=131072 in its environment).
 Figures are reported as ratios: the machine is shared and noisy.
 
     OMP_NUM_THREADS=1 python scripts/bench_lora.py                # CPU, K = 4 16 64, batch 8 x 128, 3 repeats
@@ -29,7 +34,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import synchronize  # noqa: E402
 
-from hf_glue.engine.memory import memory_in_use, peak_memory_bytes, reset_peak_memory  # noqa: E402
+from hf_glue.engine.memory import human, memory_in_use, peak_memory_bytes, reset_peak_memory  # noqa: E402
 
 GIB = 2**30
 #: the model every memory probe runs once before it measures anything
@@ -131,7 +135,7 @@ def step_alphas(num_groups: int, k: int) -> torch.Tensor:
 def memory_probe(args, base_path: Path, adapter_paths: list[Path]) -> dict:
     """Internal (a fresh process): the whole peak of the base alone (``--memory-probe base``: two plain forward
     passes) or of the search (``search``: K adapters, two steps), above what the process held before the base
-    was loaded, and what is held once everything is built (before the first forward pass)."""
+    was loaded, and what is held once everything is built and every weight read (before the first forward pass)."""
     device, dtype = args.device, getattr(torch, args.dtype)
     dev = torch.device(device)
     with torch.no_grad():  # warm-up on a tiny model: lazy imports and one-off kernel set-up stay out of the figures
@@ -148,11 +152,13 @@ def memory_probe(args, base_path: Path, adapter_paths: list[Path]) -> dict:
     with torch.no_grad():
         if args.memory_probe == "base":
             model = load_base(base_path, device, dtype)
+            touch(model)
             held = memory_in_use(dev)
             for _ in range(2):  # the second pass shows any memory the first one left behind
                 model(**inputs), model(**inputs)
         else:
             objective, matrix = search(base_path, adapter_paths, device, dtype, args.granularity)
+            touch(objective.model)
             held = memory_in_use(dev)
             alphas = step_alphas(matrix.num_groups, matrix.num_experts)
             for _ in range(2):  # the first step reserves the product buffers, the second reuses them
@@ -172,8 +178,25 @@ def probe_pool(args):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "transformers", "peft", "hf_glue.engine.adapters", "hf_glue.io.adapters",
                                 "hf_glue.methods.objective", "hf_glue.tasks", "hf_glue.engine.memory", "bench_step"])
-    multiprocessing.forkserver.ensure_running()  # its imports overlap with building the adapters
+    # every allocation of 128 KiB or more its own memory map, returned to the system when freed: RSS then follows
+    # the bytes allocated (glibc's default threshold grows to 32 MiB, and freed activations stay resident in the heap)
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 << 10)
+    try:
+        multiprocessing.forkserver.ensure_running()  # its imports overlap with building the adapters
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     return ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+
+
+def touch(model: torch.nn.Module) -> None:
+    """Read every weight once: ``from_pretrained`` on CPU leaves them in the file's memory map, resident (and counted
+    in RSS) only once a forward pass reads them, so "held after loading" would otherwise miss the base."""
+    for p in model.parameters():
+        p.sum()
 
 
 def run_probe(pool, args, mode: str, k: int, root: Path) -> dict:
@@ -249,6 +272,7 @@ def main() -> None:
         print(json.dumps(memory_probe(args, args.root / "base", [args.root / f"lora-{i}" for i in range(k)])))
         return
 
+    pool = probe_pool(args)  # started first: the server's imports run beside this process's
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     import peft
     import transformers
@@ -261,7 +285,6 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         root = Path(tmp)
-        pool = probe_pool(args)
         t0 = time.perf_counter()
         base_path, adapter_paths = make_base_and_adapters(root, args, max(args.experts))
         make_base_and_adapters(root / "warm-up", argparse.Namespace(**{**vars(args), **WARM_UP}), 1)
@@ -287,7 +310,7 @@ def main() -> None:
                     plain(**inputs), plain(**inputs)
 
             base_s, step_s = timed_pair(base_fn, lambda: objective.losses(alphas, batch), args.device, args.repeats)
-            del objective, matrix
+            objective = matrix = None  # free this K's search model before the next
             memory = run_probe(pool, args, "search", k, root)
             row = {"k": k, "adapter_parameters": n_adapter, "base_s": base_s, "step_s": step_s,
                    "time_ratio": step_s / base_s, "base_peak": base_memory["peak"], "search_peak": memory["peak"],
@@ -295,17 +318,17 @@ def main() -> None:
                    "search_held": memory["held"], "held_ratio": memory["held"] / base_memory["held"]}
             rows.append(row)
             print(f"K = {k}: step {step_s:.3f} s vs two plain forwards {base_s:.3f} s ({row['time_ratio']:.2f}); "
-                  f"peak {memory['peak'] / GIB:.3f} vs {base_memory['peak'] / GIB:.3f} GiB "
+                  f"peak {human(memory['peak'])} vs {human(base_memory['peak'])} "
                   f"({row['memory_ratio']:.2f})", flush=True)
         pool.shutdown()
 
     print(f"\n{command}  (seed {args.seed})")
-    print("\n| K | adapter parameters | SPSA step s | two base forwards s | step / base time | search peak | "
+    print("\n| K | adapter parameters (A + B) | SPSA step s | two base forwards s | step / base time | search peak | "
           "base peak | search / base peak | held after loading, search / base |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['adapter_parameters'] / 1e6:.2f}M | {r['step_s']:.3f} | {r['base_s']:.3f} | "
-              f"{r['time_ratio']:.2f} | {r['search_peak'] / GIB:.3f} GiB | {r['base_peak'] / GIB:.3f} GiB | "
+              f"{r['time_ratio']:.2f} | {human(r['search_peak'])} | {human(r['base_peak'])} | "
               f"{r['memory_ratio']:.2f} | {r['held_ratio']:.2f} |")
     k16 = next((r for r in rows if r["k"] == 16), None)
     if k16 is not None:

@@ -8,6 +8,17 @@ offline.
 
 Every command that reads the example (merge, compare, blend --from-result, the Python examples) needs those
 two variables: the repo ids exist only in that cache.
+
+With ``--adapters`` it publishes the LoRA example instead: a tiny base ``example/base``, three PEFT LoRA adapters
+of it ``example/lora-{0,1,2}`` (each trained on one domain, with its own classification head) and the same target
+dataset ``example/target``:
+
+    python scripts/make_example.py --cache-dir example-hub --adapters
+    HF_HUB_CACHE=example-hub HF_HUB_OFFLINE=1 hf-glue merge \
+        --experts example/lora-0 example/lora-1 example/lora-2 --dataset example/target --output-dir merged-lora
+    HF_HUB_CACHE=example-hub HF_HUB_OFFLINE=1 hf-glue merge \
+        --experts example/lora-0 example/lora-1 example/lora-2 --dataset example/target --output-dir lora-blend \
+        --save-as adapter
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from hf_glue.testing import build_experts, publish_to_cache, write_dataset
+from hf_glue.testing import build_adapters, build_experts, publish_to_cache, write_dataset
 
 
 def make_example(cache_dir: str | Path, task: str = "sequence-classification", experts: int = 3,
@@ -41,6 +52,31 @@ def publish_example(cache_dir: str | Path, expert_paths: list[Path], dataset: Pa
     return cache
 
 
+def make_adapter_example(cache_dir: str | Path, adapters: int = 3, target_domain: int = 0, seed: int = 0,
+                         log: Callable[[str], None] = print) -> Path:
+    """Publish the base ``example/base``, LoRA adapters ``example/lora-{d}`` of it and the dataset
+    ``example/target`` into ``cache_dir``; returns it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base, paths = build_adapters(Path(tmp), n_experts=adapters, seed=seed, base_name="example/base")
+        data = write_dataset(Path(tmp) / "target", "sequence-classification", target_domain, seed=seed)
+        return publish_adapter_example(cache_dir, base, paths, data, target_domain, log)
+
+
+def publish_adapter_example(cache_dir: str | Path, base: Path, adapter_paths: list[Path], dataset: Path,
+                            target_domain: int = 0, log: Callable[[str], None] = print) -> Path:
+    """Publish a built base as ``example/base``, its adapters as ``example/lora-{d}`` (their configs must name
+    ``example/base``) and ``dataset`` as ``example/target`` into ``cache_dir``."""
+    cache = Path(cache_dir)
+    sha = publish_to_cache(base, "example/base", cache)
+    log(f"example/base    @ {sha[:10]}  (the adapters' base)")
+    for d, path in enumerate(adapter_paths):
+        sha = publish_to_cache(path, f"example/lora-{d}", cache)
+        log(f"example/lora-{d}  @ {sha[:10]}  (LoRA adapter trained on domain {d})")
+    sha = publish_to_cache(dataset, "example/target", cache, repo_type="dataset")
+    log(f"example/target  @ {sha[:10]}  (dataset, domain {target_domain})")
+    return cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", default="example-hub", help="Hugging Face cache to publish into.")
@@ -48,8 +84,16 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=3, help="How many experts (one domain each).")
     parser.add_argument("--target-domain", type=int, default=0, help="Domain of the target dataset.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapters", action="store_true",
+                        help="Publish the LoRA example instead: example/base and PEFT LoRA adapters example/lora-{d} "
+                             "of it (sequence classification; --experts of them), plus example/target.")
     args = parser.parse_args()
-    cache = make_example(args.cache_dir, args.task, args.experts, args.target_domain, args.seed)
+    if args.adapters:
+        if args.task != "sequence-classification":
+            parser.error("--adapters builds sequence-classification adapters; drop --task.")
+        cache = make_adapter_example(args.cache_dir, args.experts, args.target_domain, args.seed)
+    else:
+        cache = make_example(args.cache_dir, args.task, args.experts, args.target_domain, args.seed)
     print(f"Published into {cache}/ — use HF_HUB_CACHE={cache} HF_HUB_OFFLINE=1 with every hf-glue command "
           "and Python example that reads it.")
 
