@@ -8,8 +8,9 @@ each with its own classification head as ``modules_to_save``, random factors wit
 K, in one run:
 
   * time: one SPSA step's evaluations, ``Objective.losses(alphas[2, G, K], batch)`` (blend the two perturbed
-    coefficient sets, two forward passes of the base with all K adapters active), against two plain forward passes
-    of the base model on the same batch; the two are timed alternately, median of --repeats after one warm-up each;
+    coefficient sets, two forward passes of the base with the K adapters' concatenated LoRA branch), against two
+    plain forward passes of the base model on the same batch; the two are timed alternately, median of --repeats
+    after one warm-up each;
   * memory: the whole peak of the search (the base, K adapters injected, two steps' buffers) against the base
     alone (the base, two plain forward passes), each above what the process held before the base was loaded, and
     what each holds once loaded (every weight read, before a forward pass). Each is measured in a fresh process,
@@ -302,8 +303,8 @@ def main() -> None:
         for k in args.experts:
             objective, matrix = search(base_path, adapter_paths[:k], args.device, dtype, args.granularity)
             alphas = step_alphas(matrix.num_groups, k)
-            n_adapter = sum(r.numel() for r in matrix.rows) + sum(
-                p.numel() for n, p in objective.model.named_parameters() if "lora_B" in n)
+            # the concatenated branch's A and B: every adapter's factors (no padding: they share their modules)
+            n_adapter = sum(p.numel() for n, p in objective.model.named_parameters() if "lora_" in n)
 
             def base_fn():
                 with torch.no_grad():

@@ -16,7 +16,8 @@ from .engine.matrix import group_of
 from .config import BlendConfig, ExpertsConfig, OutputConfig, torch_dtype
 from .errors import GlueError
 from .io.adapters import is_adapter
-from .io.experts import check_model_types, check_processor_files, expert_from_repo, fetch_weights, resolve_experts, resolve_repos
+from .io.experts import (check_model_types, check_processor_files, expert_from_repo, fetch_weights, resolve_experts,
+                         resolve_repos)
 from .methods import method_info
 from .methods.weights import check_weights
 from .io.output import (RESULT_FILE, atomic_dir, check_free_space, check_output_dir, input_paths, output_bytes,
@@ -231,8 +232,8 @@ def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_con
 
 
 def _task_vector_transform(spec: dict, dtype):
-    """The per-tensor step of a task-vector blend: the K experts' values and the base's → τ̂_1…τ̂_K and the base,
-    processed exactly as the merge did (`task_vectors.tensor_task_vectors`)."""
+    """The per-tensor step of a task-vector blend: the K experts' values and the base's become τ̂_1…τ̂_K and
+    the base, processed exactly as the merge did (`task_vectors.tensor_task_vectors`)."""
     from .engine.task_vectors import tensor_task_vectors
 
     def transform(name: str, tensors: list) -> list:

@@ -176,9 +176,10 @@ class GlueConfig:
     )
     combine: Optional[Literal["task-arithmetic", "ties", "dare", "dare-ties"]] = field(
         default=None,
-        metadata={"help": "Merge full experts as task vectors θ_k − θ_base over --base-model, processed as mergekit "
-                  "does (ties: trim to --density and elect signs; dare: drop with keep-probability --density and "
-                  "rescale; dare-ties: both), then learn their coefficients in --bounds: θ = θ_base + Σ λ_k τ̂_k."},
+        metadata={"help": "Merge full experts as task vectors θ_k − θ_base over --base-model, processed as "
+                  "mergekit does (ties: trim to --density and elect signs; dare: drop with keep-probability "
+                  "--density and rescale; dare-ties: both), then learn their coefficients in --bounds: "
+                  "θ = θ_base + Σ λ_k τ̂_k."},
     )
     density: float = field(
         default=0.5, metadata={"help": "--combine ties/dare/dare-ties: fraction of each task vector kept."}

@@ -131,8 +131,8 @@ def read_adapter(repo: hub.ResolvedRepo) -> Adapter:
     if kind != "LORA":
         raise GlueError(f"adapter {repo.spec!r} is a {kind!r} adapter; hf-glue blends LoRA adapters (peft_type LORA).")
     if config.get("bias", _BIAS_NONE) != _BIAS_NONE:
-        raise GlueError(f"adapter {repo.spec!r} trains the base's biases (bias={config['bias']!r} in {ADAPTER_CONFIG}), "
-                        "which hf-glue cannot blend yet; merge adapters trained with bias='none'.")
+        raise GlueError(f"adapter {repo.spec!r} trains the base's biases (bias={config['bias']!r} in "
+                        f"{ADAPTER_CONFIG}), which hf-glue cannot blend yet; merge adapters trained with bias='none'.")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise GlueError(f"adapter {repo.spec!r} uses {what} ({key} in {ADAPTER_CONFIG}), which hf-glue cannot "
@@ -198,8 +198,8 @@ def check_against_base(adapters: Sequence[Adapter], base_name: str, shapes: dict
                 raise GlueError(f"adapter {adapter.name!r} targets {module!r}, which base model {base_name!r} does "
                                 "not have: is it an adapter of another base? (pass --base-model to name its base)")
             if "A" not in ab or "B" not in ab:
-                raise GlueError(f"adapter {adapter.name!r}: module {module!r} lacks its lora_{'B' if 'A' in ab else 'A'} "
-                                "weight.")
+                lacking = "B" if "A" in ab else "A"
+                raise GlueError(f"adapter {adapter.name!r}: module {module!r} lacks its lora_{lacking} weight.")
             a, b = ab["A"], ab["B"]
             transposed = adapter.config.get("fan_in_fan_out")  # Conv1D-style weights: [in, out]
             out_dim, in_dim = (weight[1], weight[0]) if transposed else (weight[0], weight[1] if len(weight) > 1 else 1)
