@@ -250,6 +250,8 @@ def write_combine(setup, outputs: list, references: list, folder: Path, command:
                 lam = [statistics.fmean(r["coefficients"].get(e, 0.0) for r in rs) for e in experts]
                 label = (COMBINE_LABELS[method] if method != best
                          else f"best expert alone, λ = e_k ({best[len('expert: ' + prefix):]}, oracle)")
+                if sorted(by_seed) != seeds:
+                    label += f" (seeds {sorted(by_seed)} only)"
                 wins = "–"
                 if method in ("glue", "cma", "nevergrad") and uniform:
                     common = [s for s in by_seed if s in uniform]

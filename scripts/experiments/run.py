@@ -128,7 +128,8 @@ def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, ou
     if quick:
         args += ["--steps", "4", "--proxy-batches", "1"]
     if combine:
-        args += ["--base-model", ids["base"], "--combine", combine, "--density", f"{density:g}"]
+        # --seed too: compare draws the DARE mask once, from --seed, for all its --seeds; so each seed its own mask
+        args += ["--base-model", ids["base"], "--combine", combine, "--density", f"{density:g}", "--seed", str(seed)]
     elif granularity == "model":
         args += ["--baselines", ids["base"]]
     else:
