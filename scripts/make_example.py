@@ -9,7 +9,7 @@ offline.
 Every command that reads the example (merge, compare, blend --from-result, the Python examples) needs those
 two variables: the repo ids exist only in that cache.
 
-With ``--adapters`` it publishes the LoRA example instead: a tiny base ``example/base``, three PEFT LoRA adapters
+With ``--adapters`` it publishes the LoRA example (into the same cache, beside anything already there): a tiny base ``example/base``, three PEFT LoRA adapters
 of it ``example/lora-{0,1,2}`` (each trained on one domain, with its own classification head) and the same target
 dataset ``example/target``:
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--target-domain", type=int, default=0, help="Domain of the target dataset.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapters", action="store_true",
-                        help="Publish the LoRA example instead: example/base and PEFT LoRA adapters example/lora-{d} "
+                        help="Publish the LoRA example: example/base and PEFT LoRA adapters example/lora-{d} "
                              "of it (sequence classification; --experts of them), plus example/target.")
     args = parser.parse_args()
     if args.adapters:

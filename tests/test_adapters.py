@@ -4,13 +4,16 @@ bad adapters are refused early, and GLUE finds the right blend over adapters."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import TEST_ENV, run_cli
 
 ALPHA = [0.5, 0.3, 0.2]
 
@@ -359,3 +362,34 @@ def test_rslora_and_embedding_adapters_blend_exactly(lora_experts, tmp_path):
         expected = alpha[0] * folded[0][name] + alpha[1] * folded[1][name]
         torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)  # float32 rounding
         assert name == "classifier.weight" or not torch.allclose(folded[0][name], folded[1][name])
+
+
+def test_combine_refuses_adapters(lora_experts, tmp_path):
+    proc = run_cli("merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"],
+                   "--combine", "ties", "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "drop --combine" in proc.stderr
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``hf-glue ARGS`` on 2 CPU processes (torchrun, gloo), as tests/test_distributed.py runs it."""
+
+    env = {**os.environ, **TEST_ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_glue",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_merge_lora_adapters_like_one(lora_experts, tmp_path):
+    """The adapter engine under accelerate: 2 processes learn the α of 1 and save the same adapter."""
+    common = ["merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"], "--steps", "10",
+              "--seed", "1", "--save-as", "adapter"]
+    one = run_cli(*common, "--output-dir", str(tmp_path / "one"))
+    two = _torchrun(*common, "--output-dir", str(tmp_path / "two"))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "merge_result.json").read_text())
+    b = json.loads((tmp_path / "two" / "merge_result.json").read_text())
+    for name in a["coefficients"]:
+        assert b["coefficients"][name] == pytest.approx(a["coefficients"][name], abs=1e-4)
+    assert b["eval"]["loss"] == pytest.approx(a["eval"]["loss"], abs=1e-5)
+    assert (tmp_path / "two" / "adapter_config.json").is_file()

@@ -120,12 +120,6 @@ def test_bad_task_vector_input_fails_early(case, cls_experts, tmp_path):
     assert not out.exists()
 
 
-def test_combine_refuses_adapters(lora_experts, tmp_path):
-    proc = run_cli("merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"],
-                   "--combine", "ties", "--output-dir", str(tmp_path / "out"))
-    assert proc.returncode != 0 and "drop --combine" in proc.stderr
-
-
 def test_blend_reproduces_a_bfloat16_dare_merge(cls_experts, bf16_experts, tmp_path):
     """bfloat16 experts over a float32 base: blend rounds τ̂ and the base as the merge's matrix held them."""
     out = tmp_path / "dare"

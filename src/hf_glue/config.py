@@ -166,8 +166,8 @@ class GlueConfig:
     seed: int = field(default=0, metadata={"help": "Seed for data order and SPSA perturbations: same seed, same α."})
     parametrization: Optional[Literal["simplex", "softmax", "box"]] = field(
         default=None,
-        metadata={"help": "simplex: SPSA on α with projection onto the simplex (the default); softmax: SPSA on "
-                  "logits; box: each coefficient in --bounds, clipped (the default with --combine)."},
+        metadata={"help": "simplex: SPSA on α with projection onto the simplex (used unless --combine); softmax: "
+                  "SPSA on logits; box: each coefficient in --bounds, clipped (used with --combine)."},
     )
     granularity: Literal["model", "block", "module", "tensor"] = field(
         default="model",

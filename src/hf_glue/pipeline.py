@@ -110,8 +110,8 @@ def prepare(
             adapter = repos[is_adapter_repo.index(True)].spec
             full = repos[is_adapter_repo.index(False)].spec
             raise GlueError(f"{adapter!r} is a LoRA adapter but {full!r} is a full checkpoint: hf-glue merges either "
-                            "adapters over one base or full experts, not a mix (yet); fold the adapters into the base "
-                            "first (`hf-glue merge` with --save-as merged on each, or PEFT's merge_and_unload).")
+                            "adapters over one base or full experts, not a mix (yet); fold each adapter into its base "
+                            "first with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload()).")
         if glue_config.combine:
             raise GlueError(f"--combine {glue_config.combine} makes task vectors of full experts; LoRA adapters are "
                             "deltas already: drop --combine.")

@@ -23,5 +23,6 @@ def run(args: list[str], parser) -> int:
 
     experts, blend, output, _ = build_configs(parser, CONFIGS, args)
     folder = run_blend(experts, blend, output, command=hub_environment() + shlex.join(["hf-glue", "blend", *args]))
-    print(f"Wrote the blend to {folder}")
+    form = " (one LoRA adapter)" if output.save_as == "adapter" else ""
+    print(f"Wrote the blend{form} to {folder}")
     return 0

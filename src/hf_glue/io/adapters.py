@@ -9,6 +9,7 @@ replaces whole modules it saves (e.g. a classification head trained with it). hf
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ SAFE_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 #: the prefix PEFT gives every key of a saved adapter
 PEFT_PREFIX = "base_model.model."
+logger = logging.getLogger(__name__)
 #: ``<module>.lora_A.weight`` (linear, conv) or ``<module>.lora_embedding_A`` (embedding), A or B
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>A|B)\.weight|lora_embedding_(?P<eab>A|B))$")
 #: PEFT's task types mapped to hf-glue tasks (used when --task is not given)
@@ -143,9 +145,13 @@ def read_adapter(repo: hub.ResolvedRepo) -> Adapter:
 def common_base(adapters: Sequence[Adapter], base_model: Optional[str]) -> str:
     """The base the adapters share: ``--base-model`` when given, else the one their configs name; adapters that
     name different bases are refused (before anything is downloaded)."""
-    if base_model:
-        return base_model
     named = {a.name: a.base for a in adapters}
+    if base_model:
+        others = sorted({b for b in named.values() if b and b != base_model})
+        if others:
+            logger.warning("note: the adapters name %s as their base; using --base-model %s instead", ", ".join(
+                repr(b) for b in others), base_model)
+        return base_model
     missing = [n for n, b in named.items() if not b]
     if missing:
         raise GlueError(f"adapter {missing[0]!r} does not name its base model (base_model_name_or_path in "

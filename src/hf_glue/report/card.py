@@ -68,7 +68,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
                                  else _code(base["id"]))} if lora else None),
         save_as=save_as,
         auto_class=task.auto_model if task else "AutoModel",
-        model_id=result.get("model_name") or "OUTPUT_DIR",
+        model_id=result.get("model_name") or "path/to/this/folder",
         method_pretty=method["pretty_name"],
         method_description=_describe(method["description"], result.get("details") or {}),
         experts=experts,
