@@ -41,6 +41,19 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           cwd=cwd, timeout=600)
 
 
+def assert_refused(proc: subprocess.CompletedProcess, needles, out: Path) -> str:
+    """A run refused as users are promised: non-zero exit, no traceback, one ``error:`` line naming every needle,
+    no output folder and nothing half-written beside it; returns the line."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    return errors[0]
+
+
 @pytest.fixture(scope="session")
 def build_root() -> Path:
     path = _ROOT / "build"

@@ -4,16 +4,14 @@ bad adapters are refused early, and GLUE finds the right blend over adapters."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TEST_ENV, run_cli
+from conftest import assert_refused, run_cli
+from test_distributed import torchrun
 
 ALPHA = [0.5, 0.3, 0.2]
 
@@ -235,13 +233,7 @@ def test_bad_adapters_fail_early_and_clearly(case, lora_experts, bad_adapters, c
     out = tmp_path / "out"
     proc = run_cli("merge", "--experts", *experts, "--dataset", lora_experts["dataset"], "--output-dir", str(out),
                    *extra)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    assert not out.exists() and not list(tmp_path.glob(".*"))
+    assert_refused(proc, needles, out)
     assert "SPSA" not in proc.stderr
 
 
@@ -370,21 +362,12 @@ def test_combine_refuses_adapters(lora_experts, tmp_path):
     assert proc.returncode != 0 and "drop --combine" in proc.stderr
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``hf-glue ARGS`` on 2 CPU processes (torchrun, gloo), as tests/test_distributed.py runs it."""
-
-    env = {**os.environ, **TEST_ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_glue",
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_two_processes_merge_lora_adapters_like_one(lora_experts, tmp_path):
     """The adapter engine under accelerate: 2 processes learn the α of 1 and save the same adapter."""
     common = ["merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"], "--steps", "10",
               "--seed", "1", "--save-as", "adapter"]
     one = run_cli(*common, "--output-dir", str(tmp_path / "one"))
-    two = _torchrun(*common, "--output-dir", str(tmp_path / "two"))
+    two = torchrun(*common, "--output-dir", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "merge_result.json").read_text())

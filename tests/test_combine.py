@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import assert_refused, run_cli
 from hf_glue import GlueConfig, merge_experts
 from hf_glue.engine.task_vectors import process_deltas
 
@@ -112,12 +112,7 @@ def test_bad_task_vector_input_fails_early(case, cls_experts, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--output-dir", str(out),
                    *extra)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    assert not out.exists()
+    assert_refused(proc, needles, out)
 
 
 def test_blend_reproduces_a_bfloat16_dare_merge(cls_experts, bf16_experts, tmp_path):

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import GlueError
 from ..io.adapters import PEFT_PREFIX, Adapter, LoraFactors
-from .matrix import ExpertMatrix, _order_groups, group_of
+from .matrix import CoefficientLayout, ExpertMatrix, _order_groups, group_of
 
 #: the name of the concatenated branch inside the search model (PEFT saves an adapter called "default" at the root)
 BRANCH = "default"
@@ -49,7 +49,7 @@ class _Module:
         return math.prod(self.shape)
 
 
-class AdapterMatrix:
+class AdapterMatrix(CoefficientLayout):
     """K adapters ready to blend: every module's concatenated A factors (each adapter's rows already scaled by its
     s_k) in one flat buffer that the model's parameters are views of, and the saved whole tensors as an
     `ExpertMatrix`."""
@@ -72,28 +72,9 @@ class AdapterMatrix:
         self._views: list[dict[str, torch.Tensor]] = []
         self._head_views: Optional[list] = None
 
-    # -- the interface methods and results use (shared with ExpertMatrix) --------------------------------------
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_names)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.groups)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
     @property
     def model_dtype(self) -> torch.dtype:
         return next(p.dtype for n, p in self.model.named_parameters() if "lora_" not in n)
-
-    def group_sizes(self) -> torch.Tensor:
-        return self._group_sizes
-
-    summarize = ExpertMatrix.summarize
-    by_group = ExpertMatrix.by_group
 
     def _row_scales(self, alpha: torch.Tensor) -> list[torch.Tensor]:
         """Per module, the coefficient of each row of its A: α[group, owner] (0 for padding rows)."""

@@ -106,7 +106,44 @@ def _matvec(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ExpertMatrix:
+class CoefficientLayout:
+    """What methods and results see of a blending engine: K named experts, G coefficient groups and their sizes
+    (shared by `ExpertMatrix` and the LoRA `AdapterMatrix`)."""
+
+    expert_names: list[str]
+    groups: list[str]
+    _device: torch.device
+    _group_sizes: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def group_sizes(self) -> torch.Tensor:
+        """Number of blended elements per group (weights the per-expert summary of per-group α)."""
+        return self._group_sizes
+
+    def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
+        """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""
+        alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
+        weights = self.group_sizes()
+        mean = (weights[:, None] * alpha).sum(0) / weights.sum()
+        return {name: float(v) for name, v in zip(self.expert_names, mean)}
+
+    def by_group(self, alpha: torch.Tensor) -> dict[str, dict[str, float]]:
+        alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
+        return {g: {n: float(v) for n, v in zip(self.expert_names, row)} for g, row in zip(self.groups, alpha)}
+
+
+class ExpertMatrix(CoefficientLayout):
     """The experts' floating tensors, stacked as one ``K × N`` matrix per dtype, ready to blend."""
 
     def __init__(
@@ -143,26 +180,10 @@ class ExpertMatrix:
         self.task_vectors: Optional[dict] = None
 
     @property
-    def num_experts(self) -> int:
-        return len(self.expert_names)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.groups)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def model_dtype(self) -> torch.dtype:
         """The dtype a model holding the blend uses: the experts' one float dtype, float32 when they mix several."""
         dtypes = {s.dtype for s in self.slots.values()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-    def group_sizes(self) -> torch.Tensor:
-        """Number of blended elements per group (weights the per-expert summary of per-group α)."""
-        return self._group_sizes
 
     def product_bytes(self) -> int:
         """Bytes held by the no-grad product buffers (released by `release`)."""
@@ -351,17 +372,6 @@ class ExpertMatrix:
             prod = o32[: a.shape[0] * width].view(a.shape[0], width)
             torch.mm(a32, part, out=prod)
             out[:, lo: lo + width].copy_(prod)
-
-    def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
-        """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""
-        alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
-        weights = self.group_sizes()
-        mean = (weights[:, None] * alpha).sum(0) / weights.sum()
-        return {name: float(v) for name, v in zip(self.expert_names, mean)}
-
-    def by_group(self, alpha: torch.Tensor) -> dict[str, dict[str, float]]:
-        alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
-        return {g: {n: float(v) for n, v in zip(self.expert_names, row)} for g, row in zip(self.groups, alpha)}
 
 
 def _order_groups(names: list[str]) -> list[str]:
