@@ -129,3 +129,19 @@ def test_blend_reproduces_a_bfloat16_dare_merge(cls_experts, bf16_experts, tmp_p
         assert merged[name].dtype == again[name].dtype == torch.bfloat16
         # float32 sums in another order may round to the neighbouring bfloat16 value, never further
         torch.testing.assert_close(again[name].float(), merged[name].float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_compare_draws_one_dare_mask_per_seed(cls_experts, tmp_path):
+    """With DARE every row depends on the seed's drop mask: each --seeds value gets its own, and the rows of
+    processed experts are labelled as task vectors."""
+    out = tmp_path / "cmp"
+    proc = run_cli("compare", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--base-model", "org/base",
+                   "--combine", "dare", "--density", "0.5", "--methods", "uniform", "--seeds", "0", "1",
+                   "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    uniform = [r for r in runs if r["method"] == "uniform"]
+    assert [r["seed"] for r in uniform] == [0, 1]
+    assert uniform[0]["merged"]["loss"] != pytest.approx(uniform[1]["merged"]["loss"], abs=1e-6)
+    labels = {r["method"] for r in runs}
+    assert "task vector: org/expert-0" in labels and not any(m.startswith("expert: ") for m in labels)

@@ -81,7 +81,7 @@ def write(setup, outputs: list, seeds: list[int], folder: Path, command: str) ->
                   + f", {budget.epochs:g} epoch(s); held-out {METRIC} (%) over seeds {budget_seeds}, mean ± std."
                   + (f" Best single expert: {best[len('expert '):]}, chosen by its merged mean on the test split "
                      "(an oracle choice; `proxy` chooses from the target's train rows)." if best else ""), "",
-                  f"| start | merged | fine-tuned | forward passes | backward passes | search seconds |",
+                  "| start | merged | fine-tuned | forward passes | backward passes | search seconds |",
                   "|---|---|---|---|---|---|"]
         summary[budget.name] = {}
         for name in names:
@@ -237,7 +237,9 @@ def write_combine(setup, outputs: list, references: list, folder: Path, command:
         combines = list(dict.fromkeys(c for c, _ in runs))
         for combine in combines:
             uniform = runs.get((combine, "uniform"), {})
-            expert_rows = {m: r for (c, m), r in runs.items() if c == combine and m.startswith("expert: ")}
+            # a processed expert alone: "task vector: X" (older outputs: "expert: X")
+            expert_rows = {m: r for (c, m), r in runs.items()
+                           if c == combine and m.startswith(("expert: ", "task vector: "))}
             best = (max(expert_rows, key=lambda m: statistics.fmean(r["merged"][METRIC]
                                                                      for r in expert_rows[m].values()))
                     if expert_rows else None)
@@ -249,7 +251,7 @@ def write_combine(setup, outputs: list, references: list, folder: Path, command:
                 loss = [r["merged"]["loss"] for r in rs]
                 lam = [statistics.fmean(r["coefficients"].get(e, 0.0) for r in rs) for e in experts]
                 label = (COMBINE_LABELS[method] if method != best
-                         else f"best expert alone, λ = e_k ({best[len('expert: ' + prefix):]}, oracle)")
+                         else f"best expert alone, λ = e_k ({best.split(': ', 1)[1][len(prefix):]}, oracle)")
                 if sorted(by_seed) != seeds:
                     label += f" (seeds {sorted(by_seed)} only)"
                 wins = "–"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig
+from .config import CompareConfig, DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, torch_dtype
+from .engine.matrix import ExpertMatrix
 from .errors import GlueError
 from .io.output import COMPARE_FILE, atomic_dir, check_output_dir, input_paths, strict_json
 from .methods import MethodOutput, check_method, get_method
@@ -54,16 +55,24 @@ def run_compare(
     finetuning = finetune_config.finetune_epochs > 0
     entries = [(m, m) for m in methods]
     if compare_config.include_experts:
-        entries += [(f"expert: {name}", k) for k, name in enumerate(prep.matrix.expert_names)]
+        # with --combine a row is the base plus that expert's processed task vector, not the expert itself
+        label = "task vector" if prep.kind == "task-vectors" else "expert"
+        entries += [(f"{label}: {name}", k) for k, name in enumerate(prep.matrix.expert_names)]
     runs = []
     for baseline in baselines:  # one at a time: a baseline is a whole model beside the experts' matrix
         params = _load_baseline(prep, baseline)
         runs += [_baseline_run(prep, glue_config, finetune_config, baseline.name, params, seed)
                  for seed in (compare_config.seeds if finetuning else compare_config.seeds[:1])]
         del params
-    for label, what in entries:
-        seeded = finetuning or (isinstance(what, str) and get_method(what).seeded)
-        for seed in compare_config.seeds if seeded else compare_config.seeds[:1]:
+    # DARE's drop mask is drawn from the seed: every row is then seeded, and each seed has its own mask
+    masked = (getattr(prep.matrix, "task_vectors", None) or {}).get("method") in ("dare", "dare-ties")
+    for seed in compare_config.seeds:
+        if masked:
+            _redraw_mask(prep, glue_config.granularity, seed)
+        for label, what in entries:
+            seeded = masked or finetuning or (isinstance(what, str) and get_method(what).seeded)
+            if not seeded and seed != compare_config.seeds[0]:
+                continue
             config = replace(glue_config, method=what if isinstance(what, str) else "uniform", seed=seed)
             before = memory_in_use(prep.matrix.device)  # the loaded experts (and whatever earlier runs kept)
             out = run_method(prep, config) if isinstance(what, str) else _one_hot(prep, what)
@@ -96,6 +105,18 @@ def run_compare(
         print(format_table(report))
         print(f"Wrote {out_dir / COMPARE_FILE} and {out_dir / 'compare.png'}")
     return report
+
+
+def _redraw_mask(prep, granularity: str, seed: int) -> None:
+    """Rebuild the task vectors with the DARE mask of ``seed`` (the experts are read again, one matrix at a time)."""
+    spec = prep.matrix.task_vectors
+    if spec["seed"] == seed:
+        return
+    device = prep.matrix.device
+    prep.matrix.release(experts=True)
+    prep.matrix = prep.objective.matrix = ExpertMatrix.from_task_vectors(
+        prep.experts, prep.base, spec["method"], density=spec["density"], weights=spec["election_weights"],
+        seed=seed, granularity=granularity, dtype=torch_dtype(prep.experts_config.dtype), device=device)
 
 
 def _one_hot(prep, k: int) -> MethodOutput:

@@ -114,7 +114,8 @@ def plot_comparison(report: dict, path: Path) -> Path:
         xs = [j + (i - (len(stages) - 1) / 2) * width for j in range(len(summary))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
     ax.set_xticks(range(len(summary)))
-    ax.set_xticklabels([s["method"].replace("expert: ", "expert:\n") for s in summary], fontsize=8)
+    ax.set_xticklabels([s["method"].replace(": ", ":\n", 1) if s["method"].startswith(("expert: ", "task vector: "))
+                        else s["method"] for s in summary], fontsize=8)
     ax.set_ylabel(metric)
     seeds = report["seeds"]
     ax.set_title(f"Target {metric} on {report['dataset']['id']} (mean ± std over {len(seeds)} seed(s))")
