@@ -9,9 +9,9 @@ offline.
 Every command that reads the example (merge, compare, blend --from-result, the Python examples) needs those
 two variables: the repo ids exist only in that cache.
 
-With ``--adapters`` it publishes the LoRA example (into the same cache, beside anything already there): a tiny base ``example/base``, three PEFT LoRA adapters
-of it ``example/lora-{0,1,2}`` (each trained on one domain, with its own classification head) and the same target
-dataset ``example/target``:
+With ``--adapters`` it publishes the LoRA example (into the same cache, beside anything already there): a tiny base
+``example/base``, three PEFT LoRA adapters of it ``example/lora-{0,1,2}`` (each trained on one domain, with its own
+classification head) and the same target dataset ``example/target``:
 
     python scripts/make_example.py --cache-dir example-hub --adapters
     HF_HUB_CACHE=example-hub HF_HUB_OFFLINE=1 hf-glue merge \
@@ -43,12 +43,19 @@ def make_example(cache_dir: str | Path, task: str = "sequence-classification", e
 def publish_example(cache_dir: str | Path, expert_paths: list[Path], dataset: Path, target_domain: int = 0,
                     log: Callable[[str], None] = print) -> Path:
     """Publish built experts as ``example/expert-{d}`` and ``dataset`` as ``example/target`` into ``cache_dir``."""
+    models = [(f"example/expert-{d}", path, f"fine-tuned on domain {d}") for d, path in enumerate(expert_paths)]
+    return _publish(cache_dir, models, dataset, target_domain, log)
+
+
+def _publish(cache_dir: str | Path, models: list[tuple[str, Path, str]], dataset: Path, target_domain: int,
+             log: Callable[[str], None]) -> Path:
+    """Publish ``(repo id, folder, what it is)`` models and ``dataset`` as ``example/target`` into ``cache_dir``."""
     cache = Path(cache_dir)
-    for d, path in enumerate(expert_paths):
-        sha = publish_to_cache(path, f"example/expert-{d}", cache)
-        log(f"example/expert-{d}  @ {sha[:10]}  (fine-tuned on domain {d})")
+    for repo_id, path, what in models:
+        sha = publish_to_cache(path, repo_id, cache)
+        log(f"{repo_id:<17} @ {sha[:10]}  ({what})")
     sha = publish_to_cache(dataset, "example/target", cache, repo_type="dataset")
-    log(f"example/target    @ {sha[:10]}  (dataset, domain {target_domain})")
+    log(f"{'example/target':<17} @ {sha[:10]}  (dataset, domain {target_domain})")
     return cache
 
 
@@ -66,15 +73,10 @@ def publish_adapter_example(cache_dir: str | Path, base: Path, adapter_paths: li
                             target_domain: int = 0, log: Callable[[str], None] = print) -> Path:
     """Publish a built base as ``example/base``, its adapters as ``example/lora-{d}`` (their configs must name
     ``example/base``) and ``dataset`` as ``example/target`` into ``cache_dir``."""
-    cache = Path(cache_dir)
-    sha = publish_to_cache(base, "example/base", cache)
-    log(f"example/base    @ {sha[:10]}  (the adapters' base)")
-    for d, path in enumerate(adapter_paths):
-        sha = publish_to_cache(path, f"example/lora-{d}", cache)
-        log(f"example/lora-{d}  @ {sha[:10]}  (LoRA adapter trained on domain {d})")
-    sha = publish_to_cache(dataset, "example/target", cache, repo_type="dataset")
-    log(f"example/target  @ {sha[:10]}  (dataset, domain {target_domain})")
-    return cache
+    models = [("example/base", base, "the adapters' base")]
+    models += [(f"example/lora-{d}", path, f"LoRA adapter trained on domain {d}")
+               for d, path in enumerate(adapter_paths)]
+    return _publish(cache_dir, models, dataset, target_domain, log)
 
 
 def main() -> None:

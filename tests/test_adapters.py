@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_refused, run_cli
-from test_distributed import torchrun
+from test_distributed import one_and_two_processes
 
 ALPHA = [0.5, 0.3, 0.2]
 
@@ -366,13 +366,6 @@ def test_two_processes_merge_lora_adapters_like_one(lora_experts, tmp_path):
     """The adapter engine under accelerate: 2 processes learn the α of 1 and save the same adapter."""
     common = ["merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"], "--steps", "10",
               "--seed", "1", "--save-as", "adapter"]
-    one = run_cli(*common, "--output-dir", str(tmp_path / "one"))
-    two = torchrun(*common, "--output-dir", str(tmp_path / "two"))
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "merge_result.json").read_text())
-    b = json.loads((tmp_path / "two" / "merge_result.json").read_text())
-    for name in a["coefficients"]:
-        assert b["coefficients"][name] == pytest.approx(a["coefficients"][name], abs=1e-4)
+    a, b, _ = one_and_two_processes(common, tmp_path)
     assert b["eval"]["loss"] == pytest.approx(a["eval"]["loss"], abs=1e-5)
     assert (tmp_path / "two" / "adapter_config.json").is_file()

@@ -19,10 +19,9 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_processes_learn_the_same_coefficients_as_one(cls_experts, tmp_path):
-    # 10 held-out rows in batches of 4 over 2 processes: the last batch is uneven, and every row counts once
-    common = ["merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--steps", "25", "--seed", "4",
-              "--batch-size", "32", "--max-eval-samples", "10", "--eval-batch-size", "4"]
+def one_and_two_processes(common: list[str], tmp_path) -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """Run ``hf-glue ARGS`` on 1 and on 2 processes; both must succeed with the same coefficients (to 1e-4).
+    Returns both merge_result.json contents and the 2-process run."""
     one = run_cli(*common, "--output-dir", str(tmp_path / "one"))
     two = torchrun(*common, "--output-dir", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr
@@ -32,6 +31,14 @@ def test_two_processes_learn_the_same_coefficients_as_one(cls_experts, tmp_path)
     assert a["coefficients"].keys() == b["coefficients"].keys()
     for name in a["coefficients"]:
         assert b["coefficients"][name] == pytest.approx(a["coefficients"][name], abs=1e-4)
+    return a, b, two
+
+
+def test_two_processes_learn_the_same_coefficients_as_one(cls_experts, tmp_path):
+    # 10 held-out rows in batches of 4 over 2 processes: the last batch is uneven, and every row counts once
+    common = ["merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--steps", "25", "--seed", "4",
+              "--batch-size", "32", "--max-eval-samples", "10", "--eval-batch-size", "4"]
+    a, b, two = one_and_two_processes(common, tmp_path)
     for x, y in zip(a["history"], b["history"]):  # the same batches, so the same losses, step by step
         assert y["loss_plus"] == pytest.approx(x["loss_plus"], abs=1e-4)
     assert a["details"]["eval_samples"] == b["details"]["eval_samples"] == 10

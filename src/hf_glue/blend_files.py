@@ -136,28 +136,14 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
         settle_remote_code(tmp, experts[0].repo.path, experts_config.trust_remote_code)
         if dtype is not None and (tmp / "config.json").is_file():
             _set_config_dtype(tmp / "config.json", experts_config.dtype)
-        result = {
-            "method": source["method"] if source else "weights",
-            "method_info": method_info(source["method"] if source else "weights"),
-            "task": source.get("task") if source else _task_name(experts[0].config),
-            "granularity": source.get("granularity", "model") if source else "model",
-            "experts": [{"name": n, **e.repo.to_dict()} for n, e in zip(names, experts)],
-            **({"base_model": {"name": experts[-1].name, **experts[-1].repo.to_dict()}} if task_vectors else {}),
-            "dataset": source.get("dataset") if source else None,
-            "coefficients": coefficients,
-            "history": [],
-            "eval": {},
-            "forward_passes": 0,
-            "backward_passes": 0,
-            "seconds": round(time.perf_counter() - start, 3),
-            "command": command,
-            "versions": library_versions(),
-            "config": {"experts": {"dtype": experts_config.dtype},
-                       **({"glue": source["config"]["glue"]} if task_vectors else {})},
-            **({"details": {"task_vectors": task_vectors}} if task_vectors else {}),
-        }
-        if source and source.get("group_coefficients"):
-            result["group_coefficients"] = source["group_coefficients"]
+        result = _blend_result(
+            source, names, experts[:len(names)], coefficients, experts_config, command, start,
+            task=source.get("task") if source else _task_name(experts[0].config),
+            granularity=source.get("granularity", "model") if source else "model",
+            base=experts[-1] if task_vectors else None, versions=library_versions())
+        if task_vectors:
+            result["config"]["glue"] = source["config"]["glue"]
+            result["details"] = {"task_vectors": task_vectors}
         if source and source.get("eval"):
             source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
             if source_dtype == experts_config.dtype:  # the same weights: the source's metrics hold
@@ -208,27 +194,40 @@ def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_con
     with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
         out.save_pretrained(tmp, safe_serialization=True)
         copy_processor_files(base.repo.path, tmp)
-        result = {
-            "method": source["method"] if source else "weights",
-            "method_info": method_info(source["method"] if source else "weights"),
-            "task": task.name,
-            "granularity": granularity,
-            "experts": [{"name": n, **a.repo.to_dict()} for n, a in zip(names, adapters)],
-            "base_model": {"name": base.name, **base.repo.to_dict()},
-            "save_as": output.save_as,
-            "dataset": source.get("dataset") if source else None,
-            "coefficients": coefficients,
-            "history": [], "eval": {}, "forward_passes": 0, "backward_passes": 0,
-            "seconds": round(time.perf_counter() - start, 3),
-            "command": command,
-            "versions": library_versions(("peft",)),
-            "config": {"experts": {"dtype": experts_config.dtype}},
-        }
-        if granularity != "model":
-            result["group_coefficients"] = source["group_coefficients"]
+        result = _blend_result(source, names, adapters, coefficients, experts_config, command, start,
+                               task=task.name, granularity=granularity, base=base,
+                               versions=library_versions(("peft",)))
+        result["save_as"] = output.save_as
         (tmp / RESULT_FILE).write_text(strict_json(result))
         write_card(tmp, result)
     return Path(output.output_dir)
+
+
+def _blend_result(source: Optional[dict], names: list[str], inputs, coefficients: dict, experts_config: ExpertsConfig,
+                  command: str, start: float, *, task: Optional[str], granularity: str, base, versions: dict) -> dict:
+    """The ``merge_result.json`` of a blend: the coefficients applied (and the source merge's method, dataset and
+    per-group coefficients), the pinned inputs, and no search (no history, no passes)."""
+    result = {
+        "method": source["method"] if source else "weights",
+        "method_info": method_info(source["method"] if source else "weights"),
+        "task": task,
+        "granularity": granularity,
+        "experts": [{"name": n, **e.repo.to_dict()} for n, e in zip(names, inputs)],
+        **({"base_model": {"name": base.name, **base.repo.to_dict()}} if base is not None else {}),
+        "dataset": source.get("dataset") if source else None,
+        "coefficients": coefficients,
+        "history": [],
+        "eval": {},
+        "forward_passes": 0,
+        "backward_passes": 0,
+        "seconds": round(time.perf_counter() - start, 3),
+        "command": command,
+        "versions": versions,
+        "config": {"experts": {"dtype": experts_config.dtype}},
+    }
+    if source and source.get("group_coefficients"):
+        result["group_coefficients"] = source["group_coefficients"]
+    return result
 
 
 def _task_vector_transform(spec: dict, dtype):

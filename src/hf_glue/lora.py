@@ -26,9 +26,11 @@ def resolve(repos: Sequence[ResolvedRepo], experts_config: ExpertsConfig, task_n
     task_types = {a.config.get("task_type") for a in adapters}
     task = detect_task(base.config, task_name or (TASK_TYPES.get(task_types.pop()) if len(task_types) == 1 else None))
     fetch_adapter_weights(adapters, experts_config.allow_pickle)
-    model_config = _config_for_heads(base, adapters, task, experts_config.trust_remote_code)
-    shapes = _meta_shapes(base, task, model_config, experts_config.trust_remote_code)
-    check_against_base(adapters, base_spec, shapes)
+    meta = _meta_model(base, task, base.config, experts_config.trust_remote_code)
+    model_config = _config_for_heads(base, adapters, task, meta)
+    if _label_overrides(base.config, model_config):  # another head size: the shapes come from that model
+        meta = _meta_model(base, task, model_config, experts_config.trust_remote_code)
+    check_against_base(adapters, base_spec, {n: tuple(t.shape) for n, t in meta.state_dict().items()})
     return adapters, base, task, model_config
 
 
@@ -41,10 +43,12 @@ def load(base: Expert, adapters: Sequence[Adapter], task: Task, model_config: di
     return build_search_model(base_model, adapters, granularity)
 
 
-def _config_for_heads(base: Expert, adapters: Sequence[Adapter], task: Task, trust_remote_code: bool) -> dict:
+def _config_for_heads(base: Expert, adapters: Sequence[Adapter], task: Task, meta: torch.nn.Module) -> dict:
     """The base's config as the adapters use it: a classification head the adapters save with another number of
-    classes than the base's config says (a base without a head) sets ``num_labels``."""
-    head = _head_name(base, task, base.config, trust_remote_code)
+    classes than the base's config says (a base without a head) sets ``num_labels``. ``meta``: the base's model
+    on the meta device, where the head is found."""
+    head_module = task.head_module(meta)
+    head = next((n for n, m in meta.named_modules() if m is head_module), None) if head_module is not None else None
     sizes = {a.full_tensors().get(f"{head}.weight", (None,))[0] for a in adapters} - {None} if head else set()
     if len(sizes) > 1:
         raise GlueError(f"the adapters' saved heads ({head}) have different numbers of classes ({sorted(sizes)}); "
@@ -74,17 +78,6 @@ def _label_overrides(original: dict, model_config: dict) -> dict:
     return {"num_labels": model_config["num_labels"],
             "id2label": {int(k): v for k, v in model_config["id2label"].items()},
             "label2id": model_config["label2id"]}
-
-
-def _head_name(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> Optional[str]:
-    model = _meta_model(base, task, model_config, trust_remote_code)
-    head = task.head_module(model)
-    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-
-
-def _meta_shapes(base: Expert, task: Task, model_config: dict, trust_remote_code: bool) -> dict:
-    model = _meta_model(base, task, model_config, trust_remote_code)
-    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
 
 
 def _load_base(base: Expert, adapters, task: Task, model_config: dict, experts_config: ExpertsConfig, device):
