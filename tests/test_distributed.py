@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import TEST_ENV, run_cli
 
@@ -76,3 +78,49 @@ def test_logme_proxy_scores_every_process_rows(cls_experts, tmp_path):
     one = merge_experts(cls_experts["ids"], "org/target", GlueConfig(method="proxy", proxy="logme", proxy_batches=2))
     scores = json.loads((tmp_path / "two" / "merge_result.json").read_text())["details"]["proxy_scores"]
     assert scores == pytest.approx(one.details["proxy_scores"], rel=1e-4)
+
+
+def _alpha(result: dict) -> torch.Tensor:
+    """α as learned: per group where there are groups, else per expert."""
+    groups = result.get("group_coefficients") or {"model": result["coefficients"]}
+    return torch.tensor([list(row.values()) for row in groups.values()], dtype=torch.float64)
+
+
+def test_sharded_search_learns_the_one_process_coefficients(cls_experts, tmp_path):
+    """--shard on 2 processes (FSDP2 over gloo): each holds half of every expert, blends its shards in place and
+    runs the forwards sharded; α, the held-out metrics and the saved weights are the 1-process run's."""
+    common = ["merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--steps", "25", "--seed", "4",
+              "--batch-size", "32", "--max-eval-samples", "10", "--eval-batch-size", "4", "--granularity", "block"]
+    one = run_cli(*common, "--output-dir", str(tmp_path / "one"))
+    two = torchrun(*common, "--shard", "--output-dir", str(tmp_path / "two"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "merge_result.json").read_text())
+    b = json.loads((tmp_path / "two" / "merge_result.json").read_text())
+    assert (_alpha(a) - _alpha(b)).abs().max() < 1e-6
+    assert 0.05 < _alpha(a).min() or _alpha(a).std() > 0.05  # a real search, not a corner
+    assert a["details"]["eval_samples"] == b["details"]["eval_samples"] == 10  # uneven last batch, in lockstep
+    for metric in ("loss", "accuracy"):
+        assert b["eval"][metric] == pytest.approx(a["eval"][metric], abs=1e-5)
+    held = {r: x["details"]["memory"] for r, x in (("one", a), ("two", b))}
+    assert held["one"]["strategy"] == "replicated" and held["two"]["strategy"] == "sharded"
+    assert held["two"]["expert_bytes_per_process"] <= 0.6 * held["one"]["expert_bytes_per_process"]
+    x, y = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert x.keys() == y.keys()
+    assert max(float((x[k].double() - y[k].double()).abs().max()) for k in x) < 1e-6
+
+
+def test_sharded_perturbation_parallel_takes_the_replicated_steps(lm_experts, tmp_path):
+    """Perturbation-parallel on a sharded model: all processes' perturbations are evaluated together, each on its
+    share of the shared batch; the steps are those of the replicated perturbation-parallel run."""
+    common = ["merge", "--experts", *lm_experts["ids"], "--dataset", "org/lm-target", "--steps", "8", "--seed", "1",
+              "--parallel", "perturbation", "--batch-size", "8", "--screen-batches", "0"]
+    runs = {}
+    for name, flag in (("replicated", "false"), ("sharded", "true")):
+        proc = torchrun(*common, "--shard", flag, "--output-dir", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "merge_result.json").read_text())
+    assert runs["sharded"]["details"]["memory"]["strategy"] == "sharded"
+    for x, y in zip(runs["replicated"]["history"], runs["sharded"]["history"]):
+        assert y["loss_plus"] == pytest.approx(x["loss_plus"], abs=1e-5)
+    assert (_alpha(runs["replicated"]) - _alpha(runs["sharded"])).abs().max() < 1e-6

@@ -51,7 +51,9 @@ def run_compare(
     check_output_dir(out_dir, compare_config.overwrite_output_dir,
                      input_paths(experts_config.experts, data_config.dataset), marker=COMPARE_FILE)
     baselines = _resolve_baselines(compare_config.baselines, experts_config, data_config)  # metadata: fails early
-    prep = prepare(experts_config, data_config, glue_config)
+    prep = prepare(experts_config, data_config, glue_config, finetune=finetune_config.finetune_epochs > 0,
+                   whole=bool(baselines) or (glue_config.combine or "").startswith("dare")
+                   or "full-gradient" in methods)
     finetuning = finetune_config.finetune_epochs > 0
     entries = [(m, m) for m in methods]
     if compare_config.include_experts:

@@ -313,6 +313,25 @@ class ExpertsConfig:
         metadata={"help": "Memory budget per device, e.g. 20GiB (default: what the device has free); a run "
                   "estimated to need more is refused before any weights are loaded."},
     )
+    blend: Literal["auto", "materialized", "on-the-fly"] = field(
+        default="auto",
+        metadata={"help": "How the search forms each blended model: materialized (whole, 2q per step: fastest), "
+                  "on-the-fly (each layer from the K experts just before it runs: the experts and one layer), or "
+                  "auto: the fastest that fits the memory estimate (see `hf-glue estimate`)."},
+    )
+    shard: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Shard the experts and the model across processes with FSDP2: each process holds 1/P of "
+                  "every expert and blends its own shard. Default: chosen when several processes run and one "
+                  "device cannot hold the replicated run; --shard false never shards.",
+                  "nargs": "?", "const": True},
+    )
+    offload: Literal["none", "cpu", "disk"] = field(
+        default="none",
+        metadata={"help": "With on-the-fly blending, keep the experts in CPU memory (cpu) or in their safetensors "
+                  "files (disk) and copy one layer at a time to the device: the last resort when K experts do "
+                  "not fit on it."},
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -320,6 +339,12 @@ class ExpertsConfig:
             raise GlueError(f"--experts has an empty name ({self.experts}); give repo ids or folders.")
         if self.max_memory is not None:
             check_size("--max-memory", self.max_memory)
+        if self.offload != "none" and self.blend == "materialized":
+            raise GlueError(f"--offload {self.offload} streams experts layer by layer, which --blend materialized "
+                            "does not: use --blend on-the-fly (or auto).")
+        if self.shard and (self.blend == "on-the-fly" or self.offload != "none"):
+            raise GlueError("--shard and on-the-fly blending (--blend on-the-fly / --offload) are two ways to fit a "
+                            "large model; pick one.")
         duplicates = sorted({e for e in self.experts if self.experts.count(e) > 1})
         if duplicates:
             raise GlueError(f"expert {duplicates[0]!r} is listed more than once in --experts; list each once.")

@@ -65,6 +65,8 @@ class Prepared:
     kind: str = "full"
     #: the config.json the task reads (labels, lengths): the first expert's, or the base's as the adapters use it
     model_config: Optional[dict] = None
+    #: the memory plan the run uses (`engine.memory.plans`): replicated, sharded, on-the-fly, offload-cpu/-disk, lora
+    plan: Optional[memory.Plan] = None
 
     def __post_init__(self) -> None:
         if self.model_config is None:
@@ -91,9 +93,11 @@ def make_accelerator(cpu: bool = False):
 
 def prepare(
     experts_config: ExpertsConfig, data_config: DataConfig, glue_config: GlueConfig, accelerator=None,
-    output_dir: Optional[str] = None, save_as: str = "merged",
+    output_dir: Optional[str] = None, save_as: str = "merged", finetune: bool = False, whole: bool = False,
 ) -> Prepared:
-    """Resolve and validate everything (``output_dir``'s free space too), then load weights into the engine."""
+    """Resolve and validate everything (``output_dir``'s free space too), then load weights into the engine the
+    memory plan picks. ``finetune``: the blend is fine-tuned after (not sharded); ``whole``: callers that pass whole
+    models to the template (compare's baselines, DARE masks redrawn per seed) need the replicated engine."""
     accelerator = accelerator or make_accelerator(experts_config.cpu)
     if glue_config.data_sizes is not None or glue_config.init == "data-size":
         check_data_sizes(glue_config, len(experts_config.experts))
@@ -115,6 +119,9 @@ def prepare(
         if glue_config.combine:
             raise GlueError(f"--combine {glue_config.combine} makes task vectors of full experts; LoRA adapters are "
                             "deltas already: drop --combine.")
+        if experts_config.shard or experts_config.blend == "on-the-fly" or experts_config.offload != "none":
+            raise GlueError("LoRA adapters blend as low-rank branches over one copy of the base (memory: the base "
+                            "and the adapters): --shard, --blend on-the-fly and --offload apply to full experts.")
         return prepare_adapters(repos, experts_config, data_config, glue_config, accelerator, output_dir)
     if save_as == "adapter":
         raise GlueError("--save-as adapter is for LoRA experts; full experts merge into a full model.")
@@ -157,24 +164,75 @@ def prepare(
                     task.model_class().__name__)
         read_through_transformers(inputs, task.model_class(), experts_config.trust_remote_code)
     check_free_space(output_dir, output_bytes(experts[0].tensors.values(), torch_dtype(experts_config.dtype)))
-    check_memory(inputs, experts_config, data_config, glue_config, accelerator)
+    plan = check_memory(inputs, experts_config, data_config, glue_config, accelerator,
+                        exclude=excluded_strategies(experts, experts_config, glue_config, finetune, whole))
     processor = task.load_processor(experts[0].repo.path, experts_config.trust_remote_code)
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, experts[0].config)
+    model, matrix = build_engine(plan.strategy, experts, base, task, experts_config, glue_config, accelerator)
+    objective = Objective(matrix, model, task, accelerator)
+    return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
+                    experts_config, data_config, base=base, kind="task-vectors" if base else "full", plan=plan)
+
+
+def excluded_strategies(experts: list[Expert], experts_config: ExpertsConfig, glue_config: GlueConfig,
+                        finetune: bool, whole: bool) -> dict[str, str]:
+    """The strategies this run cannot use, each with why (named in a refusal when the user asked for it)."""
+    out = {}
+    if whole:
+        for name in memory.STRATEGIES[1:]:
+            out[name] = "compare's --baselines, full-gradient and DARE masks redrawn per seed need the replicated " \
+                        "engine"
+    if finetune:
+        out["sharded"] = "the blend is fine-tuned after the search on one device (fine-tune a sharded model with " \
+                         "your own FSDP Trainer setup from the saved blend)"
+    if glue_config.combine:
+        out["sharded"] = "TIES/DARE process whole tensors (trim, election, masks)"
+        out["offload-disk"] = "TIES/DARE task vectors are processed once, in memory"
+    if any(e.loader is not None or any(i.file.suffix != ".safetensors" for i in e.tensors.values())
+           for e in experts):
+        out["offload-disk"] = "an expert is pickled or read through transformers, not plain safetensors"
+    return out
+
+
+def model_dtype(expert: Expert, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype the template and the blend use: the experts' one float dtype (or ``dtype``), float32 when mixed."""
+    dtypes = {dtype or i.dtype for i in expert.tensors.values() if i.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], task: Task,
+                 experts_config: ExpertsConfig, glue_config: GlueConfig, accelerator):
+    """The template model and the blending engine for ``strategy``: the expert matrix on the device (replicated);
+    shards of it in an FSDP-sharded template (sharded); or on the device, in CPU memory or in the files, blended
+    layer by layer inside the template (on-the-fly, offload-cpu, offload-disk)."""
+    from .engine.onthefly import FileStore, OnTheFlyMatrix
+    from .engine.sharded import ShardedMatrix, shard_model
+
     dtype = torch_dtype(experts_config.dtype)
+    device = accelerator.device
+    model = build_model(experts[0], task, model_dtype(experts[0], dtype), experts_config.trust_remote_code, device)
+    granularity = glue_config.granularity
+    if strategy == "sharded":
+        shard_model(model, device, accelerator.num_processes)
+        return model, ShardedMatrix(experts, model, granularity, dtype, device, accelerator.process_index,
+                                    accelerator.num_processes)
+    if strategy == "offload-disk":
+        return model, OnTheFlyMatrix(FileStore(experts, granularity, dtype), model, device)
+    where = torch.device("cpu") if strategy == "offload-cpu" else device
+    pin = strategy == "offload-cpu" and device.type == "cuda"
     if base is not None:
         start = glue_config.weights if glue_config.method == "weights" else \
             initial_alpha(glue_config, 1, len(experts))[0].tolist()
-        matrix = ExpertMatrix.from_task_vectors(
+        store = ExpertMatrix.from_task_vectors(
             experts, base, glue_config.combine, density=glue_config.density, weights=start, seed=glue_config.seed,
-            granularity=glue_config.granularity, dtype=dtype, device=accelerator.device)
+            granularity=granularity, dtype=dtype, device=where, pin_memory=pin)
     else:
-        matrix = ExpertMatrix.from_experts(experts, glue_config.granularity, dtype=dtype, device=accelerator.device)
-    model = build_model(experts[0], task, matrix, experts_config.trust_remote_code, device=accelerator.device)
-    objective = Objective(matrix, model, task, accelerator)
-    return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
-                    experts_config, data_config, base=base, kind="task-vectors" if base else "full")
+        store = ExpertMatrix.from_experts(experts, granularity, dtype=dtype, device=where, pin_memory=pin)
+    if strategy == "replicated":
+        return model, store
+    return model, OnTheFlyMatrix(store, model, device)
 
 
 def card_base(experts: list[Expert]) -> str:
@@ -233,7 +291,7 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
 
 
 def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, data_config: DataConfig,
-                         glue_config: GlueConfig, accelerator) -> memory.MemoryEstimate:
+                         glue_config: GlueConfig, accelerator) -> memory.Plan:
     """`check_memory` for adapters: the base once, the K adapters (float32, as PEFT holds them) and each blend's
     scaled copy of their factors."""
     adapter_bytes = 4 * sum(math.prod(s) for a in adapters for s in a.shapes.values())
@@ -241,41 +299,102 @@ def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, 
                         extra_experts=adapter_bytes, extra_per_blend=adapter_bytes)
 
 
-def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
-                 glue_config: GlueConfig, accelerator, *, blends: bool = True, extra_experts: int = 0,
-                 extra_per_blend: int = 0) -> memory.MemoryEstimate:
-    """Refuse, before any tensor is read, a run whose estimated memory exceeds the device's (or --max-memory);
-    returns the estimate. ``experts``: the rows held (K experts, plus the base for task vectors); ``blends``: a
-    blend is a whole model's product (False for adapters, whose blends are ``extra_per_blend`` bytes each)."""
+def memory_plans(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
+                 glue_config: GlueConfig, processes: int, *, blends: bool = True, extra_experts: int = 0,
+                 extra_per_blend: int = 0) -> dict[str, memory.Plan]:
+    """Every memory strategy's estimate for this run, from file headers (or a meta model): ``experts`` are the
+    rows held (K experts, plus the base for task vectors); ``blends``: a blend is a whole model's product (False
+    for adapters, whose blends are ``extra_per_blend`` bytes each: one plan, ``lora``)."""
     dtype = torch_dtype(experts_config.dtype)
-    elements: dict[torch.dtype, int] = {}
-    floats = [info for info in experts[0].tensors.values() if info.dtype.is_floating_point]
-    for info in floats:
-        elements[dtype or info.dtype] = elements.get(dtype or info.dtype, 0) + info.numel
+    layout = memory.Layout.of({i.name: (i.shape, i.dtype) for i in experts[0].tensors.values()
+                               if i.dtype.is_floating_point}, dtype)
     parallel_batch = glue_config.batch_size if glue_config.parallel == "perturbation" else \
-        glue_config.batch_size // accelerator.num_processes
+        glue_config.batch_size // processes
     models = get_method(glue_config.method).models_per_step(glue_config)
-    est = memory.estimate(
-        elements, len(experts), experts[0].config,
+    plans = memory.plans(
+        layout, len(experts), experts[0].config,
         # the blends a search holds at once: 2q for GLUE's step and the black-box generations, else one
         models_per_step=models if blends else 0,
-        batch_per_process=max(parallel_batch, glue_config.eval_batch_size // accelerator.num_processes),
+        batch_per_process=max(parallel_batch, glue_config.eval_batch_size // processes),
         sequence_length=data_config.max_length,
-        tensors=len(floats),
+        processes=processes,
         backward=glue_config.method == "full-gradient",
     )
-    est.experts += extra_experts
-    est.blends += models * extra_per_blend
-    budget = memory.parse_size(experts_config.max_memory) if experts_config.max_memory else \
-        memory.available(accelerator.device)
-    memory.check_fits(est, budget, device=accelerator.device,
-                      dtype_is_full=all(dt == torch.float32 for dt in elements),
-                      samples=glue_config.spsa_samples,
+    if not blends:
+        lora = plans.pop("replicated")
+        lora.strategy = "lora"
+        lora.memory.experts += extra_experts
+        lora.memory.blends += models * extra_per_blend
+        plans = {"lora": lora}
+    return plans
+
+
+def requested_strategies(experts_config: ExpertsConfig, processes: int) -> list[str]:
+    """The strategies the flags allow (--blend, --shard, --offload); auto allows all."""
+    if experts_config.shard:
+        if processes < 2:
+            raise GlueError("--shard splits the experts across processes, and this run has one: launch several "
+                            "(torchrun --nproc_per_node N, or accelerate launch --num_processes N), or use "
+                            "--blend on-the-fly on one device.")
+        return ["sharded"]
+    if experts_config.offload != "none":
+        return [f"offload-{experts_config.offload}"]
+    if experts_config.blend == "on-the-fly":
+        return ["on-the-fly"]
+    allowed = list(memory.STRATEGIES)
+    if experts_config.blend == "materialized":
+        allowed = ["replicated", "sharded"]
+    if experts_config.shard is False:
+        allowed.remove("sharded")
+    return allowed
+
+
+def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_config: DataConfig,
+                 glue_config: GlueConfig, accelerator, *, blends: bool = True, extra_experts: int = 0,
+                 extra_per_blend: int = 0, exclude: Optional[dict[str, str]] = None) -> memory.Plan:
+    """Pick the fastest memory strategy the flags allow that fits the device (or --max-memory), before any tensor
+    is read; refuse with concrete advice when none does. ``exclude``: strategies this run cannot use, and why."""
+    processes = accelerator.num_processes
+    device = accelerator.device
+    plans = memory_plans(experts, experts_config, data_config, glue_config, processes, blends=blends,
+                         extra_experts=extra_experts, extra_per_blend=extra_per_blend)
+    exclude = dict(exclude or {})
+    if glue_config.method == "full-gradient":
+        for name in memory.STRATEGIES[1:]:
+            exclude[name] = "--method full-gradient backpropagates through one whole blended model"
+    allowed = ["lora"] if not blends else requested_strategies(experts_config, processes)
+    candidates = {n: p for n, p in plans.items() if n in allowed and n not in exclude}
+    if not candidates:
+        name = allowed[0]
+        raise GlueError(f"the {name} strategy is not available for this run: {exclude.get(name, 'not planned')}.")
+    budget, host_budget = memory_budgets(experts_config.max_memory, device)
+    plan = memory.choose(candidates, budget, host_budget, device.type)
+    if plan is None:
+        dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in experts[0].tensors.values()
+                  if i.dtype.is_floating_point}
+        memory.refuse(candidates, budget, device=device, dtype_is_full=dtypes == {torch.float32},
+                      samples=glue_config.spsa_samples, processes=processes,
                       where="--max-memory" if experts_config.max_memory else "the device")
-    return est
+    if plan.strategy not in ("replicated", "lora") and len(allowed) > 1 and accelerator.is_main_process:
+        logger.warning("memory: the replicated search needs about %s, more than %.0f %% of %s; using the %s "
+                       "strategy (%s); see `hf-glue estimate`", memory.human(plans["replicated"].memory.total),
+                       100 * memory.HEADROOM, memory.human(budget), plan.strategy, plan.memory.describe())
+    return plan
 
 
-def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_code: bool = False,
+def memory_budgets(max_memory: Optional[str], device: torch.device) -> tuple[int, int]:
+    """Bytes one process may use on its device (--max-memory, or what is free; on the CPU, shared by the local
+    processes) and in host memory (shared by the local processes)."""
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host = memory.available(torch.device("cpu")) // local
+    if max_memory:
+        return memory.parse_size(max_memory), host
+    return (host if device.type == "cpu" else memory.available(device)), host
+
+
+def build_model(expert: Expert, task: Task, dtype: torch.dtype, trust_remote_code: bool = False,
                 device: torch.device | str = "cpu") -> torch.nn.Module:
     """The template the blends are passed to: a model of the experts' class with its parameters on the meta
     device (no weights allocated: every parameter comes from a blend) and real buffers on ``device``
@@ -285,7 +404,6 @@ def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_c
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(expert.repo.path, trust_remote_code=trust_remote_code)
-    dtype = matrix.model_dtype
     with init_empty_weights(include_buffers=False):
         model = task.model_class().from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.tie_weights()  # from_config leaves meta parameters untied; functional_call(tie_weights=True) needs it
@@ -293,7 +411,7 @@ def build_model(expert: Expert, task: Task, matrix: ExpertMatrix, trust_remote_c
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             setattr(module, name, buffer.to(device))
-    provided = set(matrix.slots) | set(matrix.constants)
+    provided = set(expert.tensors)
     state_keys = set(model.state_dict())
     unexpected = sorted(provided - state_keys)
     if unexpected:
@@ -360,6 +478,10 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
     """Evaluate a method's α on the held-out split and package everything as a `MergeResult`."""
     metrics = prep.objective.evaluate(out.alpha, eval_batches(prep, config))
     out.details["eval_samples"] = metrics.pop("samples", 0)
+    if prep.plan is not None:  # how the run held its experts (per process: all of them, or its shards)
+        out.details["memory"] = {"strategy": prep.plan.strategy, "processes": prep.accelerator.num_processes}
+        if hasattr(prep.matrix, "expert_bytes"):
+            out.details["memory"]["expert_bytes_per_process"] = prep.matrix.expert_bytes()
     if getattr(prep.matrix, "task_vectors", None):
         out.details["task_vectors"] = prep.matrix.task_vectors  # what `hf-glue blend --from-result` re-applies
     matrix = prep.matrix
@@ -410,10 +532,21 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
         base = prep.base.repo
         return prep.matrix.to_adapter_model(alpha, {"base_model_name_or_path": base.repo_id,
                                                     "revision": base.revision}, consume=consume)
-    prep.matrix.release()
-    model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
-    model.load_state_dict(prep.matrix.materialize(alpha), strict=False, assign=True)
+    strategy = prep.plan.strategy if prep.plan is not None else "replicated"
+    if strategy == "sharded":  # gathered whole into the main process's CPU memory; None on the others
+        state = prep.matrix.materialize(alpha)
+        if not prep.accelerator.is_main_process:
+            return None
+        model = build_model(prep.experts[0], prep.task, prep.matrix.model_dtype,
+                            prep.experts_config.trust_remote_code, "cpu")
+    else:
+        prep.matrix.release()  # the product buffers, or the on-the-fly hooks
+        state = prep.matrix.materialize(alpha)
+        model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # tied parameters absent from the checkpoint (e.g. an LM head) follow their source
+    if strategy != "replicated":
+        model.to("cpu")  # built beside the experts, which may fill the device: fine-tuning moves it back
     return model
 
 
@@ -490,7 +623,7 @@ def run_merge(
         raise GlueError("--save-as adapter with --finetune-mode full: a fully fine-tuned model is no adapter; use "
                         "--save-as merged, or --finetune-mode adapter.")
     prep = prepare(experts_config, data_config, glue_config, output_dir=output_config.output_dir,
-                   save_as=output_config.save_as)
+                   save_as=output_config.save_as, finetune=finetune_config.finetune_epochs > 0)
     command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config)
     if any(not e.repo.is_local for e in prep.experts) or prep.target.to_dict().get("revision"):
         command = hub_environment() + command  # the cache/offline/endpoint the repo ids were resolved with

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -131,6 +131,12 @@ class CoefficientLayout:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
         return self._group_sizes
 
+    def models(self, alphas: torch.Tensor, *, exact: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """For each coefficient set in ``alphas[M, G, K]``, what `Objective` passes to the template model (by
+        `functional_call`) to run θ(α): here its blended tensors; engines that form θ(α) inside the model
+        (on the fly, sharded) install it before yielding and yield only what is left to pass."""
+        yield from self.blend(alphas, exact=exact)
+
     def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
         """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""
         alpha = alpha.detach().double().cpu().reshape(self.num_groups, self.num_experts)
@@ -185,6 +191,10 @@ class ExpertMatrix(CoefficientLayout):
         dtypes = {s.dtype for s in self.slots.values()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
+    def expert_bytes(self) -> int:
+        """Bytes of the expert rows this process holds (all of them, or its shards)."""
+        return sum(b.nbytes for b in self.buffers.values())
+
     def product_bytes(self) -> int:
         """Bytes held by the no-grad product buffers (released by `release`)."""
         return sum(out.nbytes for out in self._outputs.values())
@@ -196,25 +206,22 @@ class ExpertMatrix(CoefficientLayout):
         granularity: str = "model",
         dtype: Optional[torch.dtype] = None,
         device: torch.device | str = "cpu",
+        rows: Optional[dict[str, tuple[int, int]]] = None,
+        pin_memory: bool = False,
     ) -> "ExpertMatrix":
-        """Stream every expert's tensors into the matrices; non-float tensors are taken from the first expert."""
-        float_groups = {i.name: group_of(i.name, granularity)
-                        for i in experts[0].tensors.values() if i.dtype.is_floating_point}
-        group_names = _order_groups(list(dict.fromkeys(float_groups.values())))
-        group_index = {g: i for i, g in enumerate(group_names)}
-        # lay out each dtype buffer group by group, tensors in checkpoint order within a group
+        """Stream every expert's tensors into the matrices; non-float tensors are taken from the first expert.
+        ``rows``: hold only rows ``[start, stop)`` (dim 0) of the tensors it names (a process's shards);
+        ``pin_memory``: page-locked CPU rows, copied to a GPU asynchronously (``--offload cpu``)."""
+        group_names, slots = layout_slots(experts[0], granularity, dtype, rows)
         sizes: dict[torch.dtype, int] = {}
-        slots: dict[str, Slot] = {}
-        for name in sorted(float_groups, key=lambda n: group_index[float_groups[n]]):
-            info = experts[0].tensors[name]
-            work = dtype or info.dtype
-            slots[name] = Slot(name, work, group_index[float_groups[name]], sizes.get(work, 0), info.shape)
-            sizes[work] = sizes.get(work, 0) + info.numel
-        buffers = {dt: torch.empty(len(experts), n, dtype=dt, device=device) for dt, n in sizes.items()}
+        for slot in slots.values():
+            sizes[slot.dtype] = max(sizes.get(slot.dtype, 0), slot.offset + slot.numel)
+        buffers = {dt: torch.empty(len(experts), n, dtype=dt, device=device, pin_memory=pin_memory)
+                   for dt, n in sizes.items()}
         constants: dict[str, torch.Tensor] = {}
         for k, expert in enumerate(experts):
             # the first expert is read once for both its floats and the non-float tensors kept as they are
-            for name, tensor in expert.iter_tensors(None if k == 0 else set(slots)):
+            for name, tensor in expert.iter_tensors(None if k == 0 else set(slots), rows):
                 slot = slots.get(name)
                 if slot is None:
                     constants[name] = tensor.to(device)
@@ -235,6 +242,7 @@ class ExpertMatrix(CoefficientLayout):
         granularity: str = "model",
         dtype: Optional[torch.dtype] = None,
         device: torch.device | str = "cpu",
+        pin_memory: bool = False,
     ) -> "ExpertMatrix":
         """θ(λ) = θ_base + Σ_k λ_k τ̂_k as one product: rows 0…K−1 hold the experts' processed task vectors
         τ̂_k (`task_vectors.process_deltas` of θ_k − θ_base: ``method``, ``density``, sign election with
@@ -242,7 +250,7 @@ class ExpertMatrix(CoefficientLayout):
         mask is drawn from a generator seeded by (``seed``, tensor name): the same on every process."""
         from .task_vectors import tensor_task_vectors
 
-        matrix = cls.from_experts([*experts, base], granularity, dtype=dtype, device=device)
+        matrix = cls.from_experts([*experts, base], granularity, dtype=dtype, device=device, pin_memory=pin_memory)
         k = len(experts)
         for slot in matrix.slots.values():
             cols = matrix.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
@@ -288,7 +296,7 @@ class ExpertMatrix(CoefficientLayout):
             alphas = alphas.unsqueeze(0)
         alphas = self._with_offset(alphas.to(self.device))  # differentiable: the gradient flows back to alphas
         m = alphas.shape[0]
-        product = self._exact_product if exact else self._product
+        product = exact_product if exact else self._product
         if torch.is_grad_enabled() and alphas.requires_grad:
             views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
             for (dtype, g), slots, e in self._segment_inputs():
@@ -312,7 +320,7 @@ class ExpertMatrix(CoefficientLayout):
             for slot in self.slots.values():
                 e = self.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
                 tensor = torch.empty(1, slot.numel, dtype=slot.dtype, device=self.device)
-                self._exact_product(alpha[slot.group: slot.group + 1], e, tensor)
+                exact_product(alpha[slot.group: slot.group + 1], e, tensor)
                 out[slot.name] = tensor.view(slot.shape)
         return out
 
@@ -354,24 +362,46 @@ class ExpertMatrix(CoefficientLayout):
         if e.dtype not in _FULL and self.half_mm:
             torch.mm(a.to(e.dtype), e, out=out)
         else:
-            self._exact_product(a, e, out)
+            exact_product(a, e, out)
 
-    def _exact_product(self, a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[M, n] = a[M, K] @ e[K, n]`` with α and the accumulation in float32 at least, rounded once."""
-        if e.dtype in _FULL:
-            torch.mm(a.to(e.dtype), e, out=out)
-            return
-        a32 = a.to(torch.float32)
-        chunk = max(1, min(CUDA_CHUNK if e.device.type == "cuda" else CPU_CHUNK, e.shape[1]))
-        e32 = torch.empty(e.shape[0] * chunk, dtype=torch.float32, device=e.device)  # reused by every chunk
-        o32 = torch.empty(a.shape[0] * chunk, dtype=torch.float32, device=e.device)
-        for lo in range(0, e.shape[1], chunk):
-            width = min(chunk, e.shape[1] - lo)
-            part = e32[: e.shape[0] * width].view(e.shape[0], width)
-            part.copy_(e[:, lo: lo + width])
-            prod = o32[: a.shape[0] * width].view(a.shape[0], width)
-            torch.mm(a32, part, out=prod)
-            out[:, lo: lo + width].copy_(prod)
+
+def exact_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[M, n] = a[M, K] @ e[K, n]`` with α and the accumulation in float32 at least, rounded once."""
+    if e.dtype in _FULL:
+        torch.mm(a.to(e.dtype), e, out=out)
+        return
+    a32 = a.to(torch.float32)
+    chunk = max(1, min(CUDA_CHUNK if e.device.type == "cuda" else CPU_CHUNK, e.shape[1]))
+    e32 = torch.empty(e.shape[0] * chunk, dtype=torch.float32, device=e.device)  # reused by every chunk
+    o32 = torch.empty(a.shape[0] * chunk, dtype=torch.float32, device=e.device)
+    for lo in range(0, e.shape[1], chunk):
+        width = min(chunk, e.shape[1] - lo)
+        part = e32[: e.shape[0] * width].view(e.shape[0], width)
+        part.copy_(e[:, lo: lo + width])
+        prod = o32[: a.shape[0] * width].view(a.shape[0], width)
+        torch.mm(a32, part, out=prod)
+        out[:, lo: lo + width].copy_(prod)
+
+
+def layout_slots(expert: Expert, granularity: str, dtype: Optional[torch.dtype] = None,
+                 rows: Optional[dict[str, tuple[int, int]]] = None) -> tuple[list[str], dict[str, Slot]]:
+    """The coefficient groups and the slot of every floating tensor of ``expert``'s checkpoint: one buffer per
+    dtype (``dtype`` overrides the stored one), laid out group by group, in checkpoint order within a group;
+    ``rows`` narrows the tensors it names to rows ``[start, stop)``."""
+    rows = rows or {}
+    float_groups = {i.name: group_of(i.name, granularity)
+                    for i in expert.tensors.values() if i.dtype.is_floating_point}
+    group_names = _order_groups(list(dict.fromkeys(float_groups.values())))
+    group_index = {g: i for i, g in enumerate(group_names)}
+    sizes: dict[torch.dtype, int] = {}
+    slots: dict[str, Slot] = {}
+    for name in sorted(float_groups, key=lambda n: group_index[float_groups[n]]):
+        info = expert.tensors[name]
+        work = dtype or info.dtype
+        shape = (rows[name][1] - rows[name][0], *info.shape[1:]) if name in rows else info.shape
+        slots[name] = Slot(name, work, group_index[float_groups[name]], sizes.get(work, 0), shape)
+        sizes[work] = sizes.get(work, 0) + math.prod(shape)
+    return group_names, slots
 
 
 def _order_groups(names: list[str]) -> list[str]:

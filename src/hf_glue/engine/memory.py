@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,121 @@ def estimate(
     )
 
 
+#: a strategy fits when its estimate is at most this share of the budget: the caching allocator's fragmentation,
+#: the CUDA context and library workspaces take the rest
+HEADROOM = 0.9
+
+#: the memory strategies, in the order `choose` prefers them (fastest first)
+STRATEGIES = ("replicated", "sharded", "on-the-fly", "offload-cpu", "offload-disk")
+
+
+@dataclass
+class Plan:
+    """One memory strategy for a run: what each device holds, what the host holds, and the bytes an SPSA step
+    moves over its slowest link."""
+
+    strategy: str
+    memory: MemoryEstimate
+    host: int = 0
+    moved: int = 0
+    link: str = "device memory"
+
+    def fits(self, budget: int, host_budget: Optional[int] = None) -> bool:
+        return self.memory.total <= HEADROOM * budget and (host_budget is None or self.host <= HEADROOM * host_budget)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the strategies' arithmetic needs from a checkpoint's tensors (headers or a meta model): bytes of
+    all blended tensors, of the largest module's own tensors (on the fly: one at a time), of the largest
+    numbered block (sharded: FSDP gathers one and prefetches the next) and of the tensors outside blocks
+    (embeddings, head: gathered with the root)."""
+
+    elements: dict
+    total: int
+    module: int
+    block: int
+    outside: int
+    tensors: int
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], dtype: Optional[torch.dtype] = None
+           ) -> "Layout":
+        """From ``name → (shape, dtype)`` of a checkpoint's floating tensors; ``dtype`` overrides theirs."""
+        elements: dict[torch.dtype, int] = {}
+        modules: dict[str, int] = {}
+        blocks: dict[str, int] = {}
+        outside = 0
+        for name, (shape, dt) in shapes.items():
+            dt = dtype or dt
+            n = math.prod(shape)
+            nbytes = n * torch.empty((), dtype=dt).element_size()
+            elements[dt] = elements.get(dt, 0) + n
+            module = name.rsplit(".", 1)[0]
+            modules[module] = modules.get(module, 0) + nbytes
+            match = _BLOCK.match(name)
+            if match:
+                blocks[match.group(1)] = blocks.get(match.group(1), 0) + nbytes
+            else:
+                outside += nbytes
+        total = sum(modules.values())
+        return cls(elements, total, max(modules.values(), default=0), max(blocks.values(), default=0), outside,
+                   len(shapes))
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_step: int, batch_per_process: int,
+          sequence_length: int, processes: int = 1, backward: bool = False) -> dict[str, Plan]:
+    """Every strategy's memory per device and traffic per SPSA step (M = ``models_per_step`` blended models of
+    N·b, K = ``num_experts`` rows, P = ``processes``):
+
+    - replicated: K·N·b + M·N·b on every device; the blend reads K·N·b and writes M·N·b of device memory.
+    - on-the-fly: K·N·b + one module's blend; each of the M forward passes reads the K experts (M·K·N·b).
+    - sharded: K·N·b/P + the model's own shard N·b/P (the M models are formed in it one after another) + the
+      gathered tensors (two blocks and those outside blocks); each forward all-gathers (P−1)/P·N·b per process.
+    - offload-cpu / offload-disk: one module of K experts on the device, the experts in CPU memory or their
+      files; M·K·N·b cross to the device per step.
+    ``backward`` (full-gradient) keeps every layer and a gradient: only replicated applies.
+    """
+    n_bytes = layout.total
+    common = {"batch_per_process": batch_per_process, "sequence_length": sequence_length}
+    replicated = estimate(layout.elements, num_experts, model_config, models_per_step=models_per_step,
+                          tensors=layout.tensors, backward=backward, **common)
+    out = {"replicated": Plan("replicated", replicated,
+                              moved=num_experts * n_bytes + models_per_step * n_bytes)}
+    if backward:
+        return out
+    activations = replicated.activations
+    streamed = models_per_step * num_experts * n_bytes
+    out["on-the-fly"] = Plan("on-the-fly", MemoryEstimate(num_experts * n_bytes, layout.module, 0, activations),
+                             moved=streamed)
+    if processes > 1:
+        gathered = 2 * layout.block + layout.outside
+        out["sharded"] = Plan(
+            "sharded", MemoryEstimate(-(-num_experts * n_bytes // processes), -(-n_bytes // processes) + gathered, 0,
+                                      activations),
+            moved=models_per_step * n_bytes * (processes - 1) // processes, link="network (all-gather)")
+    staged = MemoryEstimate(num_experts * layout.module, layout.module, 0, activations)
+    out["offload-cpu"] = Plan("offload-cpu", staged, host=num_experts * n_bytes, moved=streamed, link="host → device")
+    out["offload-disk"] = Plan("offload-disk", staged, moved=streamed, link="disk → device")
+    return out
+
+
+def choose(candidates: dict[str, Plan], budget: int, host_budget: Optional[int] = None,
+           device_type: str = "cuda") -> Optional[Plan]:
+    """The fastest strategy that fits: replicated, sharded, on-the-fly, offloaded to CPU memory (where the device
+    is the CPU itself, that is on-the-fly), offloaded to disk; None when none does."""
+    for name in STRATEGIES:
+        plan = candidates.get(name)
+        if plan is None or (name == "offload-cpu" and device_type == "cpu" and "on-the-fly" in candidates):
+            continue
+        if plan.fits(budget, host_budget):
+            return plan
+    return None
+
+
 def available(device: torch.device) -> int:
     """Free memory on ``device`` (GPU: free device memory; CPU: available system memory, or the room left under
     this process's cgroup limit where smaller: in a container, psutil reports the host's memory)."""
@@ -144,21 +260,27 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"), sysfs: Path = Path("/sys
     return min(rooms) if rooms else None
 
 
-def check_fits(est: MemoryEstimate, budget: int, *, device: torch.device, dtype_is_full: bool,
-               samples: int, where: str) -> None:
-    """Raise a `GlueError` with concrete advice when ``est`` exceeds ``budget``."""
-    if est.total <= budget:
-        return
+def refuse(candidates: dict[str, Plan], budget: int, *, device: torch.device, dtype_is_full: bool, samples: int,
+           processes: int, where: str) -> None:
+    """Raise a `GlueError` naming the smallest allowed strategy's needs and concrete advice."""
+    plan = min(candidates.values(), key=lambda p: p.memory.total)
+    est = plan.memory
     advice = []
     if dtype_is_full:
         advice.append("--dtype bfloat16 (halves the expert copies; blending still accumulates in float32)")
-    if samples > 1:
+    if samples > 1 and est.blends > est.experts:
         advice.append("--spsa-samples 1 (fewer blended models per step)")
     if est.activations > est.total * 0.2:
         advice.append("a smaller --batch-size or --max-length (activations)")
-    advice.append("fewer experts, or a device with more memory (each process holds all experts)")
-    raise GlueError(f"this run needs about {est.describe()} but {where} has {human(budget)} on {device}: try "
-                    + "; ".join(advice) + ".")
+    if "on-the-fly" not in candidates:
+        advice.append("--blend on-the-fly (the experts and one layer; no whole blended models)")
+    if processes == 1:
+        advice.append("several processes with --shard (each holds 1/P of the experts)")
+    if device.type == "cuda" and "offload-cpu" not in candidates:
+        advice.append("--offload cpu or disk (the experts off the device)")
+    advice.append("fewer experts, or a device with more memory")
+    raise GlueError(f"this run needs about {est.describe()} ({plan.strategy}) but {where} has {human(budget)} on "
+                    f"{device} ({HEADROOM:.0%} usable): try " + "; ".join(advice) + ".")
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -73,21 +73,27 @@ class Expert:
             if (self.repo.path / f).is_file()
         }
 
-    def iter_tensors(self, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, names: Optional[set[str]] = None, rows: Optional[dict[str, tuple[int, int]]] = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, one weight file open at a time; refuses NaN/inf weights (they
-        would poison the blend at any coefficient, as 0·NaN is NaN)."""
-        for key, tensor in self._read_tensors(names):
+        would poison the blend at any coefficient, as 0·NaN is NaN). ``rows``: read only rows ``[start, stop)``
+        (dim 0) of the tensors it names (a process's shard)."""
+        for key, tensor in self._read_tensors(names, rows or {}):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise GlueError(f"expert {self.name!r}: tensor {key!r} holds NaN or inf values; refusing to merge "
                                 "it (check or re-export that checkpoint).")
             yield key, tensor
 
-    def _read_tensors(self, names: Optional[set[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read_tensors(self, names: Optional[set[str]], rows: dict[str, tuple[int, int]]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+        def cut(key: str, t: torch.Tensor) -> torch.Tensor:  # pickled / read-through checkpoints: whole, then cut
+            return t[rows[key][0]: rows[key][1]] if key in rows and t.dim() else t
+
         if self.loader is not None:
             state = self.loader()
             for key in self.tensors:
                 if names is None or key in names:
-                    yield key, state[key]
+                    yield key, cut(key, state[key])
             return
         by_file: dict[Path, list[str]] = {}
         for info in self.tensors.values():
@@ -97,11 +103,11 @@ class Expert:
             if file.suffix == ".safetensors":
                 with SafetensorsReader(file) as reader:
                     for key in keys:
-                        yield key, reader.read(key)
+                        yield key, reader.read(key, rows.get(key))
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 for key in keys:
-                    yield key, state[key]
+                    yield key, cut(key, state[key])
                 del state
 
 

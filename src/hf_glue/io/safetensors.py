@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -87,14 +87,21 @@ class SafetensorsReader:
         self.header, self.data_start = read_header(self.path)
         self.file = open(self.path, "rb")
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The tensor ``name``, or only its rows ``[start, stop)`` along dim 0 (one contiguous byte range: a
+        process of a sharded run reads its slice and nothing else)."""
         entry = self.header[name]
-        buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)  # uninitialised: no zero-fill first
-        if entry.end > entry.start:
-            self.file.seek(self.data_start + entry.start)
-            if self.file.readinto(buffer.numpy()) != entry.end - entry.start:
+        shape, lo, hi = entry.shape, entry.start, entry.end
+        if rows is not None and shape:
+            row_bytes = (hi - lo) // shape[0] if shape[0] else 0
+            lo, hi = lo + rows[0] * row_bytes, lo + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        buffer = torch.empty(hi - lo, dtype=torch.uint8)  # uninitialised: no zero-fill first
+        if hi > lo:
+            self.file.seek(self.data_start + lo)
+            if self.file.readinto(buffer.numpy()) != hi - lo:
                 raise SafetensorsError(f"{self.path.name}: tensor {name!r} is truncated")
-        return buffer.view(entry.dtype).reshape(entry.shape)
+        return buffer.view(entry.dtype).reshape(shape)
 
     def close(self) -> None:
         self.file.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.func import functional_call
@@ -27,6 +27,8 @@ class Objective:
         #: blended buffers (e.g. batch-norm running statistics) enter the model as constants: no gradient flows
         #: through them, and batch norm refuses running statistics that require one
         self._buffers = {name for name, _ in model.named_buffers()}
+        #: the engine's forward passes are collective (sharded): every process runs each one
+        self.lockstep = getattr(matrix, "lockstep", False)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.accelerator is not None and self.accelerator.num_processes > 1:
@@ -36,16 +38,19 @@ class Objective:
     def stats(self, alphas: torch.Tensor, batch: dict, exact: bool = False) -> list[dict[str, torch.Tensor]]:
         """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``);
         ``exact``: float32 α even where the search's blend rounds it to half precision (`ExpertMatrix.blend`)."""
-        # differentiable in alphas
-        params = self.matrix.blend(alphas.to(self.matrix.device, torch.float32), exact=exact)
-        return [self.params_stats(p, batch) for p in params]
+        # differentiable in alphas (the replicated engine)
+        models = self.matrix.models(alphas.to(self.matrix.device, torch.float32), exact=exact)
+        return [self.params_stats(params, batch) for params in models]
 
     def params_stats(self, params: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         """Local batch sums of the template model run with ``params`` (one forward pass)."""
         if torch.is_grad_enabled():
             params = {k: v.detach() if k in self._buffers else v for k, v in params.items()}
-        outputs = functional_call(self.model, params, args=(), kwargs=self.task.model_inputs(batch),
-                                  tie_weights=True, strict=False)
+        if params:
+            outputs = functional_call(self.model, params, args=(), kwargs=self.task.model_inputs(batch),
+                                      tie_weights=True, strict=False)
+        else:  # the engine formed θ(α) inside the model (sharded)
+            outputs = self.model(**self.task.model_inputs(batch))
         self.forward_passes += 1
         return self.task.batch_stats(outputs, batch)
 
@@ -53,11 +58,29 @@ class Objective:
     def losses(self, alphas: torch.Tensor, batch: dict, reduce: bool = True) -> torch.Tensor:
         """Mean loss of each blended model over the global batch (``reduce``: summed over processes) or over this
         process's batch: ``[M]``."""
+        if not reduce and self.lockstep and self.accelerator is not None and self.accelerator.num_processes > 1:
+            return self._own_losses(alphas, batch)
         stats = self.stats(alphas, batch)
         sums = torch.stack([s["loss_sum"] for s in stats] + [stats[0]["count"]])
         if reduce:
             sums = self._reduce(sums)
         return (sums[:-1] / sums[-1]).cpu()
+
+    def _own_losses(self, alphas: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Perturbation-parallel on a sharded model: every process holds part of each model, so no process can
+        run its own perturbations alone. All processes' coefficient sets are evaluated together, each on this
+        process's share of the (shared) batch; the summed losses are those of the whole batch. Returns this
+        process's ``[M]``, as an unsharded run would."""
+        acc = self.accelerator
+        alphas = alphas.unsqueeze(0) if alphas.dim() == 2 else alphas
+        every = acc.gather(alphas.to(acc.device, torch.float64).unsqueeze(0))  # [P, M, G, K], rank order
+        size = len(next(iter(batch.values())))
+        share = torch.arange(size).tensor_split(acc.num_processes)[acc.process_index]
+        mine = {k: v[share.to(v.device)] if torch.is_tensor(v) and v.dim() and len(v) == size else v
+                for k, v in batch.items()}
+        stats = self.stats(every.reshape(-1, *alphas.shape[1:]), mine)
+        sums = self._reduce(torch.stack([s["loss_sum"] for s in stats] + [stats[0]["count"]]))
+        return (sums[:-1] / sums[-1]).cpu().view(acc.num_processes, -1)[acc.process_index]
 
     def differentiable_loss(self, alpha: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         """This process's share of the global mean loss of θ(α) (differentiable), and the global mean value.
@@ -94,7 +117,9 @@ class Objective:
         (no padding), so the sums are combined once, after the loop."""
         totals: dict[str, float] = {}
         rows = 0
-        for batch in batches:
+        for batch in self._lockstep(batches, batch_stats) if self.lockstep else batches:
+            if batch is None:  # this process ran out of batches: a forward pass the others need, not counted
+                continue
             stats = batch_stats(batch)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -109,6 +134,23 @@ class Objective:
         metrics = {k: float(v) for k, v in self.task.finalize(totals).items()}
         metrics["samples"] = sum(part["rows"] for part in parts)
         return metrics
+
+    def _lockstep(self, batches: Iterable[dict], batch_stats) -> Iterator[Optional[dict]]:
+        """The batches, with every process running as many forward passes as the one holding the most: a process
+        short of batches re-runs its first, discards the result and yields None (not counted)."""
+        from ..errors import GlueError
+
+        mine = list(batches)
+        counts = self._gather_objects(len(mine))
+        if min(counts) == 0:
+            raise GlueError(f"the held-out split gives {counts} batches to the processes; a sharded run needs at "
+                            "least one each: use fewer processes or a smaller --eval-batch-size.")
+        for i in range(max(counts)):
+            if i < len(mine):
+                yield mine[i]
+            else:
+                batch_stats(mine[0])
+                yield None
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's rows of ``t`` in rank order (sizes may differ), on the CPU."""

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch.nn.functional as F
 
 from ..config import DataConfig
-from .base import Task, load_tokenizer, pick_column, register_task
+from .base import Task, load_tokenizer, pick_column, register_task, wide_sum
 
 TEXT_COLUMNS = ("text", "content", "document", "sentence", "code")
 
@@ -48,9 +48,9 @@ class CausalLM(Task):
         labels = batch["labels"][:, 1:]
         mask = labels != -100
         return {
-            "loss_sum": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                        reduction="sum"),
-            "count": mask.sum().float(),
+                        "loss_sum": wide_sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="none")),
+            "count": wide_sum(mask),
         }
 
     def compute_metrics(self, model_config: dict):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GlueError
-from .base import Task
+from .base import Task, wide_sum
 
 
 class ClassificationTask(Task):
@@ -20,9 +20,9 @@ class ClassificationTask(Task):
         logits = outputs.logits.float()
         labels = batch["labels"]
         return {
-            "loss_sum": F.cross_entropy(logits, labels, reduction="sum"),
-            "count": torch.tensor(float(labels.numel()), device=logits.device),
-            "correct": (logits.argmax(-1) == labels).sum().float(),
+            "loss_sum": wide_sum(F.cross_entropy(logits, labels, reduction="none")),
+            "count": wide_sum(torch.ones_like(labels)),
+            "correct": wide_sum(logits.argmax(-1) == labels),
         }
 
     def finalize(self, sums):

@@ -1,0 +1,135 @@
+"""Sharded search: each process holds its rows of every parameter (FSDP2's dim-0 chunk) for all K experts.
+
+Blending is elementwise, so a process blends its own shards with the replicated α straight into the
+FSDP-sharded template's local parameters: no weight crosses the network for the blend. FSDP gathers one block
+at a time in the forward and frees it after, so a process holds K·N·b/P of experts, N·b/P of model (the 2q
+models of a step are formed in it one after another) and the gathered blocks. Every process must run every
+forward pass (they are collective): `lockstep` tells `Objective` so.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from ..io.experts import Expert
+from .matrix import _FULL, CoefficientLayout, ExpertMatrix, exact_product, layout_slots
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, processes: int) -> None:
+    """FSDP2 (`fully_shard`) over all processes on the template (meta parameters): every block the model names
+    in ``_no_split_modules`` (the unit transformers and accelerate wrap), then the root; then local shards are
+    allocated on ``device`` and the template's buffers put back (``to_empty`` leaves them uninitialised)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device.type, (processes,))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in reversed(list(model.modules())):  # innermost first
+        if type(module).__name__ in blocks and module is not model and not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    # the root too: by default it keeps its gathered parameters after the forward, which would go stale when the
+    # next blend is written into the shards
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
+class ShardedMatrix(CoefficientLayout):
+    """The experts' shards of an FSDP-sharded template, blended in place into its local parameters."""
+
+    lockstep = True
+
+    def __init__(self, experts: Sequence[Expert], model: torch.nn.Module, granularity: str,
+                 dtype: Optional[torch.dtype], device: torch.device, process_index: int, processes: int) -> None:
+        self.model = model
+        self.expert_names = [e.name for e in experts]
+        self._device = torch.device(device)
+        self.half_mm = self._device.type == "cuda"
+        checkpoint = experts[0].tensors
+        canonical: dict[int, str] = {}
+        for name, tensor in model.named_parameters(remove_duplicate=False):
+            if name in checkpoint:
+                canonical.setdefault(id(tensor), name)
+        rows: dict[str, tuple[int, int]] = {}
+        targets: list[tuple[torch.nn.Parameter, str]] = []
+        for name, param in model.named_parameters():
+            key = canonical[id(param)]
+            first = param.shape[0]
+            chunk = -(-first // processes)  # torch.chunk's split, as FSDP2 shards dim 0
+            start = min(process_index * chunk, first)
+            rows[key] = (start, start + param.to_local().shape[0])
+            targets.append((param, key))
+        for name, tensor in model.named_parameters(remove_duplicate=False):  # a tied copy the checkpoint also holds
+            if name in checkpoint and name not in rows:
+                rows[name] = rows[canonical[id(tensor)]]
+        self.shards = ExpertMatrix.from_experts(experts, granularity, dtype=dtype, device=device, rows=rows)
+        self.groups, full = layout_slots(experts[0], granularity, dtype)
+        self.slots = full
+        self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
+        for slot in full.values():
+            self._group_sizes[slot.group] += slot.numel
+        buffers = dict(model.named_buffers())
+        self._targets = targets + [(buffers[n], n) for n in self.shards.slots if n in buffers]
+        self.constants: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, tensor in self.shards.constants.items():
+                if name in buffers:
+                    buffers[name].copy_(tensor)
+        self.offset = False
+        self.task_vectors = None
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        dtypes = {s.dtype for s in self.slots.values()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def expert_bytes(self) -> int:
+        return self.shards.expert_bytes()
+
+    def product_bytes(self) -> int:
+        return 0
+
+    def models(self, alphas: torch.Tensor, *, exact: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Writes each θ(α)'s shards into the template in turn; the caller runs it (on every process) meanwhile."""
+        alphas = alphas.unsqueeze(0) if alphas.dim() == 2 else alphas
+        for alpha in alphas.to(self._device, torch.float32):
+            self._write(alpha, exact)
+            yield {}
+
+    def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact θ(α), gathered whole into the main process's CPU memory (collective: every process calls it;
+        the others get an empty dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self._write(alpha.reshape(self.num_groups, self.num_experts).to(self._device, torch.float32), exact=True)
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def release(self, experts: bool = False) -> None:
+        if experts:
+            self.shards.release(experts=True)
+
+    def _write(self, alpha: torch.Tensor, exact: bool) -> None:
+        shards = self.shards
+        self.model.reshard()  # no gathered copy of an earlier blend may outlive it
+        with torch.no_grad():
+            for tensor, name in self._targets:
+                local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                if local.numel() == 0:
+                    continue
+                slot = shards.slots[name]
+                e = shards.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
+                a = alpha[slot.group: slot.group + 1]
+                direct = local.dtype == slot.dtype and local.is_contiguous()
+                out = local.view(1, -1) if direct else torch.empty(1, slot.numel, dtype=slot.dtype,
+                                                                   device=self._device)
+                if not exact and self.half_mm and slot.dtype not in _FULL:
+                    torch.mm(a.to(slot.dtype), e, out=out)
+                else:
+                    exact_product(a, e, out)
+                if not direct:
+                    local.copy_(out.view(local.shape))
