@@ -61,3 +61,130 @@ def test_on_the_fly_per_block_coefficients(request):
     _, ref, _ = _losses(request, "causal-lm", "block", blend="materialized")
     _, losses, _ = _losses(request, "causal-lm", "block", blend="on-the-fly")
     assert torch.allclose(losses, ref, atol=1e-5, rtol=0)
+
+
+#: meta-llama/Llama-2-7b-hf's config.json (no weights needed: the model is built on the meta device)
+LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+            "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008,
+            "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+            "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True,
+            "vocab_size": 32000}
+LLAMA_7B_PARAMETERS = 6_738_415_616  # as published
+
+
+def _config_only_experts(tmp_path, config: dict, k: int = 4) -> list[str]:
+    paths = []
+    for i in range(k):
+        (tmp_path / f"e{i}").mkdir()
+        (tmp_path / f"e{i}" / "config.json").write_text(json.dumps(config))
+        paths.append(str(tmp_path / f"e{i}"))
+    return paths
+
+
+def test_estimate_of_four_7b_experts_matches_the_arithmetic(tmp_path):
+    """K = 4 Llama-7B experts in bfloat16 (N·b = 13.5 GB each) under --max-memory 80GiB: the replicated search,
+    (K + 2q)·N·b = 75 GiB, leaves no headroom and is passed over for on-the-fly (K·N·b) on one GPU and for the
+    sharded search ((K + 2q)·N·b / P at most) on 8."""
+    from hf_glue.config import EstimateConfig
+    from hf_glue.plan import estimate_merge
+
+    ids = _config_only_experts(tmp_path, LLAMA_7B)
+    experts = ExpertsConfig(experts=ids, dtype="bfloat16", max_memory="80GiB")
+    one = estimate_merge(experts, EstimateConfig(device="cuda"))
+    n, b, k, q = LLAMA_7B_PARAMETERS, 2, 4, 1
+    assert one["parameters"] == n and one["source"] == "config" and one["expert_bytes"] == n * b
+    s = one["strategies"]
+
+    def near(got, want):
+        return abs(got - want) <= 0.1 * want
+
+    assert near(s["replicated"]["total"], (k + 2 * q) * n * b) and not s["replicated"]["fits"]
+    assert near(s["on-the-fly"]["total"], k * n * b) and s["on-the-fly"]["fits"]
+    assert s["offload-cpu"]["host"] == k * n * b and s["offload-cpu"]["total"] < 0.1 * k * n * b
+    assert s["on-the-fly"]["moved"] == s["offload-disk"]["moved"] == 2 * q * k * n * b  # every forward reads K
+    assert "sharded" not in s and one["chosen"] == "on-the-fly"
+    eight = estimate_merge(experts, EstimateConfig(device="cuda", num_processes=8))
+    sharded = eight["strategies"]["sharded"]
+    assert sharded["experts"] == -(-k * n * b // 8) and sharded["total"] <= (k + 2 * q) * n * b / 8 * 1.1
+    assert sharded["moved"] == 2 * q * n * b * 7 // 8  # all-gathers: each process receives 7/8 of each model
+    assert eight["chosen"] == "sharded"
+    bigger = estimate_merge(ExpertsConfig(experts=ids, dtype="bfloat16", max_memory="200GiB"),
+                            EstimateConfig(device="cuda"))
+    assert bigger["chosen"] == "replicated"  # the fastest, where it fits
+
+
+def test_estimate_command_prints_every_strategy_and_the_choice(tmp_path):
+    ids = _config_only_experts(tmp_path, LLAMA_7B)
+    proc = run_cli("estimate", "--experts", *ids, "--dtype", "bfloat16", "--max-memory", "80GiB", "--device", "cuda",
+                   "--num-processes", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
+    for name in ("replicated", "sharded", "on-the-fly", "offload-cpu", "offload-disk"):
+        assert name in rows
+    assert rows["replicated"].rstrip().endswith("no") and "6.74 B parameters" in proc.stdout
+    assert "merge would use: sharded (--shard)" in proc.stdout
+    assert not list(tmp_path.glob("e0/*.safetensors"))  # nothing downloaded or written
+
+
+def test_merge_picks_on_the_fly_when_the_replicated_search_does_not_fit(cls_experts, tmp_path):
+    """Under a budget between the two estimates, merge blends on the fly (and says so), with the materialised
+    run's coefficients and weights."""
+    from hf_glue.engine.memory import HEADROOM
+    from hf_glue.io.experts import expert_from_repo, fetch_weights, resolve_repos
+    from hf_glue.pipeline import memory_plans
+    from hf_glue.tasks.base import fit_max_length
+
+    ids = cls_experts["ids"]
+    common = ["merge", "--experts", *ids, "--dataset", "org/target", "--steps", "6", "--spsa-samples", "2",
+              "--batch-size", "16", "--cpu"]
+    experts = [expert_from_repo(r) for r in resolve_repos(ids)]
+    fetch_weights(experts)
+    glue = GlueConfig(steps=6, spsa_samples=2, batch_size=16)
+    data = fit_max_length(DataConfig(dataset="org/target"), experts[0].config)
+    plans = memory_plans(experts, ExpertsConfig(experts=ids), data, glue, 1)
+    low, high = plans["on-the-fly"].memory.total, plans["replicated"].memory.total
+    budget = int((low + high) / 2 / HEADROOM)
+    auto = run_cli(*common, "--max-memory", str(budget), "--output-dir", str(tmp_path / "auto"))
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "using the on-the-fly strategy" in auto.stderr
+    whole = run_cli(*common, "--blend", "materialized", "--output-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = json.loads((tmp_path / "auto" / "merge_result.json").read_text())
+    b = json.loads((tmp_path / "whole" / "merge_result.json").read_text())
+    assert a["details"]["memory"]["strategy"] == "on-the-fly" and b["details"]["memory"]["strategy"] == "replicated"
+    for name in a["coefficients"]:
+        assert a["coefficients"][name] == pytest.approx(b["coefficients"][name], abs=1e-9)
+    x, y = load_file(tmp_path / "auto" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
+    refused = run_cli(*common, "--blend", "materialized", "--max-memory", str(budget), "--output-dir",
+                      str(tmp_path / "refused"))
+    assert_refused(refused, ["needs about", "(replicated)", "--blend on-the-fly"], tmp_path / "refused")
+
+
+REFUSALS = {
+    "shard_one_process": (["--shard"], ["--shard splits the experts across processes", "torchrun"]),
+    "offload_materialized": (["--offload", "disk", "--blend", "materialized"], ["--offload disk", "--blend on-the-fly"]),
+    "shard_and_on_the_fly": (["--shard", "--blend", "on-the-fly"], ["pick one"]),
+    "full_gradient_on_the_fly": (["--method", "full-gradient", "--blend", "on-the-fly"],
+                                 ["on-the-fly strategy is not available", "full-gradient"]),
+    "ties_from_disk": (["--combine", "ties", "--base-model", "org/base", "--offload", "disk"],
+                       ["offload-disk strategy is not available", "TIES/DARE"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_strategy_flags_that_cannot_work_are_refused_before_loading(case, cls_experts, tmp_path):
+    flags, needles = REFUSALS[case]
+    out = tmp_path / "out"
+    proc = run_cli("merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--output-dir", str(out),
+                   *flags)
+    assert_refused(proc, needles, out)
+    assert "SPSA" not in proc.stderr
+
+
+def test_adapters_refuse_full_model_strategies(lora_experts, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"], "--output-dir",
+                   str(out), "--blend", "on-the-fly")
+    assert_refused(proc, ["LoRA adapters blend as low-rank branches", "--blend on-the-fly"], out)

@@ -74,6 +74,7 @@ BOUNDS: dict[str, Bound] = {
     "finetune_epochs": _NON_NEGATIVE,
     "learning_rate": _POSITIVE,
     "per_device_train_batch_size": _COUNT,
+    "num_processes": _COUNT,
 }
 
 
@@ -464,6 +465,41 @@ class BlendConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_size("--max-shard-size", self.max_shard_size)
+
+
+def _glue_default(name: str):
+    return GlueConfig.__dataclass_fields__[name].default
+
+
+@dataclass
+class EstimateConfig:
+    """What `hf-glue estimate` plans for: the launch, and the search's batches and blended models per step."""
+
+    num_processes: int = field(
+        default=1, metadata={"help": "Processes the merge will run on (torchrun --nproc_per_node N, accelerate "
+                             "launch --num_processes N; all nodes together)."})
+    device: Literal["auto", "cuda", "cpu"] = field(
+        default="auto", metadata={"help": "The device kind to plan for (auto: a GPU if this machine has one); with "
+                                  "--max-memory you can plan for a machine you are not on."})
+    method: str = field(default=_glue_default("method"), metadata={"help": "The merge method (see `merge --help`)."})
+    batch_size: int = field(default=_glue_default("batch_size"), metadata={"help": "Global batch size per step."})
+    eval_batch_size: int = field(default=_glue_default("eval_batch_size"),
+                                 metadata={"help": "Batch size for held-out evaluation."})
+    max_length: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per row (default: 128, or the experts' number of positions)."})
+    spsa_samples: int = field(default=_glue_default("spsa_samples"),
+                              metadata={"help": "Perturbations per SPSA step (q): 2q blended models per step."})
+    parallel: Literal["data", "perturbation"] = field(
+        default=_glue_default("parallel"), metadata={"help": "How processes share a step (see `merge --help`)."})
+    combine: Optional[Literal["task-arithmetic", "ties", "dare", "dare-ties"]] = field(
+        default=None, metadata={"help": "Task vectors over --base-model: one more row (the base) is held."})
+    json: bool = field(default=False, metadata={"help": "Print the estimate as JSON."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.batch_size % self.num_processes or self.eval_batch_size % self.num_processes:
+            raise GlueError(f"--batch-size {self.batch_size} and --eval-batch-size {self.eval_batch_size} must be "
+                            f"divisible by --num-processes {self.num_processes}.")
 
 
 @dataclass

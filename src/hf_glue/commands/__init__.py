@@ -18,7 +18,7 @@ from types import ModuleType
 
 #: the subcommands; each is a module with HELP, DESCRIPTION, CONFIGS, run(args, parser) and optionally
 #: add_arguments(parser), imported when the parser is built (``--version`` needs none of them, nor transformers)
-COMMANDS = ("merge", "compare", "blend", "push", "card")
+COMMANDS = ("merge", "compare", "blend", "estimate", "push", "card")
 
 
 def command(name: str) -> ModuleType:

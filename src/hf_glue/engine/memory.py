@@ -206,7 +206,7 @@ def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_st
     staged = MemoryEstimate(num_experts * layout.module, layout.module, 0, activations)
     out["offload-cpu"] = Plan("offload-cpu", staged, host=num_experts * n_bytes, moved=streamed, link="host → device")
     out["offload-disk"] = Plan("offload-disk", staged, moved=streamed, link="disk → device")
-    return out
+    return {name: out[name] for name in STRATEGIES if name in out}
 
 
 def choose(candidates: dict[str, Plan], budget: int, host_budget: Optional[int] = None,

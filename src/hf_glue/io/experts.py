@@ -250,6 +250,30 @@ def fetch_weights(experts: Sequence[Expert], allow_pickle: bool = False) -> None
                         where="in its weight files")
 
 
+def index_without_weights(expert: Expert, model_class, trust_remote_code: bool = False) -> str:
+    """Fill ``expert.tensors`` without downloading a weight: from the headers of safetensors files already on disk
+    (a local folder, or a cached snapshot), else from the model built on the meta device from its config.json in
+    the dtype the config names. Returns where they came from: ``"headers"`` or ``"config"``."""
+    files = _weight_files(expert.repo.path, ".safetensors", "model.safetensors.index.json", "model.safetensors")
+    if files and all(f.is_file() for f in files):
+        expert.tensors = _index_files(files, expert.name)
+        return "headers"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(expert.repo.path, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = model_class.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    infos, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # tied weights: stored once
+            seen.add(id(tensor))
+            infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, expert.repo.path / "model.safetensors")
+    expert.tensors = infos
+    return "config"
+
+
 def _weight_files(path: Path, suffix: str, index_name: str, single_name: str) -> list[Path]:
     index = path / index_name
     if index.is_file():
