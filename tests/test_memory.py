@@ -68,7 +68,7 @@ def rss():
 
 glue, data = GlueConfig(batch_size=16, spsa_samples=1000), DataConfig(dataset="org/target")
 prep = pipeline.prepare(ExpertsConfig(experts=sys.argv[1:], cpu=True), data, glue)
-est = pipeline.check_memory(prep.experts, prep.experts_config, prep.data_config, glue, prep.accelerator)
+est = pipeline.check_memory(prep.experts, prep.experts_config, prep.data_config, glue, prep.accelerator).memory
 batch, m = next(pipeline.batch_iterator(prep, glue)), 2 * glue.spsa_samples
 prep.objective.losses(torch.full((2, 1, len(sys.argv) - 1), 0.5), batch)
 before = rss()
@@ -95,13 +95,14 @@ def test_estimate_covers_the_perturbed_models_of_a_step(cls_experts, tmp_path):
 
 
 def test_huge_spsa_samples_are_refused_before_loading(cls_experts, tmp_path):
-    """2q = 200000 blended models of the tiny experts need ~23 GB (17 GB of weights): refused under 20 GB."""
+    """2q = 200000 materialised blended models of the tiny experts need ~23 GB (17 GB of weights): refused under
+    20 GB, with the on-the-fly blend (which auto would pick) among the advice."""
     out = tmp_path / "out"
     proc = run_cli("merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--output-dir", str(out),
-                   "--spsa-samples", "100000", "--max-memory", "20GB")
+                   "--spsa-samples", "100000", "--max-memory", "20GB", "--blend", "materialized")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = next(l for l in proc.stderr.splitlines() if "error:" in l)
-    assert "needs about" in line and "--spsa-samples 1" in line
+    assert "needs about" in line and "--spsa-samples 1" in line and "--blend on-the-fly" in line
     assert "Tokenizing" not in proc.stderr and not out.exists()
 
 
@@ -187,7 +188,7 @@ pipeline.run_merge(ExpertsConfig(experts=[f"{root}/e{i}" for i in range(k)], cpu
                    GlueConfig(method=method, steps=2, batch_size=8, eval_batch_size=8, calibration_samples=1),
                    OutputConfig(output_dir=f"{root}/out-{method}"))
 peak = memory.peak_memory_bytes(cpu) - seen["baseline"]
-print(json.dumps({"method": method, "peak": peak, "estimate": seen["estimate"].total}))
+print(json.dumps({"method": method, "peak": peak, "estimate": seen["estimate"].memory.total}))
 """
 
 

@@ -21,6 +21,7 @@ _EXPORTS = {
     "BlendConfig": ".config",
     "CompareConfig": ".config",
     "DataConfig": ".config",
+    "EstimateConfig": ".config",
     "ExpertsConfig": ".config",
     "FinetuneConfig": ".config",
     "GlueConfig": ".config",
@@ -28,12 +29,14 @@ _EXPORTS = {
     "PushConfig": ".config",
     "GlueError": ".errors",
     "MergeResult": ".report.result",
+    "estimate_merge": ".plan",
 }
 
 __all__ = [
     "BlendConfig",
     "CompareConfig",
     "DataConfig",
+    "EstimateConfig",
     "ExpertsConfig",
     "FinetuneConfig",
     "GlueCallback",
@@ -43,6 +46,7 @@ __all__ = [
     "OutputConfig",
     "PushConfig",
     "__version__",
+    "estimate_merge",
     "merge_experts",
 ]
 

@@ -170,10 +170,33 @@ def prepare(
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, experts[0].config)
-    model, matrix = build_engine(plan.strategy, experts, base, task, experts_config, glue_config, accelerator)
+    model, matrix = on_every_process(accelerator, lambda: build_engine(
+        plan.strategy, experts, base, task, experts_config, glue_config, accelerator))
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config, base=base, kind="task-vectors" if base else "full", plan=plan)
+
+
+def on_every_process(accelerator, build):
+    """``build()`` on every process, failing on all of them when it fails on one: a process left waiting in the
+    search's first collective (a NaN in another's shard, one device out of memory) would hang."""
+    error = None
+    try:
+        result = build()
+    except (GlueError, torch.cuda.OutOfMemoryError) as err:
+        error, result = err, None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failed = [e for e in gather_object([None if error is None else f"process {accelerator.process_index}: "
+                                            f"{error}"]) if e]
+        if failed and error is None:
+            raise GlueError(failed[0])
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        raise GlueError(f"out of memory while loading the experts ({error}); see `hf-glue estimate`.") from None
+    if error is not None:
+        raise error
+    return result
 
 
 def excluded_strategies(experts: list[Expert], experts_config: ExpertsConfig, glue_config: GlueConfig,
@@ -188,11 +211,16 @@ def excluded_strategies(experts: list[Expert], experts_config: ExpertsConfig, gl
         out["sharded"] = "the blend is fine-tuned after the search on one device (fine-tune a sharded model with " \
                          "your own FSDP Trainer setup from the saved blend)"
     if glue_config.combine:
-        out["sharded"] = "TIES/DARE process whole tensors (trim, election, masks)"
-        out["offload-disk"] = "TIES/DARE task vectors are processed once, in memory"
+        out["sharded"] = "--combine builds task vectors from whole tensors before the search (TIES/DARE trim, " \
+                         "elect and mask them), and is not sharded yet"
+        out["offload-disk"] = "--combine's task vectors are processed once, in memory"
     if any(e.loader is not None or any(i.file.suffix != ".safetensors" for i in e.tensors.values())
            for e in experts):
         out["offload-disk"] = "an expert is pickled or read through transformers, not plain safetensors"
+    if any(e.loader is not None for e in experts):
+        out["sharded"] = "an expert is read through transformers, whole, by every process"
+    if experts and any(not i.shape for i in experts[0].tensors.values() if i.dtype.is_floating_point):
+        out["sharded"] = "a scalar tensor in the checkpoint cannot be split across processes"
     return out
 
 
@@ -207,7 +235,7 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
     """The template model and the blending engine for ``strategy``: the expert matrix on the device (replicated);
     shards of it in an FSDP-sharded template (sharded); or on the device, in CPU memory or in the files, blended
     layer by layer inside the template (on-the-fly, offload-cpu, offload-disk)."""
-    from .engine.onthefly import FileStore, OnTheFlyMatrix
+    from .engine.onthefly import FileStore, OnTheFlyMatrix, pin_in_place
     from .engine.sharded import ShardedMatrix, shard_model
 
     dtype = torch_dtype(experts_config.dtype)
@@ -221,17 +249,19 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
     if strategy == "offload-disk":
         return model, OnTheFlyMatrix(FileStore(experts, granularity, dtype), model, device)
     where = torch.device("cpu") if strategy == "offload-cpu" else device
-    pin = strategy == "offload-cpu" and device.type == "cuda"
     if base is not None:
         start = glue_config.weights if glue_config.method == "weights" else \
             initial_alpha(glue_config, 1, len(experts))[0].tolist()
         store = ExpertMatrix.from_task_vectors(
             experts, base, glue_config.combine, density=glue_config.density, weights=start, seed=glue_config.seed,
-            granularity=granularity, dtype=dtype, device=where, pin_memory=pin)
+            granularity=granularity, dtype=dtype, device=where)
     else:
-        store = ExpertMatrix.from_experts(experts, granularity, dtype=dtype, device=where, pin_memory=pin)
+        store = ExpertMatrix.from_experts(experts, granularity, dtype=dtype, device=where)
     if strategy == "replicated":
         return model, store
+    if strategy == "offload-cpu" and device.type == "cuda":
+        for buffer in store.buffers.values():
+            pin_in_place(buffer)
     return model, OnTheFlyMatrix(store, model, device)
 
 
@@ -319,6 +349,7 @@ def memory_plans(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         sequence_length=data_config.max_length,
         processes=processes,
         backward=glue_config.method == "full-gradient",
+        perturbation=glue_config.parallel == "perturbation",
     )
     if not blends:
         lora = plans.pop("replicated")
@@ -368,12 +399,17 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         name = allowed[0]
         raise GlueError(f"the {name} strategy is not available for this run: {exclude.get(name, 'not planned')}.")
     budget, host_budget = memory_budgets(experts_config.max_memory, device)
+    if processes > 1:  # the smallest on any process: every process must pick the same strategy
+        from accelerate.utils import gather_object
+
+        budgets = gather_object([(budget, host_budget)])
+        budget, host_budget = min(b for b, _ in budgets), min(h for _, h in budgets)
     plan = memory.choose(candidates, budget, host_budget, device.type)
     if plan is None:
         dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in experts[0].tensors.values()
                   if i.dtype.is_floating_point}
         memory.refuse(candidates, budget, device=device, dtype_is_full=dtypes == {torch.float32},
-                      samples=glue_config.spsa_samples, processes=processes,
+                      samples=glue_config.spsa_samples, processes=processes, excluded=set(exclude),
                       where="--max-memory" if experts_config.max_memory else "the device")
     if plan.strategy not in ("replicated", "lora") and len(allowed) > 1 and accelerator.is_main_process:
         logger.warning("memory: the replicated search needs about %s, more than %.0f %% of %s; using the %s "

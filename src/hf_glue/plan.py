@@ -20,6 +20,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     each strategy's figures (bytes), the budget and the strategy chosen (None when nothing fits)."""
     from .io.adapters import is_adapter
     from .io.experts import check_compatible, expert_from_repo, index_without_weights, resolve_experts, resolve_repos
+    from .methods import get_method
     from .pipeline import excluded_strategies, memory_budgets, memory_plans, requested_strategies
     from .tasks import detect_task
     from .tasks.base import fit_max_length
@@ -78,7 +79,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
         "headroom": memory.HEADROOM,
         "batch_per_process": glue.batch_size // processes if glue.parallel == "data" else glue.batch_size,
         "sequence_length": data.max_length,
-        "models_per_step": 2 * glue.spsa_samples,
+        "models_per_step": get_method(glue.method).models_per_step(glue),
         "strategies": {n: {**dataclasses.asdict(p.memory), "total": p.memory.total, "host": p.host, "moved": p.moved,
                            "link": p.link, "fits": p.fits(budget, host), "flags": FLAGS[n],
                            "unavailable": exclude.get(n) or (None if n in allowed else "not allowed by the flags")}

@@ -85,6 +85,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"hf-glue {name}: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Shut down torch.distributed (where a multi-process run started it) before the interpreter exits: left
+    to exit handlers, gloo's threads can abort the process after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

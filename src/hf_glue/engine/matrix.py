@@ -45,6 +45,20 @@ def group_of(name: str, granularity: str) -> str:
     return "head"
 
 
+_BLOCK_NAME = re.compile(r"^(.*\.)?\d+$")
+
+
+def layer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's outermost numbered modules (transformer layers, ResNet stages), the blocks `group_of` names:
+    on-the-fly blending forms one at a time and FSDP gathers one at a time. Everything else (embeddings, heads,
+    final norms) belongs to the root."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():  # pre-order: a block before its children
+        if _BLOCK_NAME.match(name) and not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where one tensor lives: its dtype buffer, group and column range."""
@@ -127,6 +141,18 @@ class CoefficientLayout:
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype a model holding the blend uses: the experts' one float dtype, float32 when they mix several."""
+        dtypes = {s.dtype for s in self.slots.values()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def _count_groups(self, slots) -> None:
+        """Group sizes from ``slots`` (whole tensors: a sharded engine counts the model's, not its shards)."""
+        self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
+        for slot in slots:
+            self._group_sizes[slot.group] += slot.numel
+
     def group_sizes(self) -> torch.Tensor:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
         return self._group_sizes
@@ -173,9 +199,7 @@ class ExpertMatrix(CoefficientLayout):
         self.segments: dict[torch.dtype, dict[int, list[Slot]]] = {dt: {} for dt in buffers}
         for slot in sorted(slots.values(), key=lambda sl: sl.offset):
             self.segments[slot.dtype].setdefault(slot.group, []).append(slot)
-        self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
-        for slot in slots.values():
-            self._group_sizes[slot.group] += slot.numel
+        self._count_groups(slots.values())
         # the no-grad products: one buffer per (dtype, group) segment with room for ``_rows`` models, and the
         # name → view dict of every row, built once per allocation
         self._outputs: dict[tuple[torch.dtype, int], torch.Tensor] = {}
@@ -184,12 +208,6 @@ class ExpertMatrix(CoefficientLayout):
         self.offset = False
         #: task vectors: how they were processed (method, density, election weights, seed), for the result
         self.task_vectors: Optional[dict] = None
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        """The dtype a model holding the blend uses: the experts' one float dtype, float32 when they mix several."""
-        dtypes = {s.dtype for s in self.slots.values()}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     def expert_bytes(self) -> int:
         """Bytes of the expert rows this process holds (all of them, or its shards)."""
@@ -207,17 +225,14 @@ class ExpertMatrix(CoefficientLayout):
         dtype: Optional[torch.dtype] = None,
         device: torch.device | str = "cpu",
         rows: Optional[dict[str, tuple[int, int]]] = None,
-        pin_memory: bool = False,
     ) -> "ExpertMatrix":
         """Stream every expert's tensors into the matrices; non-float tensors are taken from the first expert.
-        ``rows``: hold only rows ``[start, stop)`` (dim 0) of the tensors it names (a process's shards);
-        ``pin_memory``: page-locked CPU rows, copied to a GPU asynchronously (``--offload cpu``)."""
+        ``rows``: hold only rows ``[start, stop)`` (dim 0) of the tensors it names (a process's shards)."""
         group_names, slots = layout_slots(experts[0], granularity, dtype, rows)
         sizes: dict[torch.dtype, int] = {}
         for slot in slots.values():
             sizes[slot.dtype] = max(sizes.get(slot.dtype, 0), slot.offset + slot.numel)
-        buffers = {dt: torch.empty(len(experts), n, dtype=dt, device=device, pin_memory=pin_memory)
-                   for dt, n in sizes.items()}
+        buffers = {dt: torch.empty(len(experts), n, dtype=dt, device=device) for dt, n in sizes.items()}
         constants: dict[str, torch.Tensor] = {}
         for k, expert in enumerate(experts):
             # the first expert is read once for both its floats and the non-float tensors kept as they are
@@ -242,7 +257,6 @@ class ExpertMatrix(CoefficientLayout):
         granularity: str = "model",
         dtype: Optional[torch.dtype] = None,
         device: torch.device | str = "cpu",
-        pin_memory: bool = False,
     ) -> "ExpertMatrix":
         """θ(λ) = θ_base + Σ_k λ_k τ̂_k as one product: rows 0…K−1 hold the experts' processed task vectors
         τ̂_k (`task_vectors.process_deltas` of θ_k − θ_base: ``method``, ``density``, sign election with
@@ -250,7 +264,7 @@ class ExpertMatrix(CoefficientLayout):
         mask is drawn from a generator seeded by (``seed``, tensor name): the same on every process."""
         from .task_vectors import tensor_task_vectors
 
-        matrix = cls.from_experts([*experts, base], granularity, dtype=dtype, device=device, pin_memory=pin_memory)
+        matrix = cls.from_experts([*experts, base], granularity, dtype=dtype, device=device)
         k = len(experts)
         for slot in matrix.slots.values():
             cols = matrix.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
@@ -359,10 +373,21 @@ class ExpertMatrix(CoefficientLayout):
 
     def _product(self, a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
         """``out[M, n] = a[M, K] @ e[K, n]``, in the search's precision (see the module docstring)."""
-        if e.dtype not in _FULL and self.half_mm:
-            torch.mm(a.to(e.dtype), e, out=out)
-        else:
-            exact_product(a, e, out)
+        search_product(a, e, out, half=self.half_mm)
+
+
+#: cuBLAS takes a matrix's leading dimension as a 32-bit int
+_INT_MAX = 2**31 - 1
+
+
+def search_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor, *, half: bool) -> None:
+    """``out[M, n] = a[M, K] @ e[K, n]`` in the search's precision: with ``half`` (CUDA's hot path) one product in
+    the experts' half dtype, α rounded to it, where cuBLAS can take e's row stride (a column range of a K × N
+    matrix with N ≥ 2³¹ is not); else `exact_product`."""
+    if half and e.dtype not in _FULL and e.stride(0) <= _INT_MAX:
+        torch.mm(a.to(e.dtype), e, out=out)
+    else:
+        exact_product(a, e, out)
 
 
 def exact_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:

@@ -132,57 +132,56 @@ class Plan:
 
 @dataclass(frozen=True)
 class Layout:
-    """What the strategies' arithmetic needs from a checkpoint's tensors (headers or a meta model): bytes of
-    all blended tensors, of the largest module's own tensors (on the fly: one at a time), of the largest
-    numbered block (sharded: FSDP gathers one and prefetches the next) and of the tensors outside blocks
-    (embeddings, head: gathered with the root)."""
+    """What the strategies' arithmetic needs from a checkpoint's tensors (headers or a meta model): bytes of all
+    blended tensors, of the largest block (`matrix.layer_blocks`: formed or gathered one at a time), of the
+    tensors outside blocks (embeddings, heads: formed or gathered with the root, for the whole forward) and of
+    the largest tensor (offloaded: its K rows are copied over at once)."""
 
     elements: dict
     total: int
-    module: int
     block: int
     outside: int
+    tensor: int
     tensors: int
 
     @classmethod
     def of(cls, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], dtype: Optional[torch.dtype] = None
            ) -> "Layout":
         """From ``name → (shape, dtype)`` of a checkpoint's floating tensors; ``dtype`` overrides theirs."""
+        from .matrix import _LAYER_INDEX
+
         elements: dict[torch.dtype, int] = {}
-        modules: dict[str, int] = {}
         blocks: dict[str, int] = {}
-        outside = 0
+        outside = largest = total = 0
         for name, (shape, dt) in shapes.items():
             dt = dtype or dt
             n = math.prod(shape)
             nbytes = n * torch.empty((), dtype=dt).element_size()
             elements[dt] = elements.get(dt, 0) + n
-            module = name.rsplit(".", 1)[0]
-            modules[module] = modules.get(module, 0) + nbytes
-            match = _BLOCK.match(name)
+            total += nbytes
+            largest = max(largest, nbytes)
+            match = _LAYER_INDEX.match(name)
             if match:
                 blocks[match.group(1)] = blocks.get(match.group(1), 0) + nbytes
             else:
                 outside += nbytes
-        total = sum(modules.values())
-        return cls(elements, total, max(modules.values(), default=0), max(blocks.values(), default=0), outside,
-                   len(shapes))
-
-
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+        return cls(elements, total, max(blocks.values(), default=0), outside, largest, len(shapes))
 
 
 def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_step: int, batch_per_process: int,
-          sequence_length: int, processes: int = 1, backward: bool = False) -> dict[str, Plan]:
+          sequence_length: int, processes: int = 1, backward: bool = False, perturbation: bool = False
+          ) -> dict[str, Plan]:
     """Every strategy's memory per device and traffic per SPSA step (M = ``models_per_step`` blended models of
     N·b, K = ``num_experts`` rows, P = ``processes``):
 
     - replicated: K·N·b + M·N·b on every device; the blend reads K·N·b and writes M·N·b of device memory.
-    - on-the-fly: K·N·b + one module's blend; each of the M forward passes reads the K experts (M·K·N·b).
+    - on-the-fly: K·N·b + one block's blend + the tensors outside blocks; each of the M forward passes reads
+      the K experts (M·K·N·b).
     - sharded: K·N·b/P + the model's own shard N·b/P (the M models are formed in it one after another) + the
-      gathered tensors (two blocks and those outside blocks); each forward all-gathers (P−1)/P·N·b per process.
-    - offload-cpu / offload-disk: one module of K experts on the device, the experts in CPU memory or their
-      files; M·K·N·b cross to the device per step.
+      gathered tensors (two blocks, FSDP prefetching the next, and those outside blocks); each forward
+      all-gathers (P−1)/P·N·b per process, and with ``perturbation`` every process runs all P·M models.
+    - offload-cpu / offload-disk: as on-the-fly, with the experts in CPU memory or their files and one tensor's K
+      rows on the device at a time; M·K·N·b cross to the device per step.
     ``backward`` (full-gradient) keeps every layer and a gradient: only replicated applies.
     """
     n_bytes = layout.total
@@ -194,16 +193,18 @@ def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_st
     if backward:
         return out
     activations = replicated.activations
+    formed = layout.block + layout.outside
     streamed = models_per_step * num_experts * n_bytes
-    out["on-the-fly"] = Plan("on-the-fly", MemoryEstimate(num_experts * n_bytes, layout.module, 0, activations),
+    out["on-the-fly"] = Plan("on-the-fly", MemoryEstimate(num_experts * n_bytes, formed, 0, activations),
                              moved=streamed)
     if processes > 1:
         gathered = 2 * layout.block + layout.outside
+        forwards = models_per_step * (processes if perturbation else 1)
         out["sharded"] = Plan(
             "sharded", MemoryEstimate(-(-num_experts * n_bytes // processes), -(-n_bytes // processes) + gathered, 0,
                                       activations),
-            moved=models_per_step * n_bytes * (processes - 1) // processes, link="network (all-gather)")
-    staged = MemoryEstimate(num_experts * layout.module, layout.module, 0, activations)
+            moved=forwards * n_bytes * (processes - 1) // processes, link="network (all-gather)")
+    staged = MemoryEstimate(num_experts * layout.tensor, formed, 0, activations)
     out["offload-cpu"] = Plan("offload-cpu", staged, host=num_experts * n_bytes, moved=streamed, link="host → device")
     out["offload-disk"] = Plan("offload-disk", staged, moved=streamed, link="disk → device")
     return {name: out[name] for name in STRATEGIES if name in out}
@@ -213,7 +214,7 @@ def choose(candidates: dict[str, Plan], budget: int, host_budget: Optional[int] 
            device_type: str = "cuda") -> Optional[Plan]:
     """The fastest strategy that fits: replicated, sharded, on-the-fly, offloaded to CPU memory (where the device
     is the CPU itself, that is on-the-fly), offloaded to disk; None when none does."""
-    for name in STRATEGIES:
+    for name in [*STRATEGIES, *(n for n in candidates if n not in STRATEGIES)]:  # lora: the only one for adapters
         plan = candidates.get(name)
         if plan is None or (name == "offload-cpu" and device_type == "cpu" and "on-the-fly" in candidates):
             continue
@@ -261,8 +262,9 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"), sysfs: Path = Path("/sys
 
 
 def refuse(candidates: dict[str, Plan], budget: int, *, device: torch.device, dtype_is_full: bool, samples: int,
-           processes: int, where: str) -> None:
-    """Raise a `GlueError` naming the smallest allowed strategy's needs and concrete advice."""
+           processes: int, where: str, excluded: set = frozenset()) -> None:
+    """Raise a `GlueError` naming the smallest allowed strategy's needs and concrete advice (never a strategy
+    this run cannot use: ``excluded``)."""
     plan = min(candidates.values(), key=lambda p: p.memory.total)
     est = plan.memory
     advice = []
@@ -272,11 +274,14 @@ def refuse(candidates: dict[str, Plan], budget: int, *, device: torch.device, dt
         advice.append("--spsa-samples 1 (fewer blended models per step)")
     if est.activations > est.total * 0.2:
         advice.append("a smaller --batch-size or --max-length (activations)")
-    if "on-the-fly" not in candidates:
-        advice.append("--blend on-the-fly (the experts and one layer; no whole blended models)")
-    if processes == 1:
+    def open_(name: str) -> bool:  # a strategy the flags ruled out but this run could use
+        return "lora" not in candidates and name not in candidates and name not in excluded
+
+    if open_("on-the-fly"):
+        advice.append("--blend on-the-fly (the experts and one block; no whole blended models)")
+    if processes == 1 and "lora" not in candidates and "sharded" not in excluded:
         advice.append("several processes with --shard (each holds 1/P of the experts)")
-    if device.type == "cuda" and "offload-cpu" not in candidates:
+    if device.type == "cuda" and open_("offload-cpu"):
         advice.append("--offload cpu or disk (the experts off the device)")
     advice.append("fewer experts, or a device with more memory")
     raise GlueError(f"this run needs about {est.describe()} ({plan.strategy}) but {where} has {human(budget)} on "

@@ -1,14 +1,17 @@
-"""On-the-fly blending: θ(α) is never whole. Each module's own tensors are formed from the K experts just
-before it runs (a forward pre-hook) and dropped when it returns, so a step holds the experts, one module's
-blend and the activations instead of 2q whole blended models.
+"""On-the-fly blending: θ(α) is never whole. Each block's tensors (a transformer layer, a ResNet stage: the
+`layer_blocks`) are formed from the K experts just before it runs (a forward pre-hook) and dropped when it
+returns; the tensors outside blocks (embeddings, heads, final norms) are formed when the model starts and kept
+until it returns, since models read them from several places. A step holds the experts, those tensors, one
+block's blend and the activations instead of 2q whole blended models.
 
-The experts' rows come from a store: an `ExpertMatrix` on the device, or in CPU memory (``offload cpu``: pinned
-where the device is a GPU, copied over a module at a time), or a `FileStore` that reads them from the experts'
-safetensors files (``offload disk``) each time a module runs.
+The experts' rows come from a store: an `ExpertMatrix` on the device, or in CPU memory (``offload cpu``: page-
+locked where the device is a GPU, copied over a tensor at a time), or a `FileStore` that reads them from the
+experts' safetensors files (``offload disk``) each time a block runs.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -16,17 +19,15 @@ import torch
 from ..errors import GlueError
 from ..io.experts import Expert
 from ..io.safetensors import SafetensorsReader
-from .matrix import _FULL, CoefficientLayout, ExpertMatrix, Slot, exact_product, layout_slots
+from .matrix import CoefficientLayout, ExpertMatrix, Slot, exact_product, layer_blocks, layout_slots, search_product
+
+logger = logging.getLogger(__name__)
 
 
 class FileStore:
     """The experts' rows read from their safetensors files when asked (nothing held but open file handles)."""
 
     def __init__(self, experts: Sequence[Expert], granularity: str, dtype: Optional[torch.dtype]) -> None:
-        for expert in experts:
-            if expert.loader is not None or any(i.file.suffix != ".safetensors" for i in expert.tensors.values()):
-                raise GlueError(f"expert {expert.name!r}: --offload disk streams tensors from safetensors files, "
-                                "and this one is pickled or read through transformers; use --offload cpu.")
         self.experts = list(experts)
         self.expert_names = [e.name for e in experts]
         self.groups, self.slots = layout_slots(experts[0], granularity, dtype)
@@ -51,17 +52,29 @@ class FileStore:
             out[k].copy_(reader.read(slot.name).reshape(-1))
         return out
 
-    def nbytes(self) -> int:
-        return 0
-
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
         self._readers = {}
 
 
+def pin_in_place(buffer: torch.Tensor) -> bool:
+    """Page-lock a CPU tensor where it is (cudaHostRegister), so that copies of its rows to the GPU are
+    asynchronous. Unlike ``pin_memory()``, nothing is copied and the size is not rounded up to a power of two
+    (which would turn 54 GB of experts into 69 GB). Returns whether it worked; if not, copies are synchronous."""
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0)
+    except (AttributeError, RuntimeError):
+        return False
+    ok = int(getattr(err, "value", err)) == 0
+    if not ok:
+        logger.warning("could not page-lock the offloaded experts (CUDA error %s): host → device copies are "
+                       "synchronous", err)
+    return ok
+
+
 class OnTheFlyMatrix(CoefficientLayout):
-    """Blends each module's tensors inside the template's forward, for one coefficient set at a time."""
+    """Blends each block's tensors inside the template's forward, for one coefficient set at a time."""
 
     lockstep = False
 
@@ -73,20 +86,13 @@ class OnTheFlyMatrix(CoefficientLayout):
         self.slots: dict[str, Slot] = store.slots
         self.constants = {k: v.to(device) for k, v in store.constants.items()}
         self._device = torch.device(device)
-        self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
-        for slot in self.slots.values():
-            self._group_sizes[slot.group] += slot.numel
+        self._count_groups(self.slots.values())
         self.offset = store.offset
         self.task_vectors = getattr(store, "task_vectors", None)
         self.half_mm = self._device.type == "cuda"
         self._alpha: Optional[torch.Tensor] = None
         self._exact = False
         self._handles: list = []
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        dtypes = {s.dtype for s in self.slots.values()}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     def expert_bytes(self) -> int:
         """Bytes of expert rows held in memory (on the device, or in CPU memory when offloaded; none for disk)."""
@@ -99,9 +105,7 @@ class OnTheFlyMatrix(CoefficientLayout):
         """Arms the hooks with each coefficient set in turn; the caller runs the template while it is armed."""
         if not self._handles:
             self._install()
-        alphas = alphas.unsqueeze(0) if alphas.dim() == 2 else alphas
-        if self.offset:  # task vectors: the base's coefficient 1
-            alphas = torch.cat([alphas, alphas.new_ones(*alphas.shape[:-1], 1)], -1)
+        alphas = self._with_offset(alphas.unsqueeze(0) if alphas.dim() == 2 else alphas)
         try:
             for alpha in alphas.to(self._device, torch.float32):
                 self._alpha, self._exact = alpha, exact
@@ -109,27 +113,14 @@ class OnTheFlyMatrix(CoefficientLayout):
         finally:
             self._alpha = None
 
-    def blend_slot(self, slot: Slot, alpha: torch.Tensor, exact: bool, device: Optional[torch.device] = None
-                   ) -> torch.Tensor:
-        """One tensor of θ(α), formed from its K rows."""
-        rows = self._rows(slot)
-        out = torch.empty(1, slot.numel, dtype=slot.dtype, device=self._device)
-        if not exact and self.half_mm and slot.dtype not in _FULL:
-            torch.mm(alpha[slot.group: slot.group + 1].to(slot.dtype), rows, out=out)
-        else:
-            exact_product(alpha[slot.group: slot.group + 1], rows, out)
-        return out.view(slot.shape).to(device or self._device)
-
     def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Exact θ(α) as standalone tensors in CPU memory (the device may hold the experts and nothing more)."""
-        alpha = alpha.reshape(self.num_groups, self.num_experts).to(self._device, torch.float32)
-        if self.offset:
-            alpha = torch.cat([alpha, alpha.new_ones(alpha.shape[0], 1)], -1)
+        alpha = self._with_offset(alpha.reshape(self.num_groups, self.num_experts).to(self._device, torch.float32))
         cpu = torch.device("cpu")
         out = {k: v.to(cpu) for k, v in self.constants.items()}
         with torch.no_grad():
             for slot in self.slots.values():
-                out[slot.name] = self.blend_slot(slot, alpha, exact=True, device=cpu)
+                out[slot.name] = self._blend(slot, alpha, exact=True).to(cpu)
         return out
 
     def release(self, experts: bool = False) -> None:
@@ -143,6 +134,23 @@ class OnTheFlyMatrix(CoefficientLayout):
             else:
                 self.store.release(experts=True)
 
+    def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
+        """Task vectors: the base's coefficient 1 appended (its row is the store's last)."""
+        if not self.offset:
+            return alphas
+        return torch.cat([alphas, alphas.new_ones(*alphas.shape[:-1], 1)], -1)
+
+    def _blend(self, slot: Slot, alpha: torch.Tensor, exact: bool) -> torch.Tensor:
+        """One tensor of θ(α), formed from its K rows."""
+        rows = self._rows(slot)
+        out = torch.empty(1, slot.numel, dtype=slot.dtype, device=self._device)
+        a = alpha[slot.group: slot.group + 1]
+        if exact:
+            exact_product(a, rows, out)
+        else:
+            search_product(a, rows, out, half=self.half_mm)
+        return out.view(slot.shape)
+
     def _rows(self, slot: Slot) -> torch.Tensor:
         if isinstance(self.store, FileStore):
             return self.store.rows(slot, self._device)
@@ -151,13 +159,13 @@ class OnTheFlyMatrix(CoefficientLayout):
         if buffer.device == self._device:
             return rows
         out = torch.empty(rows.shape, dtype=rows.dtype, device=self._device)
-        for k in range(rows.shape[0]):  # one contiguous (pinned) row at a time: asynchronous copies
+        for k in range(rows.shape[0]):  # one contiguous (page-locked) row at a time: asynchronous copies
             out[k].copy_(buffer[k, slot.offset: slot.offset + slot.numel], non_blocking=True)
         return out
 
     def _install(self) -> None:
-        """A pre-hook and a post-hook on every module owning blended tensors (its own, not its children's). Tied
-        tensors are blended from the checkpoint's one copy, by whichever module runs."""
+        """A pre-hook and a post-hook on every block and on the root (for the tensors outside blocks). Tied tensors
+        are blended from the checkpoint's one copy wherever they are held."""
         canonical: dict[int, str] = {}
         for name, tensor in [*self.model.named_parameters(remove_duplicate=False),
                              *self.model.named_buffers(remove_duplicate=False)]:
@@ -166,31 +174,40 @@ class OnTheFlyMatrix(CoefficientLayout):
         for name, tensor in self.model.named_parameters(remove_duplicate=False):
             if id(tensor) not in canonical:
                 raise GlueError(f"parameter {name!r} has no tensor in the experts' checkpoints.")
-        for module in self.model.modules():
-            own = [(store, key, self.slots[canonical[id(t)]])
-                   for store in ("_parameters", "_buffers")
-                   for key, t in getattr(module, store).items() if t is not None and id(t) in canonical]
-            if own:
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(own)))
-                originals = [(store, key, getattr(module, store)[key]) for store, key, _ in own]
-                self._handles.append(module.register_forward_hook(_restore(originals), always_call=True))
 
-    def _pre_hook(self, own: list[tuple[str, str, Slot]]):
-        def hook(module, args):
+        def entries(modules) -> list[tuple[torch.nn.Module, str, str, torch.Tensor, Slot]]:
+            return [(module, store, key, t, self.slots[canonical[id(t)]])
+                    for module in modules for store in ("_parameters", "_buffers")
+                    for key, t in getattr(module, store).items() if t is not None and id(t) in canonical]
+
+        inside: set[int] = set()
+        units = []
+        for _, block in layer_blocks(self.model):
+            modules = list(block.modules())
+            inside.update(id(m) for m in modules)
+            units.append((block, entries(modules)))
+        units.append((self.model, entries(m for m in self.model.modules() if id(m) not in inside)))
+        for unit, own in units:
+            if own:
+                self._handles.append(unit.register_forward_pre_hook(self._form(own)))
+                self._handles.append(unit.register_forward_hook(_drop(own), always_call=True))
+
+    def _form(self, own: list):
+        def hook(unit, args):
             if self._alpha is None:
                 raise RuntimeError("on-the-fly template run outside OnTheFlyMatrix.models()")
             with torch.no_grad():
-                for store, key, slot in own:
-                    getattr(module, store)[key] = self.blend_slot(slot, self._alpha, self._exact)
+                for module, store, key, _, slot in own:
+                    getattr(module, store)[key] = self._blend(slot, self._alpha, self._exact)
 
         return hook
 
 
-def _restore(originals: list[tuple[str, str, torch.Tensor]]):
-    """A post-hook putting a module's template tensors (meta parameters, buffers) back: its blend is freed."""
+def _drop(own: list):
+    """A post-hook putting the unit's template tensors (meta parameters, buffers) back: its blend is freed."""
 
-    def hook(module, args, output):
-        for store, key, tensor in originals:
-            getattr(module, store)[key] = tensor
+    def hook(unit, args, output):
+        for module, store, key, original, _ in own:
+            getattr(module, store)[key] = original
 
     return hook

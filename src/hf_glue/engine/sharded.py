@@ -14,24 +14,39 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..io.experts import Expert
-from .matrix import _FULL, CoefficientLayout, ExpertMatrix, exact_product, layout_slots
+from .matrix import CoefficientLayout, ExpertMatrix, exact_product, layer_blocks, layout_slots, search_product
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, processes: int) -> None:
-    """FSDP2 (`fully_shard`) over all processes on the template (meta parameters): every block the model names
-    in ``_no_split_modules`` (the unit transformers and accelerate wrap), then the root; then local shards are
-    allocated on ``device`` and the template's buffers put back (``to_empty`` leaves them uninitialised)."""
+    """FSDP2 (torch's `fully_shard`) over all processes on the template (meta parameters): every block of
+    `layer_blocks` — the units on-the-fly blending and the estimate use — that shares no parameter with the rest
+    of the model, then the root; then the local shards are allocated on ``device`` and the template's buffers put
+    back (``to_empty`` leaves them uninitialised). Every unit is resharded after its forward, the root included
+    (by default it keeps its gathered parameters, which would go stale when the next blend is written).
+
+    accelerate's FSDP support is not used: with ``cpu=True`` it is out of reach (accelerate 1.15 gives the FSDP
+    distributed type only to GPU-like multi-process runs), and its ``prepare`` either broadcasts a full state dict
+    from the main process or keeps the weights it is given, where each process here reads its own rows instead.
+    The launch, process group and devices stay accelerate's."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (processes,))
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in reversed(list(model.modules())):  # innermost first
-        if type(module).__name__ in blocks and module is not model and not isinstance(module, FSDPModule):
-            fully_shard(module, mesh=mesh, reshard_after_forward=True)
-    # the root too: by default it keeps its gathered parameters after the forward, which would go stale when the
-    # next blend is written into the shards
+    blocks = [block for _, block in layer_blocks(model)]
+    owners: dict[int, set[int]] = {}  # parameter → the units holding it (a block, or -1: outside every block)
+    inside: set[int] = set()
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            owners.setdefault(id(p), set()).add(i)
+        inside.update(id(m) for m in block.modules())
+    for module in model.modules():
+        if id(module) not in inside:
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), set()).add(-1)
+    for i, block in enumerate(blocks):
+        if all(owners[id(p)] == {i} for p in block.parameters()):  # a tied parameter stays with the root
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -68,11 +83,8 @@ class ShardedMatrix(CoefficientLayout):
             if name in checkpoint and name not in rows:
                 rows[name] = rows[canonical[id(tensor)]]
         self.shards = ExpertMatrix.from_experts(experts, granularity, dtype=dtype, device=device, rows=rows)
-        self.groups, full = layout_slots(experts[0], granularity, dtype)
-        self.slots = full
-        self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
-        for slot in full.values():
-            self._group_sizes[slot.group] += slot.numel
+        self.groups, self.slots = layout_slots(experts[0], granularity, dtype)  # whole tensors: the model's
+        self._count_groups(self.slots.values())
         buffers = dict(model.named_buffers())
         self._targets = targets + [(buffers[n], n) for n in self.shards.slots if n in buffers]
         self.constants: dict[str, torch.Tensor] = {}
@@ -82,11 +94,6 @@ class ShardedMatrix(CoefficientLayout):
                     buffers[name].copy_(tensor)
         self.offset = False
         self.task_vectors = None
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        dtypes = {s.dtype for s in self.slots.values()}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     def expert_bytes(self) -> int:
         return self.shards.expert_bytes()
@@ -127,9 +134,9 @@ class ShardedMatrix(CoefficientLayout):
                 direct = local.dtype == slot.dtype and local.is_contiguous()
                 out = local.view(1, -1) if direct else torch.empty(1, slot.numel, dtype=slot.dtype,
                                                                    device=self._device)
-                if not exact and self.half_mm and slot.dtype not in _FULL:
-                    torch.mm(a.to(slot.dtype), e, out=out)
-                else:
+                if exact:
                     exact_product(a, e, out)
+                else:
+                    search_product(a, e, out, half=self.half_mm)
                 if not direct:
                     local.copy_(out.view(local.shape))

@@ -49,7 +49,7 @@ class Objective:
         if params:
             outputs = functional_call(self.model, params, args=(), kwargs=self.task.model_inputs(batch),
                                       tie_weights=True, strict=False)
-        else:  # the engine formed θ(α) inside the model (sharded)
+        else:  # the engine forms θ(α) inside the model (sharded; on the fly with no constants to pass)
             outputs = self.model(**self.task.model_inputs(batch))
         self.forward_passes += 1
         return self.task.batch_stats(outputs, batch)
@@ -136,21 +136,25 @@ class Objective:
         return metrics
 
     def _lockstep(self, batches: Iterable[dict], batch_stats) -> Iterator[Optional[dict]]:
-        """The batches, with every process running as many forward passes as the one holding the most: a process
-        short of batches re-runs its first, discards the result and yields None (not counted)."""
+        """The batches, with every process running as many forward passes as the one holding the most (they are
+        collective): before each, the processes tell each other whether they still have a batch; one that has
+        run out re-runs its first, discards the result and yields None (not counted)."""
         from ..errors import GlueError
 
-        mine = list(batches)
-        counts = self._gather_objects(len(mine))
-        if min(counts) == 0:
-            raise GlueError(f"the held-out split gives {counts} batches to the processes; a sharded run needs at "
-                            "least one each: use fewer processes or a smaller --eval-batch-size.")
-        for i in range(max(counts)):
-            if i < len(mine):
-                yield mine[i]
-            else:
-                batch_stats(mine[0])
-                yield None
+        batches, first = iter(batches), None
+        while True:
+            batch = next(batches, None)
+            first = batch if first is None else first
+            states = self._gather_objects((batch is not None, first is not None))
+            if not any(has for has, _ in states):
+                return
+            if not all(ever for _, ever in states):
+                raise GlueError(f"the held-out split leaves a process without a batch ({len(states)} processes); "
+                                "a sharded run needs one on each: use fewer processes or a smaller "
+                                "--eval-batch-size.")
+            if batch is None:
+                batch_stats(first)
+            yield batch
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's rows of ``t`` in rank order (sizes may differ), on the CPU."""
