@@ -129,6 +129,16 @@ def test_estimate_of_four_7b_experts_matches_the_arithmetic(tmp_path):
     assert bigger["chosen"] == "replicated"  # the fastest, where it fits
 
 
+def test_estimate_of_lora_adapters_plans_the_base_and_the_adapters(lora_experts):
+    from hf_glue import EstimateConfig, estimate_merge
+
+    report = estimate_merge(ExpertsConfig(experts=lora_experts["ids"][:2]), EstimateConfig(device="cpu"))
+    assert list(report["strategies"]) == ["lora"] and report["chosen"] == "lora"
+    assert report["source"] == "headers"  # the base's safetensors are in the cache: their headers, not its config
+    lora = report["strategies"]["lora"]
+    assert lora["experts"] > report["expert_bytes"]  # the base once, plus the two adapters' factors
+
+
 def test_estimate_command_prints_every_strategy_and_the_choice(tmp_path):
     ids = _config_only_experts(tmp_path, LLAMA_7B)
     proc = run_cli("estimate", "--experts", *ids, "--dtype", "bfloat16", "--max-memory", "80GiB", "--device", "cuda",

@@ -317,7 +317,7 @@ class ExpertsConfig:
     blend: Literal["auto", "materialized", "on-the-fly"] = field(
         default="auto",
         metadata={"help": "How the search forms each blended model: materialized (whole, 2q per step: fastest), "
-                  "on-the-fly (each layer from the K experts just before it runs: the experts and one layer), or "
+                  "on-the-fly (each block from the K experts just before it runs: the experts and one block), or "
                   "auto: the fastest that fits the memory estimate (see `hf-glue estimate`)."},
     )
     shard: Optional[bool] = field(
@@ -330,8 +330,8 @@ class ExpertsConfig:
     offload: Literal["none", "cpu", "disk"] = field(
         default="none",
         metadata={"help": "With on-the-fly blending, keep the experts in CPU memory (cpu) or in their safetensors "
-                  "files (disk) and copy one layer at a time to the device: the last resort when K experts do "
-                  "not fit on it."},
+                  "files (disk) and copy one tensor's rows at a time to the device: the last resort when K "
+                  "experts do not fit on it."},
     )
 
     def __post_init__(self) -> None:

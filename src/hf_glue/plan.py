@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from .config import DataConfig, EstimateConfig, ExpertsConfig, GlueConfig
+from .config import DataConfig, EstimateConfig, ExpertsConfig, GlueConfig, torch_dtype
 from .engine import memory
 from .errors import GlueError
 
@@ -68,7 +68,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     return {
         "experts": [r.spec for r in repos],
         "parameters": sum(i.numel for i in floats),
-        "expert_bytes": plans["replicated"].memory.experts // len(rows) if "replicated" in plans else None,
+        "expert_bytes": sum(i.numel * (torch_dtype(experts_config.dtype) or i.dtype).itemsize for i in floats),
         "dtypes": sorted({str(experts_config.dtype if experts_config.dtype != "auto" else i.dtype).replace("torch.", "")
                           for i in floats}),
         "source": source,

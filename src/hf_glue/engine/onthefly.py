@@ -93,6 +93,8 @@ class OnTheFlyMatrix(CoefficientLayout):
         self._alpha: Optional[torch.Tensor] = None
         self._exact = False
         self._handles: list = []
+        #: blends dropped by a finished block, reused by the next one (same shapes): no fresh pages per block
+        self._spare: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
 
     def expert_bytes(self) -> int:
         """Bytes of expert rows held in memory (on the device, or in CPU memory when offloaded; none for disk)."""
@@ -127,7 +129,7 @@ class OnTheFlyMatrix(CoefficientLayout):
         """Remove the hooks (the next `models` call puts them back); with ``experts`` also drop the experts."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._spare = [], {}
         if experts:
             if isinstance(self.store, FileStore):
                 self.store.close()
@@ -143,7 +145,8 @@ class OnTheFlyMatrix(CoefficientLayout):
     def _blend(self, slot: Slot, alpha: torch.Tensor, exact: bool) -> torch.Tensor:
         """One tensor of θ(α), formed from its K rows."""
         rows = self._rows(slot)
-        out = torch.empty(1, slot.numel, dtype=slot.dtype, device=self._device)
+        spare = self._spare.get((slot.dtype, slot.numel))
+        out = spare.pop() if spare else torch.empty(1, slot.numel, dtype=slot.dtype, device=self._device)
         a = alpha[slot.group: slot.group + 1]
         if exact:
             exact_product(a, rows, out)
@@ -190,7 +193,7 @@ class OnTheFlyMatrix(CoefficientLayout):
         for unit, own in units:
             if own:
                 self._handles.append(unit.register_forward_pre_hook(self._form(own)))
-                self._handles.append(unit.register_forward_hook(_drop(own), always_call=True))
+                self._handles.append(unit.register_forward_hook(self._drop(own), always_call=True))
 
     def _form(self, own: list):
         def hook(unit, args):
@@ -202,12 +205,15 @@ class OnTheFlyMatrix(CoefficientLayout):
 
         return hook
 
+    def _drop(self, own: list):
+        """A post-hook putting the unit's template tensors (meta parameters, buffers) back; its blends are kept as
+        spares for the next unit."""
 
-def _drop(own: list):
-    """A post-hook putting the unit's template tensors (meta parameters, buffers) back: its blend is freed."""
+        def hook(unit, args, output):
+            for module, store, key, original, slot in own:
+                blend = getattr(module, store)[key]
+                getattr(module, store)[key] = original
+                if blend is not original:
+                    self._spare.setdefault((slot.dtype, slot.numel), []).append(blend.view(1, -1))
 
-    def hook(unit, args, output):
-        for module, store, key, original, _ in own:
-            getattr(module, store)[key] = original
-
-    return hook
+        return hook

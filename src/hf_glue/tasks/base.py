@@ -23,11 +23,11 @@ _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "l
                      "roberta-prelayernorm", "ibert", "mpnet")
 
 
-
 def wide_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum in float64 (float32 on Apple's MPS, which has none): the same total whichever way processes split a
     batch, so 1 and N processes see the same loss."""
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64).sum()
+
 
 class Task(ABC):
     """One task family: sequence classification, causal LM, image classification, ..."""

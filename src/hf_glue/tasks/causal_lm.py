@@ -48,7 +48,7 @@ class CausalLM(Task):
         labels = batch["labels"][:, 1:]
         mask = labels != -100
         return {
-                        "loss_sum": wide_sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            "loss_sum": wide_sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=-100, reduction="none")),
             "count": wide_sum(mask),
         }
