@@ -213,3 +213,58 @@ def test_adapters_refuse_full_model_strategies(lora_experts, tmp_path):
     proc = run_cli("merge", "--experts", *lora_experts["ids"], "--dataset", lora_experts["dataset"], "--output-dir",
                    str(out), "--blend", "on-the-fly")
     assert_refused(proc, ["LoRA adapters blend as low-rank branches", "--blend on-the-fly"], out)
+
+
+def _blend_both_ways(model_class, config, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random experts of ``model_class``: the logits of θ(0.3, 0.7) formed on the fly, and materialised."""
+    from accelerate import init_empty_weights
+
+    from hf_glue.engine.matrix import ExpertMatrix
+    from hf_glue.engine.onthefly import OnTheFlyMatrix
+
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append({k: v for k, v in model_class(config).eval().state_dict().items() if v.is_floating_point()})
+    matrix = ExpertMatrix.from_rows(["a", "b"], states, ["model"], {n: 0 for n in states[0]})
+    with init_empty_weights(include_buffers=False):
+        template = model_class(config).eval()
+    alpha = torch.tensor([[0.3, 0.7]])
+    whole = dict(matrix.materialize(alpha))
+    reference = model_class(config).eval()
+    reference.load_state_dict(whole, strict=False)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        engine = OnTheFlyMatrix(matrix, template, torch.device("cpu"))
+        armed = engine.models(alpha.unsqueeze(0), exact=True)
+        next(armed)  # the hooks hold θ(α) until the generator moves on
+        got = template(**inputs).logits
+        armed.close()
+    return got, expected
+
+
+def test_on_the_fly_serves_weights_read_outside_their_module():
+    """DeBERTa-v2 reads its relative position embeddings' weight from every layer (not by calling the module):
+    formed per block, with the tensors outside blocks kept for the whole forward, it runs and matches."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                             position_buckets=8, pos_att_type=["p2c", "c2p"], num_labels=3)
+    inputs = {"input_ids": torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))}
+    got, expected = _blend_both_ways(DebertaV2ForSequenceClassification, config, inputs)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_on_the_fly_encoder_decoder_with_shared_embeddings():
+    """T5: embeddings shared by encoder, decoder and (tied) head; the relative attention bias lives in each stack's
+    first block and is passed on to the others as a tensor."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, tie_word_embeddings=True, decoder_start_token_id=0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, 40, (2, 7), generator=gen),
+              "decoder_input_ids": torch.randint(0, 40, (2, 5), generator=gen)}
+    got, expected = _blend_both_ways(T5ForConditionalGeneration, config, inputs)
+    assert torch.allclose(got, expected, atol=1e-5)

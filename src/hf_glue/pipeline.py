@@ -235,7 +235,7 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
     """The template model and the blending engine for ``strategy``: the expert matrix on the device (replicated);
     shards of it in an FSDP-sharded template (sharded); or on the device, in CPU memory or in the files, blended
     layer by layer inside the template (on-the-fly, offload-cpu, offload-disk)."""
-    from .engine.onthefly import FileStore, OnTheFlyMatrix, pin_in_place
+    from .engine.onthefly import FileStore, OnTheFlyMatrix
     from .engine.sharded import ShardedMatrix, shard_model
 
     dtype = torch_dtype(experts_config.dtype)
@@ -259,10 +259,7 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
         store = ExpertMatrix.from_experts(experts, granularity, dtype=dtype, device=where)
     if strategy == "replicated":
         return model, store
-    if strategy == "offload-cpu" and device.type == "cuda":
-        for buffer in store.buffers.values():
-            pin_in_place(buffer)
-    return model, OnTheFlyMatrix(store, model, device)
+    return model, OnTheFlyMatrix(store, model, device, pin=strategy == "offload-cpu" and device.type == "cuda")
 
 
 def card_base(experts: list[Expert]) -> str:
@@ -389,12 +386,7 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
     device = accelerator.device
     plans = memory_plans(experts, experts_config, data_config, glue_config, processes, blends=blends,
                          extra_experts=extra_experts, extra_per_blend=extra_per_blend)
-    exclude = dict(exclude or {})
-    if glue_config.method == "full-gradient":
-        for name in memory.STRATEGIES[1:]:
-            exclude[name] = "--method full-gradient backpropagates through one whole blended model"
-    allowed = ["lora"] if not blends else requested_strategies(experts_config, processes)
-    candidates = {n: p for n, p in plans.items() if n in allowed and n not in exclude}
+    candidates, exclude, allowed = strategy_candidates(plans, experts_config, glue_config, processes, exclude)
     if not candidates:
         name = allowed[0]
         raise GlueError(f"the {name} strategy is not available for this run: {exclude.get(name, 'not planned')}.")
@@ -416,6 +408,19 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
                        "strategy (%s); see `hf-glue estimate`", memory.human(plans["replicated"].memory.total),
                        100 * memory.HEADROOM, memory.human(budget), plan.strategy, plan.memory.describe())
     return plan
+
+
+def strategy_candidates(plans: dict[str, memory.Plan], experts_config: ExpertsConfig, glue_config: GlueConfig,
+                        processes: int, exclude: Optional[dict[str, str]] = None
+                        ) -> tuple[dict[str, memory.Plan], dict[str, str], list[str]]:
+    """The plans a run may pick from (allowed by the flags, not excluded), every exclusion with its reason, and the
+    strategies the flags allow. Adapters have one plan, ``lora``."""
+    exclude = dict(exclude or {})
+    if glue_config.method == "full-gradient":
+        for name in memory.STRATEGIES[1:]:
+            exclude[name] = "--method full-gradient backpropagates through one whole blended model"
+    allowed = ["lora"] if "lora" in plans else requested_strategies(experts_config, processes)
+    return {n: p for n, p in plans.items() if n in allowed and n not in exclude}, exclude, allowed
 
 
 def memory_budgets(max_memory: Optional[str], device: torch.device) -> tuple[int, int]:

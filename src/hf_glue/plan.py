@@ -21,7 +21,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     from .io.adapters import is_adapter
     from .io.experts import check_compatible, expert_from_repo, index_without_weights, resolve_experts, resolve_repos
     from .methods import get_method
-    from .pipeline import excluded_strategies, memory_budgets, memory_plans, requested_strategies
+    from .pipeline import excluded_strategies, memory_budgets, memory_plans, strategy_candidates
     from .tasks import detect_task
     from .tasks.base import fit_max_length
 
@@ -39,7 +39,6 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
         adapter_bytes = 4 * sum(torch.Size(s).numel() for a in adapters for s in a.shapes.values())
         extra = {"blends": False, "extra_experts": adapter_bytes, "extra_per_blend": adapter_bytes}
         exclude: dict[str, str] = {}
-        allowed = ["lora"]
     else:
         experts = [expert_from_repo(r) for r in repos]
         task = detect_task(experts[0].config, None)
@@ -52,7 +51,6 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
             rows.append(resolve_experts([experts_config.base_model], what="base model", minimum=1)[0])
         model_config = experts[0].config
         exclude = excluded_strategies([], experts_config, glue, finetune=False, whole=False)
-        allowed = requested_strategies(experts_config, processes)
     data = fit_max_length(DataConfig(max_length=config.max_length), model_config)
     plans = memory_plans([rows[0]] * len(rows), experts_config, data, glue, processes, **extra)
     device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()
@@ -60,9 +58,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     if experts_config.max_memory is None and device.type == "cuda" and not torch.cuda.is_available():
         raise GlueError("--device cuda on a machine without a GPU: pass --max-memory (e.g. 80GiB) to plan for one.")
     budget, host = memory_budgets(experts_config.max_memory, device)
-    if glue.method == "full-gradient":
-        exclude.update({n: "full-gradient backpropagates through one whole model" for n in memory.STRATEGIES[1:]})
-    candidates = {n: p for n, p in plans.items() if n in allowed and n not in exclude}
+    candidates, exclude, allowed = strategy_candidates(plans, experts_config, glue, processes, exclude)
     chosen = memory.choose(candidates, budget, host, device.type)
     floats = [i for i in rows[0].tensors.values() if i.dtype.is_floating_point]
     return {
@@ -95,7 +91,8 @@ def format_estimate(report: dict) -> str:
     lines = [f"{len(report['experts'])} experts × {report['parameters'] / 1e9:.2f} B parameters "
              f"({', '.join(report['dtypes'])}; sizes from {source})",
              f"{report['processes']} process(es) on {report['device']}: batch {report['batch_per_process']} × "
-             f"{report['sequence_length']} tokens per process, {report['models_per_step']} blended models per SPSA step",
+             f"{report['sequence_length']} tokens per process, {report['models_per_step']} blended models per "
+             "SPSA step",
              f"budget {h(report['budget'])} per device, {h(report['host_budget'])} host memory per process; a "
              f"strategy fits within {report['headroom']:.0%} of it", ""]
     header = ["strategy", "per device", "experts", "blends", "activations", "host", "moved / step", "over", "fits"]

@@ -73,12 +73,19 @@ def pin_in_place(buffer: torch.Tensor) -> bool:
     return ok
 
 
+def unpin(buffer: torch.Tensor) -> None:
+    """Undo `pin_in_place` before the tensor's memory is freed."""
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 class OnTheFlyMatrix(CoefficientLayout):
     """Blends each block's tensors inside the template's forward, for one coefficient set at a time."""
 
     lockstep = False
 
-    def __init__(self, store: ExpertMatrix | FileStore, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, store: ExpertMatrix | FileStore, model: torch.nn.Module, device: torch.device,
+                 pin: bool = False) -> None:
+        """``pin``: page-lock an in-memory store held in CPU memory for a GPU (``--offload cpu``)."""
         self.store = store
         self.model = model
         self.expert_names = list(store.expert_names)
@@ -95,6 +102,8 @@ class OnTheFlyMatrix(CoefficientLayout):
         self._handles: list = []
         #: blends dropped by a finished block, reused by the next one (same shapes): no fresh pages per block
         self._spare: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        pinnable = pin and isinstance(store, ExpertMatrix)
+        self._pinned = [b for b in store.buffers.values() if pin_in_place(b)] if pinnable else []
 
     def expert_bytes(self) -> int:
         """Bytes of expert rows held in memory (on the device, or in CPU memory when offloaded; none for disk)."""
@@ -131,6 +140,9 @@ class OnTheFlyMatrix(CoefficientLayout):
             handle.remove()
         self._handles, self._spare = [], {}
         if experts:
+            for buffer in self._pinned:
+                unpin(buffer)
+            self._pinned = []
             if isinstance(self.store, FileStore):
                 self.store.close()
             else:
