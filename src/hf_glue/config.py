@@ -329,9 +329,9 @@ class ExpertsConfig:
     )
     offload: Literal["none", "cpu", "disk"] = field(
         default="none",
-        metadata={"help": "With on-the-fly blending, keep the experts in CPU memory (cpu) or in their safetensors "
-                  "files (disk) and copy one tensor's rows at a time to the device: the last resort when K "
-                  "experts do not fit on it."},
+        metadata={"help": "Blend on the fly (implied) with the experts kept in CPU memory (cpu) or in their "
+                  "safetensors files (disk), one tensor's rows copied to the device at a time: the last resort when "
+                  "K experts do not fit on it."},
     )
 
     def __post_init__(self) -> None:

@@ -400,9 +400,9 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
     if plan is None:
         dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in experts[0].tensors.values()
                   if i.dtype.is_floating_point}
-        memory.refuse(candidates, budget, device=device, dtype_is_full=dtypes == {torch.float32},
-                      samples=glue_config.spsa_samples, processes=processes, excluded=set(exclude),
-                      where="--max-memory" if experts_config.max_memory else "the device")
+        memory.refuse(candidates, budget, device=device, where="--max-memory" if experts_config.max_memory else
+                      "the device", dtype_is_full=dtypes == {torch.float32}, samples=glue_config.spsa_samples,
+                      processes=processes, excluded=set(exclude))
     if plan.strategy not in ("replicated", "lora") and len(allowed) > 1 and accelerator.is_main_process:
         logger.warning("memory: the replicated search needs about %s, more than %.0f %% of %s; using the %s "
                        "strategy (%s); see `hf-glue estimate`", memory.human(plans["replicated"].memory.total),

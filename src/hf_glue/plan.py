@@ -61,6 +61,9 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     candidates, exclude, allowed = strategy_candidates(plans, experts_config, glue, processes, exclude)
     chosen = memory.choose(candidates, budget, host, device.type)
     floats = [i for i in rows[0].tensors.values() if i.dtype.is_floating_point]
+    dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in floats}
+    tips = [] if chosen else memory.advice(candidates, device_type=device.type, dtype_is_full=dtypes == {torch.float32},
+                                           samples=glue.spsa_samples, processes=processes, excluded=set(exclude))
     return {
         "experts": [r.spec for r in repos],
         "parameters": sum(i.numel for i in floats),
@@ -81,6 +84,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
                            "unavailable": exclude.get(n) or (None if n in allowed else "not allowed by the flags")}
                        for n, p in plans.items()},
         "chosen": chosen.strategy if chosen else None,
+        "advice": tips,
     }
 
 
@@ -88,7 +92,7 @@ def format_estimate(report: dict) -> str:
     """The estimate as users read it: the experts, the budget, one row per strategy and the choice."""
     h = memory.human
     source = "safetensors headers" if report["source"] == "headers" else "config.json, on the meta device"
-    lines = [f"{len(report['experts'])} experts × {report['parameters'] / 1e9:.2f} B parameters "
+    lines = [f"{len(report['experts'])} experts × {count(report['parameters'])} parameters "
              f"({', '.join(report['dtypes'])}; sizes from {source})",
              f"{report['processes']} process(es) on {report['device']}: batch {report['batch_per_process']} × "
              f"{report['sequence_length']} tokens per process, {report['models_per_step']} blended models per "
@@ -108,6 +112,13 @@ def format_estimate(report: dict) -> str:
     chosen = report["chosen"]
     lines.append("")
     lines.append(f"merge would use: {chosen} ({FLAGS[chosen]})" if chosen else
-                 "merge would refuse: no strategy fits; use --dtype bfloat16, fewer experts, more processes or a "
-                 "larger device")
+                 "merge would refuse: no strategy fits; try " + "; ".join(report["advice"]) + ".")
     return "\n".join(lines)
+
+
+def count(n: int) -> str:
+    """6738415616 → "6.74 B", 113000000 → "113 M", 21730 → "21.7 K"."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)

@@ -261,31 +261,38 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"), sysfs: Path = Path("/sys
     return min(rooms) if rooms else None
 
 
-def refuse(candidates: dict[str, Plan], budget: int, *, device: torch.device, dtype_is_full: bool, samples: int,
-           processes: int, where: str, excluded: set = frozenset()) -> None:
-    """Raise a `GlueError` naming the smallest allowed strategy's needs and concrete advice (never a strategy
-    this run cannot use: ``excluded``)."""
-    plan = min(candidates.values(), key=lambda p: p.memory.total)
-    est = plan.memory
-    advice = []
+def advice(candidates: dict[str, Plan], *, device_type: str, dtype_is_full: bool, samples: int, processes: int,
+           excluded: set = frozenset()) -> list[str]:
+    """What would make a run fit, given the smallest allowed plan: never a strategy this run cannot use
+    (``excluded``)."""
+    est = min(candidates.values(), key=lambda p: p.memory.total).memory
+    out = []
     if dtype_is_full:
-        advice.append("--dtype bfloat16 (halves the expert copies; blending still accumulates in float32)")
+        out.append("--dtype bfloat16 (halves the expert copies; blending still accumulates in float32)")
     if samples > 1 and est.blends > est.experts:
-        advice.append("--spsa-samples 1 (fewer blended models per step)")
+        out.append("--spsa-samples 1 (fewer blended models per step)")
     if est.activations > est.total * 0.2:
-        advice.append("a smaller --batch-size or --max-length (activations)")
+        out.append("a smaller --batch-size or --max-length (activations)")
+
     def open_(name: str) -> bool:  # a strategy the flags ruled out but this run could use
         return "lora" not in candidates and name not in candidates and name not in excluded
 
     if open_("on-the-fly"):
-        advice.append("--blend on-the-fly (the experts and one block; no whole blended models)")
+        out.append("--blend on-the-fly (the experts and one block; no whole blended models)")
     if processes == 1 and "lora" not in candidates and "sharded" not in excluded:
-        advice.append("several processes with --shard (each holds 1/P of the experts)")
-    if device.type == "cuda" and open_("offload-cpu"):
-        advice.append("--offload cpu or disk (the experts off the device)")
-    advice.append("fewer experts, or a device with more memory")
-    raise GlueError(f"this run needs about {est.describe()} ({plan.strategy}) but {where} has {human(budget)} on "
-                    f"{device} ({HEADROOM:.0%} usable): try " + "; ".join(advice) + ".")
+        out.append("several processes with --shard (each holds 1/P of the experts)")
+    if device_type == "cuda" and open_("offload-cpu"):
+        out.append("--offload cpu or disk (the experts off the device)")
+    out.append("fewer experts, or a device with more memory")
+    return out
+
+
+def refuse(candidates: dict[str, Plan], budget: int, *, device: torch.device, where: str, **why) -> None:
+    """Raise a `GlueError` naming the smallest allowed strategy's needs and `advice` (``why``: its arguments)."""
+    plan = min(candidates.values(), key=lambda p: p.memory.total)
+    tips = advice(candidates, device_type=device.type, **why)
+    raise GlueError(f"this run needs about {plan.memory.describe()} ({plan.strategy}) but {where} has "
+                    f"{human(budget)} on {device} ({HEADROOM:.0%} usable): try " + "; ".join(tips) + ".")
 
 
 def reset_peak_memory(device: torch.device) -> None:
