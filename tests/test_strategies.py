@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_refused, run_cli
+from hf_glue.engine.memory import Layout
 from hf_glue.errors import GlueError
 from hf_glue.config import DataConfig, ExpertsConfig, GlueConfig
 from hf_glue.pipeline import batch_iterator, eval_batches, prepare
@@ -53,6 +54,10 @@ def test_on_the_fly_gives_the_materialized_losses(kind, request):
         # the template never holds a blend between forward passes, and no product buffers exist
         assert all(p.is_meta for p in prep.model.parameters())
         assert prep.matrix.product_bytes() == 0
+        # blends kept for reuse: at most one block and the root's tensors (tied ones once), as the estimate counts
+        layout = Layout.of({n: (sl.shape, sl.dtype) for n, sl in prep.matrix.slots.items()})
+        pooled = sum(t.nbytes for spare in prep.matrix._spare.values() for t in spare)
+        assert 0 < pooled <= layout.block + layout.outside
     if kind != "vit":
         assert prep.matrix.expert_bytes() == 0  # disk: nothing held
 

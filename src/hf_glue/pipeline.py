@@ -183,7 +183,7 @@ def on_every_process(accelerator, build):
     error = None
     try:
         result = build()
-    except (GlueError, torch.cuda.OutOfMemoryError) as err:
+    except Exception as err:  # noqa: BLE001 — re-raised below, after the other processes have heard of it
         error, result = err, None
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -191,7 +191,7 @@ def on_every_process(accelerator, build):
         failed = [e for e in gather_object([None if error is None else f"process {accelerator.process_index}: "
                                             f"{error}"]) if e]
         if failed and error is None:
-            raise GlueError(failed[0])
+            raise GlueError(f"another process failed while loading the experts ({failed[0]}).")
     if isinstance(error, torch.cuda.OutOfMemoryError):
         raise GlueError(f"out of memory while loading the experts ({error}); see `hf-glue estimate`.") from None
     if error is not None:
@@ -402,7 +402,7 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
                   if i.dtype.is_floating_point}
         memory.refuse(candidates, budget, device=device, where="--max-memory" if experts_config.max_memory else
                       "the device", dtype_is_full=dtypes == {torch.float32}, samples=glue_config.spsa_samples,
-                      processes=processes, excluded=set(exclude))
+                      processes=processes, excluded=set(exclude), others=plans)
     if plan.strategy not in ("replicated", "lora") and len(allowed) > 1 and accelerator.is_main_process:
         logger.warning("memory: the replicated search needs about %s, more than %.0f %% of %s; using the %s "
                        "strategy (%s); see `hf-glue estimate`", memory.human(plans["replicated"].memory.total),

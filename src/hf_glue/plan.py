@@ -50,7 +50,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
                 raise GlueError("--combine plans one more row, the base: pass --base-model.")
             rows.append(resolve_experts([experts_config.base_model], what="base model", minimum=1)[0])
         model_config = experts[0].config
-        exclude = excluded_strategies([], experts_config, glue, finetune=False, whole=False)
+        exclude = excluded_strategies(experts[:1], experts_config, glue, finetune=False, whole=False)
     data = fit_max_length(DataConfig(max_length=config.max_length), model_config)
     plans = memory_plans([rows[0]] * len(rows), experts_config, data, glue, processes, **extra)
     device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()
@@ -63,7 +63,8 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     floats = [i for i in rows[0].tensors.values() if i.dtype.is_floating_point]
     dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in floats}
     tips = [] if chosen else memory.advice(candidates, device_type=device.type, dtype_is_full=dtypes == {torch.float32},
-                                           samples=glue.spsa_samples, processes=processes, excluded=set(exclude))
+                                           samples=glue.spsa_samples, processes=processes, excluded=set(exclude),
+                                           others=plans, budget=budget)
     return {
         "experts": [r.spec for r in repos],
         "parameters": sum(i.numel for i in floats),

@@ -381,13 +381,17 @@ _INT_MAX = 2**31 - 1
 
 
 def search_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor, *, half: bool) -> None:
-    """``out[M, n] = a[M, K] @ e[K, n]`` in the search's precision: with ``half`` (CUDA's hot path) one product in
-    the experts' half dtype, α rounded to it, where cuBLAS can take e's row stride (a column range of a K × N
-    matrix with N ≥ 2³¹ is not); else `exact_product`."""
-    if half and e.dtype not in _FULL and e.stride(0) <= _INT_MAX:
-        torch.mm(a.to(e.dtype), e, out=out)
-    else:
+    """``out[M, n] = a[M, K] @ e[K, n]`` in the search's precision: with ``half`` (CUDA's hot path) in the experts'
+    half dtype, α rounded to it — one product, or one per contiguous copy of a column chunk where cuBLAS cannot
+    take e's row stride (a column range of a K × N matrix with N ≥ 2³¹, as at 7B); else `exact_product`."""
+    if not half or e.dtype in _FULL:
         exact_product(a, e, out)
+    elif e.stride(0) <= _INT_MAX:
+        torch.mm(a.to(e.dtype), e, out=out)
+    else:  # contiguous half-precision copies of column chunks, each one product
+        a = a.to(e.dtype)
+        for lo in range(0, e.shape[1], CUDA_CHUNK):
+            out[:, lo: lo + CUDA_CHUNK].copy_(torch.mm(a, e[:, lo: lo + CUDA_CHUNK].contiguous()))
 
 
 def exact_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:

@@ -262,9 +262,10 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"), sysfs: Path = Path("/sys
 
 
 def advice(candidates: dict[str, Plan], *, device_type: str, dtype_is_full: bool, samples: int, processes: int,
-           excluded: set = frozenset()) -> list[str]:
+           excluded: set = frozenset(), others: Optional[dict[str, Plan]] = None, budget: Optional[int] = None
+           ) -> list[str]:
     """What would make a run fit, given the smallest allowed plan: never a strategy this run cannot use
-    (``excluded``)."""
+    (``excluded``), nor one of ``others`` (every plan) that would not fit ``budget`` either."""
     est = min(candidates.values(), key=lambda p: p.memory.total).memory
     out = []
     if dtype_is_full:
@@ -274,14 +275,15 @@ def advice(candidates: dict[str, Plan], *, device_type: str, dtype_is_full: bool
     if est.activations > est.total * 0.2:
         out.append("a smaller --batch-size or --max-length (activations)")
 
-    def open_(name: str) -> bool:  # a strategy the flags ruled out but this run could use
-        return "lora" not in candidates and name not in candidates and name not in excluded
+    def open_(name: str) -> bool:  # a strategy the flags ruled out but this run could use, and that fits
+        fits = others is None or budget is None or (name in others and others[name].fits(budget))
+        return "lora" not in candidates and name not in candidates and name not in excluded and fits
 
     if open_("on-the-fly"):
         out.append("--blend on-the-fly (the experts and one block; no whole blended models)")
     if processes == 1 and "lora" not in candidates and "sharded" not in excluded:
         out.append("several processes with --shard (each holds 1/P of the experts)")
-    if device_type == "cuda" and open_("offload-cpu"):
+    if device_type == "cuda" and (open_("offload-cpu") or open_("offload-disk")):
         out.append("--offload cpu or disk (the experts off the device)")
     out.append("fewer experts, or a device with more memory")
     return out
@@ -290,7 +292,7 @@ def advice(candidates: dict[str, Plan], *, device_type: str, dtype_is_full: bool
 def refuse(candidates: dict[str, Plan], budget: int, *, device: torch.device, where: str, **why) -> None:
     """Raise a `GlueError` naming the smallest allowed strategy's needs and `advice` (``why``: its arguments)."""
     plan = min(candidates.values(), key=lambda p: p.memory.total)
-    tips = advice(candidates, device_type=device.type, **why)
+    tips = advice(candidates, device_type=device.type, budget=budget, **why)
     raise GlueError(f"this run needs about {plan.memory.describe()} ({plan.strategy}) but {where} has "
                     f"{human(budget)} on {device} ({HEADROOM:.0%} usable): try " + "; ".join(tips) + ".")
 

@@ -211,9 +211,13 @@ class OnTheFlyMatrix(CoefficientLayout):
         def hook(unit, args):
             if self._alpha is None:
                 raise RuntimeError("on-the-fly template run outside OnTheFlyMatrix.models()")
+            formed: dict[str, torch.Tensor] = {}  # a tied tensor is formed once for all its holders
             with torch.no_grad():
                 for module, store, key, _, slot in own:
-                    getattr(module, store)[key] = self._blend(slot, self._alpha, self._exact)
+                    if slot.name not in formed:
+                        formed[slot.name] = self._blend(slot, self._alpha, self._exact)
+                    getattr(module, store)[key] = formed[slot.name]
+            self._spare.clear()  # spares of other shapes are not kept: the pool never outgrows one unit
 
         return hook
 
@@ -222,10 +226,12 @@ class OnTheFlyMatrix(CoefficientLayout):
         spares for the next unit."""
 
         def hook(unit, args, output):
+            dropped: set[int] = set()
             for module, store, key, original, slot in own:
                 blend = getattr(module, store)[key]
                 getattr(module, store)[key] = original
-                if blend is not original:
+                if blend is not original and id(blend) not in dropped:
+                    dropped.add(id(blend))
                     self._spare.setdefault((slot.dtype, slot.numel), []).append(blend.view(1, -1))
 
         return hook

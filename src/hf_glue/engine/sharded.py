@@ -9,12 +9,15 @@ forward pass (they are collective): `lockstep` tells `Objective` so.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ..io.experts import Expert
 from .matrix import CoefficientLayout, ExpertMatrix, exact_product, layer_blocks, layout_slots, search_product
+
+logger = logging.getLogger(__name__)
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, processes: int) -> None:
@@ -44,9 +47,15 @@ def shard_model(model: torch.nn.Module, device: torch.device, processes: int) ->
         if id(module) not in inside:
             for p in module.parameters(recurse=False):
                 owners.setdefault(id(p), set()).add(-1)
-    for i, block in enumerate(blocks):
-        if all(owners[id(p)] == {i} for p in block.parameters()):  # a tied parameter stays with the root
+    shared = []
+    for i, (name, block) in enumerate(layer_blocks(model)):
+        if all(owners[id(p)] == {i} for p in block.parameters()):
             fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        else:  # a tied parameter stays with the root, and with it the block
+            shared.append(name)
+    if shared:
+        logger.warning("sharded: %d block(s) share a parameter with the rest of the model (%s) and are gathered "
+                       "with the root for the whole forward pass", len(shared), ", ".join(shared[:3]))
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     model.to_empty(device=device)
     with torch.no_grad():
