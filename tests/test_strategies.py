@@ -273,3 +273,10 @@ def test_on_the_fly_encoder_decoder_with_shared_embeddings():
               "decoder_input_ids": torch.randint(0, 40, (2, 5), generator=gen)}
     got, expected = _blend_both_ways(T5ForConditionalGeneration, config, inputs)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_blend_command_refuses_search_strategy_flags(cls_experts, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("blend", "--experts", *cls_experts["ids"][:2], "--weights", "0.5", "0.5", "--offload", "disk",
+                   "--output-dir", str(out))
+    assert_refused(proc, ["--offload", "streams them tensor by tensor"], out)

@@ -74,6 +74,9 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
 
     if bool(blend.from_result) == bool(blend.weights):
         raise GlueError("give either --weights w1 w2 ... or --from-result merge_result.json (not both, not neither).")
+    if experts_config.shard or experts_config.blend != "auto" or experts_config.offload != "none":
+        raise GlueError("--blend, --shard and --offload choose how a search holds its experts; `hf-glue blend` "
+                        "already streams them tensor by tensor: drop them.")
     source: Optional[dict] = None
     if blend.from_result:
         if experts_config.experts:
