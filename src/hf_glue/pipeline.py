@@ -224,9 +224,14 @@ def excluded_strategies(experts: list[Expert], experts_config: ExpertsConfig, gl
     return out
 
 
+def blend_dtypes(expert: Expert, dtype: Optional[torch.dtype]) -> set:
+    """The dtypes the experts' floating tensors are held in: ``dtype`` (--dtype), or each as stored."""
+    return {dtype or i.dtype for i in expert.tensors.values() if i.dtype.is_floating_point}
+
+
 def model_dtype(expert: Expert, dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype the template and the blend use: the experts' one float dtype (or ``dtype``), float32 when mixed."""
-    dtypes = {dtype or i.dtype for i in expert.tensors.values() if i.dtype.is_floating_point}
+    dtypes = blend_dtypes(expert, dtype)
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -398,8 +403,7 @@ def check_memory(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         budget, host_budget = min(b for b, _ in budgets), min(h for _, h in budgets)
     plan = memory.choose(candidates, budget, host_budget, device.type)
     if plan is None:
-        dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in experts[0].tensors.values()
-                  if i.dtype.is_floating_point}
+        dtypes = blend_dtypes(experts[0], torch_dtype(experts_config.dtype))
         memory.refuse(candidates, budget, device=device, where="--max-memory" if experts_config.max_memory else
                       "the device", dtype_is_full=dtypes == {torch.float32}, samples=glue_config.spsa_samples,
                       processes=processes, excluded=set(exclude), others=plans)

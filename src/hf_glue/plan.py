@@ -21,7 +21,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     from .io.adapters import is_adapter
     from .io.experts import check_compatible, expert_from_repo, index_without_weights, resolve_experts, resolve_repos
     from .methods import get_method
-    from .pipeline import excluded_strategies, memory_budgets, memory_plans, strategy_candidates
+    from .pipeline import blend_dtypes, excluded_strategies, memory_budgets, memory_plans, strategy_candidates
     from .tasks import detect_task
     from .tasks.base import fit_max_length
 
@@ -61,7 +61,7 @@ def estimate_merge(experts_config: ExpertsConfig, config: EstimateConfig) -> dic
     candidates, exclude, allowed = strategy_candidates(plans, experts_config, glue, processes, exclude)
     chosen = memory.choose(candidates, budget, host, device.type)
     floats = [i for i in rows[0].tensors.values() if i.dtype.is_floating_point]
-    dtypes = {torch_dtype(experts_config.dtype) or i.dtype for i in floats}
+    dtypes = blend_dtypes(rows[0], torch_dtype(experts_config.dtype))
     tips = [] if chosen else memory.advice(candidates, device_type=device.type, dtype_is_full=dtypes == {torch.float32},
                                            samples=glue.spsa_samples, processes=processes, excluded=set(exclude),
                                            others=plans, budget=budget)

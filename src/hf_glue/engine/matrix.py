@@ -59,6 +59,19 @@ def layer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
+def checkpoint_names(model: torch.nn.Module, names, buffers: bool = False) -> dict[int, str]:
+    """Each of the model's parameters (and buffers) → the name its checkpoint stores it under: its own, or for a tied
+    tensor the first of its names that ``names`` holds."""
+    found: dict[int, str] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False)]
+    if buffers:
+        tensors += [*model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        if name in names:
+            found.setdefault(id(tensor), name)
+    return found
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where one tensor lives: its dtype buffer, group and column range."""
@@ -162,6 +175,12 @@ class CoefficientLayout:
         `functional_call`) to run θ(α): here its blended tensors; engines that form θ(α) inside the model
         (on the fly, sharded) install it before yielding and yield only what is left to pass."""
         yield from self.blend(alphas, exact=exact)
+
+    def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
+        """``alphas[..., K]`` with the base's coefficient 1 appended for task vectors (unchanged otherwise)."""
+        if not self.offset:
+            return alphas
+        return torch.cat([alphas, alphas.new_ones(*alphas.shape[:-1], 1)], -1)
 
     def summarize(self, alpha: torch.Tensor) -> dict[str, float]:
         """Per-expert coefficients: α itself for one group, else the size-weighted mean over groups."""
@@ -338,11 +357,6 @@ class ExpertMatrix(CoefficientLayout):
                 out[slot.name] = tensor.view(slot.shape)
         return out
 
-    def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
-        """``alphas[..., K]`` with the base's coefficient 1 appended for task vectors (unchanged otherwise)."""
-        if not self.offset:
-            return alphas
-        return torch.cat([alphas, alphas.new_ones(*alphas.shape[:-1], 1)], -1)
 
     def release(self, experts: bool = False) -> None:
         """Free the product buffers (the next no-grad blend allocates them again); with ``experts`` also the

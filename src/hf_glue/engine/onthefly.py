@@ -19,7 +19,8 @@ import torch
 from ..errors import GlueError
 from ..io.experts import Expert
 from ..io.safetensors import SafetensorsReader
-from .matrix import CoefficientLayout, ExpertMatrix, Slot, exact_product, layer_blocks, layout_slots, search_product
+from .matrix import (CoefficientLayout, ExpertMatrix, Slot, checkpoint_names, exact_product, layer_blocks, layout_slots,
+                     search_product)
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +149,6 @@ class OnTheFlyMatrix(CoefficientLayout):
             else:
                 self.store.release(experts=True)
 
-    def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
-        """Task vectors: the base's coefficient 1 appended (its row is the store's last)."""
-        if not self.offset:
-            return alphas
-        return torch.cat([alphas, alphas.new_ones(*alphas.shape[:-1], 1)], -1)
-
     def _blend(self, slot: Slot, alpha: torch.Tensor, exact: bool) -> torch.Tensor:
         """One tensor of θ(α), formed from its K rows."""
         rows = self._rows(slot)
@@ -181,11 +176,7 @@ class OnTheFlyMatrix(CoefficientLayout):
     def _install(self) -> None:
         """A pre-hook and a post-hook on every block and on the root (for the tensors outside blocks). Tied tensors
         are blended from the checkpoint's one copy wherever they are held."""
-        canonical: dict[int, str] = {}
-        for name, tensor in [*self.model.named_parameters(remove_duplicate=False),
-                             *self.model.named_buffers(remove_duplicate=False)]:
-            if name in self.slots:
-                canonical.setdefault(id(tensor), name)
+        canonical = checkpoint_names(self.model, self.slots, buffers=True)
         for name, tensor in self.model.named_parameters(remove_duplicate=False):
             if id(tensor) not in canonical:
                 raise GlueError(f"parameter {name!r} has no tensor in the experts' checkpoints.")

@@ -15,7 +15,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..io.experts import Expert
-from .matrix import CoefficientLayout, ExpertMatrix, exact_product, layer_blocks, layout_slots, search_product
+from .matrix import (CoefficientLayout, ExpertMatrix, checkpoint_names, exact_product, layer_blocks, layout_slots,
+                     search_product)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,10 @@ def shard_model(model: torch.nn.Module, device: torch.device, processes: int) ->
 
     mesh = init_device_mesh(device.type, (processes,))
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    blocks = [block for _, block in layer_blocks(model)]
+    blocks = layer_blocks(model)
     owners: dict[int, set[int]] = {}  # parameter → the units holding it (a block, or -1: outside every block)
     inside: set[int] = set()
-    for i, block in enumerate(blocks):
+    for i, (_, block) in enumerate(blocks):
         for p in block.parameters():
             owners.setdefault(id(p), set()).add(i)
         inside.update(id(m) for m in block.modules())
@@ -48,7 +49,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, processes: int) ->
             for p in module.parameters(recurse=False):
                 owners.setdefault(id(p), set()).add(-1)
     shared = []
-    for i, (name, block) in enumerate(layer_blocks(model)):
+    for i, (name, block) in enumerate(blocks):
         if all(owners[id(p)] == {i} for p in block.parameters()):
             fully_shard(block, mesh=mesh, reshard_after_forward=True)
         else:  # a tied parameter stays with the root, and with it the block
@@ -75,10 +76,7 @@ class ShardedMatrix(CoefficientLayout):
         self._device = torch.device(device)
         self.half_mm = self._device.type == "cuda"
         checkpoint = experts[0].tensors
-        canonical: dict[int, str] = {}
-        for name, tensor in model.named_parameters(remove_duplicate=False):
-            if name in checkpoint:
-                canonical.setdefault(id(tensor), name)
+        canonical = checkpoint_names(model, checkpoint)
         rows: dict[str, tuple[int, int]] = {}
         targets: list[tuple[torch.nn.Parameter, str]] = []
         for name, param in model.named_parameters():
