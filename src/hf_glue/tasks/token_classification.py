@@ -1,0 +1,1 @@
+"""Token classification (NER): labels aligned over word pieces, entity-level F1."""
