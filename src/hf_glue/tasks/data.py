@@ -22,6 +22,8 @@ from ..errors import GlueError
 
 DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 EVAL_SPLIT_NAMES = ("validation", "valid", "dev", "test")
+#: Column roles whose cells are structured (an image, an audio clip, a list of words or tags), not scalars.
+NESTED_ROLES = ("image", "audio", "tokens", "tags")
 
 
 @dataclass
@@ -166,7 +168,7 @@ def _check_column(spec: str, split: str, rows, column: str, role: str) -> None:
     bad = pc.index(pc.is_null(values, nan_is_null=True), True).as_py()
     if bad >= 0:
         raise GlueError(missing.format(bad + 1))
-    if role != "image" and pa.types.is_nested(values.type):
+    if role not in NESTED_ROLES and pa.types.is_nested(values.type):
         raise GlueError(f"{where}: column {column!r} holds nested values ({values.type}), not the "
                         f"{role.replace('_', ' ')} the task reads.")
     if not role.startswith("text"):
