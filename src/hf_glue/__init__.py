@@ -27,6 +27,7 @@ _EXPORTS = {
     "GlueConfig": ".config",
     "OutputConfig": ".config",
     "PushConfig": ".config",
+    "TrackingConfig": ".config",
     "GlueError": ".errors",
     "MergeResult": ".report.result",
     "estimate_merge": ".plan",
@@ -45,6 +46,7 @@ __all__ = [
     "MergeResult",
     "OutputConfig",
     "PushConfig",
+    "TrackingConfig",
     "__version__",
     "estimate_merge",
     "merge_experts",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
         GlueConfig,
         OutputConfig,
         PushConfig,
+        TrackingConfig,
     )
     from .errors import GlueError
     from .report.result import MergeResult

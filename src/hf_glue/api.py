@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from transformers import TrainerCallback
 
-from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig
+from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, TrackingConfig
 from .report.result import MergeResult
 
 
@@ -21,6 +21,7 @@ def merge_experts(
     output_dir: Optional[str] = None,
     overwrite_output_dir: bool = False,
     finetune_config: Optional[FinetuneConfig] = None,
+    tracking_config: Optional[TrackingConfig] = None,
 ) -> MergeResult:
     """Learn α for ``experts`` on ``dataset`` and return the result; ``result.model`` is ready for `Trainer`.
 
@@ -32,6 +33,7 @@ def merge_experts(
         experts_config (`ExpertsConfig`, *optional*): loading options; its ``experts`` are replaced by ``experts``.
         output_dir (`str`, *optional*): also save the merged model, card and ``merge_result.json`` there.
         finetune_config (`FinetuneConfig`, *optional*): fine-tune the merged model with the Trainer afterwards.
+        tracking_config (`TrackingConfig`, *optional*): experiment trackers the search and fine-tuning log to.
     """
     from .pipeline import run_merge
 
@@ -39,7 +41,7 @@ def merge_experts(
     data_config = replace(data_config or DataConfig(), dataset=dataset)
     return run_merge(experts_config, data_config, config or GlueConfig(),
                      OutputConfig(output_dir=output_dir, overwrite_output_dir=overwrite_output_dir),
-                     finetune_config=finetune_config)
+                     finetune_config=finetune_config, tracking_config=tracking_config)
 
 
 class GlueCallback(TrainerCallback):

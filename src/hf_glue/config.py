@@ -436,6 +436,36 @@ class OutputConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers: the search's loss, gains and α per step, then the fine-tuning Trainer's logs."""
+
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Trackers to log to: tensorboard, trackio, wandb, mlflow (one or more), or none. Each is "
+                  "an optional extra (pip install 'hf-glue[tensorboard]'), imported only when named here."},
+    )
+    logging_dir: str = field(
+        default="runs",
+        metadata={"help": "Where local trackers write (tensorboard: LOGGING_DIR/RUN_NAME/{search,finetune}; view "
+                  "with `tensorboard --logdir runs`). Kept apart from --output-dir, which is written whole at the "
+                  "end."},
+    )
+    run_name: Optional[str] = field(
+        default=None, metadata={"help": "The run's name in the trackers (default: the output folder's name and the "
+                                        "start time)."}
+    )
+    tracker_project: str = field(
+        default="hf-glue", metadata={"help": "Project (wandb, trackio) or experiment (mlflow) the run is logged in."}
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        from .tracking import check_report_to
+
+        self.report_to = check_report_to(self.report_to)
+
+
+@dataclass
 class PushConfig:
     """How an output folder is pushed (shared by `merge --push-to-hub` and `hf-glue push`)."""
 

@@ -13,6 +13,7 @@ import torch
 from .config import FinetuneConfig, check_value, read_mapping_file
 from .errors import GlueError
 from .tasks import Task
+from .tracking import TrainerTracking
 
 
 def read_training_args(path: Optional[str]) -> dict:
@@ -42,15 +43,18 @@ def finetune(
     seed: int = 0,
     cpu: bool = False,
     before: Optional[dict[str, float]] = None,
+    tracking: Optional[TrainerTracking] = None,
 ) -> tuple[Any, dict[str, float], dict[str, float], list[dict]]:
     """Train ``model`` in place for ``config.finetune_epochs``; returns (model, eval before, eval after, curve).
 
     ``curve`` holds the held-out metrics at each step the Trainer evaluated during training (with
     ``eval_strategy: steps`` in --training-args; empty otherwise): how fast a start reaches a given accuracy.
-    ``before``: the start's held-out metrics when the caller has them already (no second evaluation)."""
+    ``before``: the start's held-out metrics when the caller has them already (no second evaluation).
+    ``tracking``: the experiment trackers the Trainer logs to (--report-to)."""
     from transformers import Trainer, TrainingArguments
 
     overrides = read_training_args(config.training_args)
+    reporting, callbacks = tracking.trainer_setup() if tracking is not None else ({}, [])
     with tempfile.TemporaryDirectory(prefix="hf-glue-finetune-") as tmp:
         values = {
             "output_dir": tmp,
@@ -66,6 +70,7 @@ def finetune(
             "use_cpu": cpu,
             "logging_strategy": "epoch",
             "dataloader_pin_memory": not cpu and torch.cuda.is_available(),
+            **reporting,
             **overrides,
         }
         trainer = Trainer(
@@ -75,6 +80,7 @@ def finetune(
             eval_dataset=eval_dataset,
             data_collator=task.collator(processor),
             compute_metrics=task.compute_metrics(model_config),
+            callbacks=callbacks,
         )
         if before is None:
             before = _clean(trainer.evaluate(), task)

@@ -17,7 +17,9 @@ import torch
 from .tasks import data as data_mod
 from .engine import memory
 from .engine.matrix import ExpertMatrix
-from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, torch_dtype
+from . import tracking
+from .config import (DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, TrackingConfig,
+                     torch_dtype)
 from .errors import GlueError
 from .io.checkpoint import STATE_FILE, Checkpoint, state_dir_for
 from .io.hub import check_repo_id
@@ -83,12 +85,14 @@ class Prepared:
         return (self.base or self.experts[0]).repo.path
 
 
-def make_accelerator(cpu: bool = False):
+def make_accelerator(cpu: bool = False, log_with: Optional[list] = None):
+    """The run's `Accelerator`; ``log_with``: the experiment trackers the search logs to (`tracking.build_trackers`)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     # even_batches=False: no rows repeated to pad the last batch (evaluation combines its sums once, after the loop)
-    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False))
+    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False),
+                       log_with=log_with or None)
 
 
 def prepare(
@@ -491,8 +495,9 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoint] = None):
-    """Run ``config.method`` on prepared inputs: its α and what it cost (a `MethodOutput`)."""
+def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoint] = None, tracker=None):
+    """Run ``config.method`` on prepared inputs: its α and what it cost (a `MethodOutput`); ``tracker``: a
+    `tracking.SearchTracker` each step is logged to."""
     ctx = MergeContext(
         matrix=prep.matrix,
         objective=prep.objective,
@@ -500,6 +505,7 @@ def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoi
         config=config,
         accelerator=prep.accelerator,
         checkpoint=checkpoint,
+        tracker=tracker,
     )
     return get_method(config.method).run(ctx)
 
@@ -557,10 +563,13 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
     )
 
 
-def learn(prep: Prepared, config: GlueConfig, command: str = "", checkpoint: Optional[Checkpoint] = None
-          ) -> MergeResult:
-    """Run one method on prepared inputs and evaluate its blend on the held-out split."""
-    return to_result(prep, config, run_method(prep, config, checkpoint), command)
+def learn(prep: Prepared, config: GlueConfig, command: str = "", checkpoint: Optional[Checkpoint] = None,
+          tracker=None) -> MergeResult:
+    """Run one method on prepared inputs and evaluate its blend on the held-out split (logged to ``tracker``)."""
+    result = to_result(prep, config, run_method(prep, config, checkpoint, tracker), command)
+    if tracker is not None:
+        tracker.log_eval(result.eval, step=len(result.history))
+    return result
 
 
 def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) -> torch.nn.Module:
@@ -596,16 +605,17 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
 
 
 def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig, seed: int,
-                    before: Optional[dict] = None) -> MergeResult:
+                    before: Optional[dict] = None, tracking: Optional[tracking.TrainerTracking] = None
+                    ) -> MergeResult:
     """Fine-tune ``result.model`` with the Trainer; records ``eval_before`` / ``eval_after`` (``before``: the
-    start's held-out metrics, when already measured)."""
+    start's held-out metrics, when already measured; ``tracking``: the trackers the Trainer logs to)."""
     from .finetune import finetune
 
     if prep.adapters:
         result.model = adapter_training_model(result.model, config.finetune_mode)
     result.model, result.eval_before, result.eval_after, result.finetune_curve = finetune(
         result.model, prep.task, prep.processor, prep.train, prep.eval, config, prep.model_config,
-        seed=seed, cpu=prep.experts_config.cpu, before=before,
+        seed=seed, cpu=prep.experts_config.cpu, before=before, tracking=tracking,
     )
     result.config["finetune"] = asdict(config)
     return result
@@ -636,13 +646,16 @@ def run_merge(
     command: Optional[str] = None,
     finetune_config: Optional[FinetuneConfig] = None,
     push_config: Optional[PushConfig] = None,
+    tracking_config: Optional[TrackingConfig] = None,
 ) -> MergeResult:
-    """The whole `hf-glue merge`: validate, learn α, blend, (fine-tune), save atomically (main process only)."""
+    """The whole `hf-glue merge`: validate, learn α, blend, (fine-tune), save atomically (main process only);
+    with trackers (``tracking_config.report_to``) the search and the fine-tuning are logged as one run."""
     from .config import hub_environment, merge_command
     from .finetune import read_training_args
 
     output_config = output_config or OutputConfig()
     finetune_config = finetune_config or FinetuneConfig()
+    tracking_config = tracking_config or TrackingConfig()
     check_method(glue_config.method)  # unknown method or a missing optional package: fail before any work
     if glue_config.method == "weights":
         from .methods.weights import check_weights
@@ -667,9 +680,14 @@ def run_merge(
             finetune_config.finetune_mode == "full":
         raise GlueError("--save-as adapter with --finetune-mode full: a fully fine-tuned model is no adapter; use "
                         "--save-as merged, or --finetune-mode adapter.")
-    prep = prepare(experts_config, data_config, glue_config, output_dir=output_config.output_dir,
+    trackers = tracking.active(tracking_config.report_to)
+    run_name = tracking_config.run_name or tracking.default_run_name(output_config.output_dir)
+    accelerator = make_accelerator(experts_config.cpu, tracking.build_trackers(
+        trackers, run_name, tracking_config.tracker_project, tracking_config.logging_dir)) if trackers else None
+    prep = prepare(experts_config, data_config, glue_config, accelerator, output_dir=output_config.output_dir,
                    save_as=output_config.save_as, finetune=finetune_config.finetune_epochs > 0)
-    command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config)
+    command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config,
+                                       tracking_config)
     if any(not e.repo.is_local for e in prep.experts) or prep.target.to_dict().get("revision"):
         command = hub_environment() + command  # the cache/offline/endpoint the repo ids were resolved with
     checkpoint = None
@@ -680,11 +698,21 @@ def run_merge(
         elif checkpoint.exists() and prep.accelerator.is_main_process:
             logger.warning("an interrupted search for this output was saved in %s; pass --resume to continue it "
                            "(this run starts over and replaces it)", checkpoint.folder)
-    result = learn(prep, glue_config, command, checkpoint)
-    result.model = blended_model(prep, result.alpha, consume=True)
-    prep.matrix.release(experts=True)  # nothing blends any more: K·N·b freed before fine-tuning and saving
-    if finetune_config.finetune_epochs > 0:
-        finetune_result(prep, result, finetune_config, glue_config.seed)
+    tracker = None
+    if trackers:
+        tracker = tracking.SearchTracker(prep.accelerator)
+        tracker.start({"experts": [e.name for e in prep.experts], "dataset": data_config.dataset, "run": run_name,
+                       "glue": asdict(glue_config), "finetune": asdict(finetune_config)})
+    try:
+        result = learn(prep, glue_config, command, checkpoint, tracker)
+        result.model = blended_model(prep, result.alpha, consume=True)
+        prep.matrix.release(experts=True)  # nothing blends any more: K·N·b freed before fine-tuning and saving
+        if finetune_config.finetune_epochs > 0:
+            finetune_result(prep, result, finetune_config, glue_config.seed, tracking=tracking.TrainerTracking(
+                trackers, run_name, tracking_config.tracker_project, tracking_config.logging_dir) if trackers else None)
+    finally:
+        if tracker is not None:
+            tracker.finish()  # flushes what was logged, also when the run fails
     if prep.adapters:
         result.model = output_model(result.model, output_config.save_as)
         result.save_as = output_config.save_as

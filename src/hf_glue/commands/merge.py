@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Optional
 
-from ..config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig
+from ..config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, TrackingConfig
 from ..errors import GlueError
 from .parsing import build_configs
 
@@ -16,18 +16,18 @@ DESCRIPTION = (
     "and merge_result.json are written to --output-dir.\n\nExample:\n  hf-glue merge --experts org/a org/b "
     "--dataset org/target --output-dir merged --steps 100"
 )
-CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig, PushConfig)
+CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig, PushConfig, TrackingConfig)
 
 
 def run(args: list[str], parser) -> int:
     from ..pipeline import run_merge
 
-    experts, data, glue, finetune, output, push, _ = build_configs(parser, CONFIGS, args)
+    experts, data, glue, finetune, output, push, trackers, _ = build_configs(parser, CONFIGS, args)
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
     command = shlex.join(["hf-glue", "merge", *(a for a in args if a != "--resume")])  # reproduces, resumed or not
     result = run_merge(experts, data, glue, output, command=command,
-                       finetune_config=finetune, push_config=push)
+                       finetune_config=finetune, push_config=push, tracking_config=trackers)
     if is_main_process():
         print_summary(result, output.output_dir)
     return 0

@@ -30,6 +30,13 @@ class MergeContext:
     accelerator: Any = None
     #: where an iterative method saves its state for --resume (None: no saving, e.g. in compare)
     checkpoint: Optional[Checkpoint] = None
+    #: the experiment trackers each step is logged to (--report-to); None: none
+    tracker: Any = None
+
+    def log_step(self, entry: dict) -> None:
+        """Hand one history entry (loss, gains, α) to the experiment trackers, if any."""
+        if self.tracker is not None:
+            self.tracker.log_step(entry)
 
     @property
     def is_main_process(self) -> bool:

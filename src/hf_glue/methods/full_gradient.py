@@ -48,5 +48,6 @@ class FullGradient(MergeMethod):
                 x.copy_(param.project(x))
             coefficients = matrix.summarize(param.alpha(x))
             history.append({"step": step, "loss": value, "coefficients": coefficients})
+            ctx.log_step(history[-1])
             bar.set_postfix_str(f"loss={value:.4f} α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
         return MethodOutput(alpha=param.alpha(x).detach().clone(), history=history, backward_passes=cfg.steps)

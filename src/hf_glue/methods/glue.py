@@ -120,7 +120,9 @@ class Glue(MergeMethod):
                     raise GlueError(str(err)) from None
                 coefficients = matrix.summarize(rec.alpha)
                 history.append({"step": rec.step, "loss_plus": rec.loss_plus, "loss_minus": rec.loss_minus,
-                                "coefficients": coefficients, **({"rejected": True} if rec.rejected else {})})
+                                "gain": rec.gain, "perturbation": rec.perturbation, "coefficients": coefficients,
+                                **({"rejected": True} if rec.rejected else {})})
+                ctx.log_step(history[-1])
                 bar.set_postfix_str(f"loss={(rec.loss_plus + rec.loss_minus) / 2:.4f} "
                                     f"α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
                 signum = _agreed_signal(stop.signum, acc)

@@ -244,6 +244,7 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
         loss = float(losses[finite].mean())
         history.append({"step": step, "loss": loss, "coefficients": coefficients,
                         **({"non_finite": int((~finite).sum())} if not bool(finite.all()) else {})})
+        ctx.log_step(history[-1])
         bar.set_postfix_str(f"loss={loss:.4f} α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
     details = {"optimizer": opt.name, "generations": len(sizes), "population": sizes[0],
                "initial_step": setup.sigma0, "budget": budget}

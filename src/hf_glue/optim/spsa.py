@@ -143,6 +143,9 @@ class StepRecord:
     loss_minus: float
     alpha: torch.Tensor
     rejected: bool = False
+    #: the step's gain a_t and perturbation size c_t
+    gain: float = 0.0
+    perturbation: float = 0.0
 
 
 class SPSA:
@@ -274,6 +277,7 @@ class SPSA:
 
     def step(self, loss_fn: LossFn, gather: LossGather = None) -> StepRecord:
         """One update; a step whose losses are not finite is rejected (α kept, gain halved) and counted."""
+        gain, perturbation = self.a_t(self.t), self.c_t(self.t)
         grad, lp, lm = self.estimate(loss_fn, self.t, gather)
         rejected = not (math.isfinite(lp) and math.isfinite(lm) and bool(torch.isfinite(grad).all()))
         if rejected:
@@ -294,7 +298,7 @@ class SPSA:
         if self.average_from is not None and self.t >= self.average_from:
             self.alpha_sum = self.alpha.clone() if self.alpha_sum is None else self.alpha_sum + self.alpha
             self.averaged_steps += 1
-        record = StepRecord(self.t, lp, lm, self.alpha.clone(), rejected)
+        record = StepRecord(self.t, lp, lm, self.alpha.clone(), rejected, gain, perturbation)
         self.t += 1
         return record
 
