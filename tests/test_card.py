@@ -39,10 +39,16 @@ def test_card_parses_with_the_merge_metadata(merged, cls_experts):
     assert metric["type"] == "accuracy" and metric["value"] == pytest.approx(result["eval"]["accuracy"], abs=1e-6)
 
 
-def test_card_template_ships_in_the_package():
-    from importlib.resources import files
+def test_card_template_lives_in_the_top_level_model_cards_folder():
+    """The template is model_cards/merge.md at the top of the repository, the only copy (tests/test_packaging.py
+    checks that wheels and editable installs ship it as hf_glue.model_cards)."""
+    from pathlib import Path
 
-    assert files("hf_glue").joinpath("model_cards/merge.md").is_file()
+    from hf_glue.report.card import TEMPLATE
+
+    root = Path(__file__).resolve().parents[1]
+    assert TEMPLATE.resolve() == (root / "model_cards" / "merge.md").resolve()
+    assert not (root / "src" / "hf_glue" / "model_cards").exists()
 
 
 def test_sharded_experts_merge_like_single_files(cls_experts, build_root):

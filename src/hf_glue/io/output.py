@@ -33,11 +33,11 @@ KNOWN_OUTPUT_FILES = frozenset({
     "generation_config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
     "special_tokens_map.json", "preprocessor_config.json", "tokenizer_config.json", "chat_template.jinja",
-    "chat_template.json", "processor_config.json",
+    "chat_template.json", "processor_config.json", "mergekit_config.yml",
 })
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 #: Files `hf-glue card` may (re)write in an output after the fact.
-CARD_FILES = frozenset({"README.md", "glue_trajectory.png", COMPARE_FILE})
+CARD_FILES = frozenset({"README.md", "glue_trajectory.png", COMPARE_FILE, "mergekit_config.yml"})
 _HOST = socket.gethostname()
 
 

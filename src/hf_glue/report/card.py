@@ -6,15 +6,32 @@ import re
 from pathlib import Path
 from typing import Optional
 
-TEMPLATE = Path(__file__).parents[1] / "model_cards" / "merge.md"
+
+
+def template_path(name: str = "merge.md") -> Path:
+    """A card template: ``hf_glue.model_cards`` (the repository's top-level ``model_cards/`` folder, packaged under
+    that name by pyproject.toml's ``package-dir``), or that folder itself when the package is not importable (a
+    source tree on ``PYTHONPATH``, or an editable install made before the folder moved)."""
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files("hf_glue.model_cards").joinpath(name)))
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parents[3] / "model_cards" / name
+    return path
+
+
+TEMPLATE = template_path()
 
 
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def generate_card(result: dict, *, trajectory_png: Optional[str] = None, comparison: Optional[dict] = None) -> str:
-    """Render the card for a merge result dict (the content of ``merge_result.json``)."""
+def generate_card(result: dict, *, trajectory_png: Optional[str] = None, comparison: Optional[dict] = None,
+                  mergekit_yaml: Optional[str] = None) -> str:
+    """Render the card for a merge result dict (the content of ``merge_result.json``); ``mergekit_yaml``: the
+    blend as a mergekit configuration (`mergekit.mergekit_config`), shown in a section of its own."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from ..tasks import get_task
@@ -85,6 +102,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         comparison_columns=comparison_columns,
         comparison_note=(comparison or {}).get("note"),
         trajectory_png=trajectory_png,
+        mergekit_yaml=(mergekit_yaml or "").rstrip("\n"),
         forward_passes=result.get("forward_passes", 0),
         backward_passes=result.get("backward_passes", 0),
         seconds=result.get("seconds", 0.0),

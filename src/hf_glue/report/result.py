@@ -21,8 +21,7 @@ logger = logging.getLogger(__name__)
 CODE_REFERENCING_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 #: Tokenizer/processor files copied verbatim from the first expert into the output.
-COPIED_FILES = PROCESSOR_FILES + ("tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                                  "processor_config.json")
+COPIED_FILES = PROCESSOR_FILES + ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 
 
 @dataclass
@@ -164,9 +163,11 @@ def settle_remote_code(folder: Path, source: Optional[Path], trusted: bool) -> N
 
 
 def write_card(folder: Path, data: Optional[dict] = None) -> Path:
-    """(Re)write ``README.md`` and the trajectory PNG from the result (by default ``merge_result.json``) and
+    """(Re)write ``README.md``, the trajectory PNG and ``mergekit_config.yml`` (the blend as a mergekit merge,
+    checked against the saved model's tensor names) from the result (by default ``merge_result.json``) and
     ``compare.json`` if the folder has one."""
     from .card import generate_card
+    from .mergekit import write_mergekit_config
     from .plots import plot_trajectories
 
     if data is None:
@@ -174,7 +175,8 @@ def write_card(folder: Path, data: Optional[dict] = None) -> Path:
     png = plot_trajectories(data, folder / "glue_trajectory.png")
     compare = folder / "compare.json"
     comparison = json.loads(compare.read_text()).get("card") if compare.is_file() else None
+    mergekit_yaml = write_mergekit_config(folder, data)
     (folder / "README.md").write_text(generate_card(data, trajectory_png=png.name if png else None,
-                                                    comparison=comparison))
+                                                    comparison=comparison, mergekit_yaml=mergekit_yaml))
     return folder / "README.md"
 
