@@ -368,14 +368,27 @@ class DataConfig:
     task: Optional[str] = field(
         default=None,
         metadata={"help": "Task family (default: from the experts' architecture): sequence-classification, "
-                  "causal-lm, image-classification."},
+                  "token-classification, seq2seq, causal-lm, image-classification, audio-classification, ctc."},
     )
-    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: detected)."})
+    text_column: Optional[str] = field(
+        default=None, metadata={"help": "Text column (default: detected); for token-classification the words (a list "
+                                "per row), for seq2seq the source text."}
+    )
     text_pair_column: Optional[str] = field(
         default=None, metadata={"help": "Second text column for sentence-pair classification."}
     )
-    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default: detected)."})
+    label_column: Optional[str] = field(
+        default=None, metadata={"help": "Label column (default: detected); for token-classification the tags (a list "
+                                "per row: ints or the experts' tag names)."}
+    )
+    target_column: Optional[str] = field(
+        default=None, metadata={"help": "Target text column for seq2seq (default: detected: target, summary, "
+                                "output, ...)."}
+    )
     image_column: Optional[str] = field(default=None, metadata={"help": "Image column (default: detected)."})
+    audio_column: Optional[str] = field(
+        default=None, metadata={"help": "Audio column: a datasets Audio column or float arrays (default: detected)."}
+    )
     max_length: Optional[int] = field(
         default=None,
         metadata={"help": "Truncate tokenised text to this many tokens (default: 128, or the experts' number of "

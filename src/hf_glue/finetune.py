@@ -78,8 +78,9 @@ def finetune(
             args=TrainingArguments(**values),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=task.collator(processor),
-            compute_metrics=task.compute_metrics(model_config),
+            data_collator=task.trainer_collator(processor),
+            compute_metrics=task.trainer_metrics(processor, model_config),
+            preprocess_logits_for_metrics=task.preprocess_logits_for_metrics(),
             callbacks=callbacks,
         )
         if before is None:

@@ -604,6 +604,16 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
     return model
 
 
+def generation_eval(prep: Prepared, model, batch_size: int) -> dict[str, float]:
+    """Held-out metrics of what a whole ``model`` generates, for tasks scored that way (seq2seq: exact match,
+    token F1, ROUGE-L); ``{}`` for the others. Generation is no collective: it runs on the main process only (the
+    one that saves and reports), and the others get ``{}``."""
+    if model is None or not prep.accelerator.is_main_process:
+        return {}
+    return prep.task.generation_metrics(model, prep.eval, prep.processor, batch_size,
+                                        prep.data_config.max_length or 128) or {}
+
+
 def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig, seed: int,
                     before: Optional[dict] = None, tracking: Optional[tracking.TrainerTracking] = None
                     ) -> MergeResult:
@@ -707,9 +717,14 @@ def run_merge(
         result = learn(prep, glue_config, command, checkpoint, tracker)
         result.model = blended_model(prep, result.alpha, consume=True)
         prep.matrix.release(experts=True)  # nothing blends any more: K·N·b freed before fine-tuning and saving
+        result.eval.update(generation_eval(prep, result.model, glue_config.eval_batch_size))
         if finetune_config.finetune_epochs > 0:
             finetune_result(prep, result, finetune_config, glue_config.seed, tracking=tracking.TrainerTracking(
                 trackers, run_name, tracking_config.tracker_project, tracking_config.logging_dir) if trackers else None)
+            generated = generation_eval(prep, result.model, glue_config.eval_batch_size)
+            if generated:  # the merged start's were measured above
+                result.eval_before.update({k: result.eval[k] for k in generated if k in result.eval})
+                result.eval_after.update(generated)
     finally:
         if tracker is not None:
             tracker.finish()  # flushes what was logged, also when the run fails

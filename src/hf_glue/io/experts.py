@@ -35,6 +35,7 @@ PROCESSOR_FILES = (
     "added_tokens.json",
     "special_tokens_map.json",
     "preprocessor_config.json",
+    "processor_config.json",  # transformers 5 saves a processor's feature extractor (sampling rate, ...) here
 )
 
 @dataclass(frozen=True)

@@ -101,7 +101,11 @@ class Objective:
             self.stats(alpha, batch)
         finally:
             handle.remove()
-        return captured[0].float().reshape(captured[0].shape[0], -1).cpu(), batch["labels"].cpu()
+        features, labels = captured[0].float(), batch["labels"]
+        if labels.dim() > 1:  # a label per token (token classification): each labelled token is a sample
+            keep = labels != -100
+            return features[keep].cpu(), labels[keep].cpu()
+        return features.reshape(features.shape[0], -1).cpu(), labels.cpu()
 
     def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:
         """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored."""

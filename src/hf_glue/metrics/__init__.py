@@ -10,7 +10,8 @@ METRICS_DIR = Path(__file__).parent
 
 @lru_cache(maxsize=None)
 def load_metric(name: str):
-    """`evaluate.load` of a bundled metric (``accuracy``, ``f1``); evaluate is imported only here (it is slow)."""
+    """`evaluate.load` of a bundled metric (``accuracy``, ``f1``, ``seqeval``, ``text_overlap``); evaluate is
+    imported only here (it is slow)."""
     import evaluate
 
     path = METRICS_DIR / name / f"{name}.py"

@@ -82,6 +82,28 @@ class Task(ABC):
         """A `transformers.Trainer` ``compute_metrics`` function for this task, or None."""
         return None
 
+    def trainer_collator(self, processor) -> Callable:
+        """The collator `transformers.Trainer` gets: ``collator``'s, unless that adds keys for ``batch_stats`` that
+        the model does not take (the Trainer passes every key to the model)."""
+        return self.collator(processor)
+
+    def trainer_metrics(self, processor, model_config: dict) -> Optional[Callable]:
+        """The Trainer's ``compute_metrics``: ``compute_metrics(model_config)``, unless scoring needs the processor
+        (e.g. decoding token ids to words)."""
+        return self.compute_metrics(model_config)
+
+    def preprocess_logits_for_metrics(self) -> Optional[Callable]:
+        """A `transformers.Trainer` ``preprocess_logits_for_metrics`` (what is kept of each eval batch's logits for
+        `compute_metrics`), or None: the logits as they are."""
+        return None
+
+    def generation_metrics(self, model, dataset, processor, batch_size: int, max_new_tokens: int
+                           ) -> Optional[dict[str, float]]:
+        """Metrics of ``model``'s generated outputs on ``dataset`` (preprocessed held-out rows), for tasks scored by
+        what the model generates (seq2seq); None for the others. ``model`` is a whole `PreTrainedModel`; this runs
+        on one process."""
+        return None
+
     def head_module(self, model) -> Optional[torch.nn.Module]:
         """The classification head whose input are the penultimate features (for LogME); None if none."""
         for name in ("classifier", "score"):

@@ -1,1 +1,202 @@
-"""Token classification (NER): labels aligned over word pieces, entity-level F1."""
+"""Token classification (NER): labels aligned over word pieces, entity-level F1.
+
+Rows hold a list of words (``tokens``) and a list of tags of the same length (``ner_tags``): ints, or tag names
+mapped through the experts' ``label2id``. Words are tokenised with ``is_split_into_words=True``; the first piece of
+each word carries its tag and every other position -100 (the alignment of transformers' run_ner). Entities are read
+from the tags as seqeval does (IOB2, IOB1, BIOES; see `hf_glue.metrics.scores`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DataConfig
+from ..errors import GlueError
+from ..metrics.scores import entity_counts, prf
+from .base import Task, load_tokenizer, pick_column, register_task, wide_sum
+from .classification import num_labels
+
+TOKENS_COLUMNS = ("tokens", "words")
+TAGS_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags", "chunk_tags")
+
+
+def tag_names(model_config: dict) -> list[str]:
+    """The experts' tag names by class id (``id2label``, else ``label2id`` inverted, else ``LABEL_i``)."""
+    n = num_labels(model_config)
+    id2label = {int(k): str(v) for k, v in (model_config.get("id2label") or {}).items()}
+    if not id2label:
+        id2label = {int(v): str(k) for k, v in (model_config.get("label2id") or {}).items()}
+    return [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+
+
+def tag_mapper(dataset, column: str, model_config: dict):
+    """Map tag values to class ids (ints as they are, names through ``label2id``); every distinct value in the
+    column is checked against the experts' tags before any row is mapped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = tag_names(model_config)
+    n = len(names)
+    if n < 2:
+        raise GlueError("the experts' token-classification head has a single output; it needs two or more tags.")
+    to_class = {str(k): int(v) for k, v in (model_config.get("label2id") or {}).items()} or \
+        {name: i for i, name in enumerate(names)}
+    values = dataset.with_format("arrow")[column]
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+        raise GlueError(f"tags column {column!r} holds {values.type} values, not a list of tags per row (one per "
+                        "word); check --label-column.")
+
+    # ints of a `ClassLabel` column are the dataset's tag ids: read through its names when the experts know them
+    # all (their ids may be ordered differently, as run_ner remaps them)
+    class_label = getattr(dataset.features.get(column), "feature", None)
+    dataset_names = getattr(class_label, "names", None)
+    by_name = ([to_class[name] for name in dataset_names]
+               if dataset_names and all(name in to_class for name in dataset_names) else None)
+
+    def to_id(value) -> Optional[int]:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            if by_name is not None:
+                return by_name[value] if 0 <= value < len(by_name) else None
+            return value if 0 <= value < n else None
+        if isinstance(value, str):
+            return to_class.get(value)
+        return None
+
+    shown = ", ".join(names[:6]) + (", ..." if n > 6 else "")
+    for value in pc.unique(pc.list_flatten(values)).to_pylist():
+        if value is None or to_id(value) is None:
+            raise GlueError(f"tags column {column!r} has tag {value!r}, which is not one of the experts' {n} tags "
+                            f"(0..{n - 1} or {shown}); check --label-column.")
+    return to_id
+
+
+def check_words(dataset, tokens: str, tags: str) -> None:
+    """Refuse a words column that is not lists of strings, and a row whose tags do not match its words."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")
+    words = table[tokens]
+    if not (pa.types.is_list(words.type) or pa.types.is_large_list(words.type)) or \
+            not pa.types.is_string(words.type.value_type):
+        hint = " (text: split it into words first)" if pa.types.is_string(words.type) else ""
+        raise GlueError(f"words column {tokens!r} holds {words.type} values, not a list of words per row{hint}; "
+                        "check --text-column.")
+    mismatch = pc.not_equal(pc.list_value_length(words), pc.list_value_length(table[tags]))
+    bad = pc.index(mismatch, True).as_py()
+    if bad >= 0:
+        row = words[bad].as_py()  # (rows are numbered after the held-out split: name the row by its words)
+        shown = " ".join(row[:8]) + (" ..." if len(row) > 8 else "")
+        raise GlueError(f"the row {shown!r} has {len(row)} words in column {tokens!r} but {len(table[tags][bad])} "
+                        f"tags in column {tags!r}; give every word one tag.")
+
+
+@register_task
+class TokenClassification(Task):
+    name = "token-classification"
+    pretty_name = "Token classification"
+    auto_model = "AutoModelForTokenClassification"
+    pipeline_tag = "token-classification"
+    architecture_suffixes = ("ForTokenClassification",)
+    primary_metric = "f1"  # entity-level (seqeval); the search itself minimises the token loss
+
+    #: the tag names of the experts being merged, set by `preprocess` (which every run calls before scoring):
+    #: `batch_stats` reads entities from them
+    _tags: Optional[list[str]] = None
+
+    def load_processor(self, path, trust_remote_code=False):
+        return load_tokenizer(path, trust_remote_code)
+
+    def resolve_columns(self, column_names: Sequence[str], data: DataConfig) -> dict[str, str]:
+        return {
+            "tokens": pick_column("words", data.text_column, TOKENS_COLUMNS, column_names, "--text-column"),
+            "tags": pick_column("tags", data.label_column, TAGS_COLUMNS, column_names, "--label-column"),
+        }
+
+    def preprocess(self, dataset, processor, columns, data: DataConfig, model_config: dict):
+        if not getattr(processor, "is_fast", False):
+            raise GlueError(f"token classification needs a fast (Rust `tokenizers`) tokenizer to align tags with "
+                            f"word pieces; the experts ship {type(processor).__name__}. Save the experts with a "
+                            "tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True)).")
+        tokens, tags = columns["tokens"], columns["tags"]
+        check_words(dataset, tokens, tags)
+        to_id = tag_mapper(dataset, tags, model_config)
+        self._tags = tag_names(model_config)
+
+        def encode(rows):
+            enc = processor(rows[tokens], is_split_into_words=True, truncation=True, max_length=data.max_length)
+            enc["labels"] = [align_labels(enc.word_ids(i), [to_id(t) for t in row_tags])
+                             for i, row_tags in enumerate(rows[tags])]
+            return enc
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+
+    def collator(self, processor):
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(processor, return_tensors="pt")
+
+    def batch_stats(self, outputs, batch):
+        logits = outputs.logits.float()
+        labels = batch["labels"]
+        mask = labels != -100
+        predicted = logits.argmax(-1)
+        tp = fp = fn = 0
+        if self._tags is None:
+            raise RuntimeError("TokenClassification.preprocess must run before batch_stats (it reads the tags).")
+        for pred_row, label_row, keep in zip(predicted.tolist(), labels.tolist(), mask.tolist()):
+            pred = [self._tags[p] for p, k in zip(pred_row, keep) if k]
+            ref = [self._tags[r] for r, k in zip(label_row, keep) if k]
+            counts = entity_counts(pred, ref)
+            tp, fp, fn = tp + counts[0], fp + counts[1], fn + counts[2]
+        wide = torch.float32 if logits.device.type == "mps" else torch.float64
+        count = lambda v: torch.tensor(float(v), dtype=wide, device=logits.device)  # noqa: E731
+        return {
+            "loss_sum": wide_sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="none")),
+            "count": wide_sum(mask),
+            "correct": wide_sum((predicted == labels) & mask),
+            "entity_tp": count(tp),
+            "entity_fp": count(fp),
+            "entity_fn": count(fn),
+        }
+
+    def finalize(self, sums):
+        count = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count,
+                **prf(sums["entity_tp"], sums["entity_fp"], sums["entity_fn"])}
+
+    def compute_metrics(self, model_config: dict):
+        """A `Trainer` ``compute_metrics``: entity precision/recall/F1 and token accuracy via the bundled
+        ``seqeval`` module, over the first piece of each word."""
+        from ..metrics import load_metric
+
+        seqeval = load_metric("seqeval")
+        names = tag_names(model_config)
+
+        def compute(eval_pred):
+            logits, labels = eval_pred
+            predictions = logits.argmax(-1)
+            preds, refs = [], []
+            for pred_row, label_row in zip(predictions, labels):
+                keep = label_row != -100
+                preds.append([names[int(p)] for p in pred_row[keep]])
+                refs.append([names[int(r)] for r in label_row[keep]])
+            scores = seqeval.compute(predictions=preds, references=refs)
+            return {k: scores[k] for k in ("precision", "recall", "f1", "accuracy")}
+
+        return compute
+
+
+def align_labels(word_ids: Sequence[Optional[int]], tag_ids: Sequence[int]) -> list[int]:
+    """One label per token: the word's tag on its first piece, -100 on later pieces and special tokens."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(-100 if word is None or word == previous else tag_ids[word])
+        previous = word
+    return labels

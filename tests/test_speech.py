@@ -1,0 +1,222 @@
+"""Speech tasks: audio classification and CTC speech recognition (tiny wav2vec2 experts on synthetic tones)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HUB_CACHE
+from hf_glue import DataConfig, GlueConfig, merge_experts, testing
+from hf_glue.errors import GlueError
+from hf_glue.testing import speech
+
+
+@pytest.fixture(scope="session")
+def speech_experts(build_root) -> dict:
+    """org/ac-{0,1,2} (audio classification) and org/asr-{0,1,2} (CTC), and their domain-0 targets: plain arrays
+    (org/ac-target, org/asr-target) and a parquet Audio column of WAV bytes (org/asr-wav)."""
+    out = {}
+    for task, prefix in (("audio-classification", "ac"), ("ctc", "asr")):
+        paths = speech.build_speech_experts(build_root / prefix, task, n_experts=3)
+        out[prefix] = [f"org/{prefix}-{d}" for d in range(3)]
+        for repo, path in zip(out[prefix], paths):
+            testing.publish_to_cache(path, repo, HUB_CACHE)
+        out[f"{prefix}-paths"] = paths
+        data = speech.write_speech_dataset(build_root / f"{prefix}-target", task, domain=0)
+        testing.publish_to_cache(data, f"org/{prefix}-target", HUB_CACHE, repo_type="dataset")
+    wav = speech.write_speech_dataset(build_root / "asr-wav", "ctc", domain=0, n_train=48, n_test=24, form="wav")
+    testing.publish_to_cache(wav, "org/asr-wav", HUB_CACHE, repo_type="dataset")
+    out["asr-target-dir"] = build_root / "asr-target"
+    return out
+
+
+def test_audio_classification_merge_picks_the_target_expert_and_reloads(speech_experts, tmp_path):
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    out = tmp_path / "merged"
+    result = merge_experts(speech_experts["ac"], "org/ac-target", GlueConfig(steps=25, seed=0, batch_size=16),
+                           output_dir=str(out))
+    assert result.task == "audio-classification"
+    assert max(result.coefficients, key=result.coefficients.get) == "org/ac-0", result.coefficients
+    assert result.eval["accuracy"] > 0.8
+    model = AutoModelForAudioClassification.from_pretrained(out).eval()
+    extractor = AutoFeatureExtractor.from_pretrained(out)
+    rows = speech.classification_clips(0, 16, seed=5)
+    enc = extractor([r["audio"] for r in rows], sampling_rate=speech.RATE, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**enc).logits.argmax(-1)
+    assert (predicted == torch.tensor([r["label"] for r in rows])).float().mean() > 0.8
+
+
+def test_ctc_merge_picks_the_target_expert_and_reloads(speech_experts, tmp_path):
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    out = tmp_path / "merged"
+    result = merge_experts(speech_experts["asr"], "org/asr-target", GlueConfig(steps=25, seed=0, batch_size=16),
+                           output_dir=str(out))
+    assert result.task == "ctc"
+    assert max(result.coefficients, key=result.coefficients.get) == "org/asr-0", result.coefficients
+    assert set(result.eval) >= {"loss", "wer", "cer"} and result.eval["cer"] < 0.5 and result.eval["wer"] <= 1.0
+    saved = json.loads((out / "merge_result.json").read_text())
+    assert saved["eval"]["wer"] == pytest.approx(result.eval["wer"])
+    for name in ("vocab.json", "tokenizer_config.json", "processor_config.json"):
+        assert (out / name).is_file(), name
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForCTC.from_pretrained(out).eval()
+    rows = speech.ctc_clips(0, 4, seed=5)
+    enc = processor(audio=[r["audio"] for r in rows], sampling_rate=speech.RATE, padding=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        ids = model(**enc).logits.argmax(-1)
+    texts = processor.batch_decode(ids)
+    assert all(isinstance(t, str) for t in texts) and any(t.strip() for t in texts)
+
+
+def test_ctc_batch_stats_loss_is_transformers_sum_loss(speech_experts):
+    """The hand-rolled CTC loss (per-utterance frames from the config) equals transformers' own, reduction sum."""
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    import datasets
+    from hf_glue.tasks import get_task
+
+    task, path = get_task("ctc"), speech_experts["asr-paths"][1]
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForCTC.from_pretrained(path, ctc_loss_reduction="sum").eval()
+    rows = speech.rows_as_arrays(speech_experts["asr-target-dir"])[:6]
+    data = datasets.Dataset.from_list(rows)
+    prepared = task.preprocess(data, processor, {"audio": "audio", "text": "text"}, DataConfig(dataset="x"),
+                               model.config.to_dict())
+    batch = task.collator(processor)([prepared[i] for i in range(len(rows))])
+    assert len(set(batch["frame_lengths"].tolist())) > 1  # clips of different lengths: padding matters
+    with torch.no_grad():
+        outputs = model(**task.model_inputs(batch))
+        expected = model(**task.model_inputs(batch), labels=batch["labels"]).loss
+    stats = task.batch_stats(outputs, batch)
+    assert float(stats["loss_sum"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(stats["count"]) == float((batch["labels"] >= 0).sum())
+    # WER from the sums: the same as decoding with the tokenizer and scoring with the `wer` metric
+    from hf_glue.metrics import load_metric
+
+    hyps, refs = [], []
+    for logits, n, labels in zip(outputs.logits, batch["frame_lengths"], batch["labels"]):
+        hyps.append(processor.decode(logits[:n].argmax(-1)))
+        refs.append(processor.decode(labels[labels >= 0], group_tokens=False))
+    scores = load_metric("wer").compute(predictions=hyps, references=refs)
+    metrics = task.finalize({k: float(v) for k, v in stats.items()})
+    assert metrics["wer"] == pytest.approx(scores["wer"]) and metrics["cer"] == pytest.approx(scores["cer"])
+
+
+def test_wer_metric_and_edit_distance_on_hand_made_cases():
+    from hf_glue.metrics import load_metric
+    from hf_glue.metrics.edit_distance import edit_distance
+    from hf_glue.tasks.ctc import error_counts, greedy_ids, split_words
+
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance([], ["a", "b"]) == 2 and edit_distance(["a"], []) == 1
+    wer = load_metric("wer")
+    # one substitution, one deletion over 4 reference words; one insertion over 2
+    scores = wer.compute(predictions=["the cat sat", "a b c"], references=["the bat sat down", "a b"])
+    assert scores["wer"] == pytest.approx(3 / 6)
+    assert scores["cer"] == pytest.approx((edit_distance("the bat sat down", "the cat sat") + 2) / (16 + 3))
+    assert wer.compute(predictions=["same words"], references=["same   words"])["wer"] == 0.0
+    # greedy CTC: repeats collapse, blanks (0) separate real repeats, padding (-100) dropped
+    assert greedy_ids([0, 3, 3, 0, 3, 4, 4, 2, 2, 5, -100, -100], blank=0) == [3, 3, 4, 2, 5]
+    assert split_words([2, 3, 4, 2, 2, 5, 2], delimiter=2) == [(3, 4), (5,)]
+    assert error_counts([3, 4, 2, 5], [3, 4, 2, 6, 2, 5], delimiter=2) == (1, 3, 2, 6)
+
+
+def test_detection_both_ways():
+    from hf_glue.tasks import detect_task
+
+    def config(arch, model_type, **extra):
+        return {"architectures": [arch], "model_type": model_type, **extra}
+
+    conv = {"conv_kernel": [10, 3], "conv_stride": [5, 2]}
+    assert detect_task(config("BertForSequenceClassification", "bert")).name == "sequence-classification"
+    assert detect_task(config("Wav2Vec2ForSequenceClassification", "wav2vec2")).name == "audio-classification"
+    assert detect_task(config("HubertForSequenceClassification", "hubert")).name == "audio-classification"
+    assert detect_task(config("ASTForAudioClassification", "audio-spectrogram-transformer")).name == \
+        "audio-classification"
+    assert detect_task(config("Wav2Vec2ForCTC", "wav2vec2", **conv)).name == "ctc"
+    assert detect_task(config("HubertForCTC", "hubert", **conv)).name == "ctc"
+    with pytest.raises(GlueError, match="AutoModelForSequenceClassification cannot build"):
+        detect_task(config("Wav2Vec2ForSequenceClassification", "wav2vec2"), "sequence-classification")
+    with pytest.raises(GlueError, match="AutoModelForAudioClassification cannot build"):
+        detect_task(config("BertForSequenceClassification", "bert"), "audio-classification")
+    # a CTC model without a convolutional waveform encoder (its frame lengths are not the conv formula)
+    with pytest.raises(GlueError, match="no hf-glue task supports"):
+        detect_task(config("Wav2Vec2BertForCTC", "wav2vec2-bert"))
+
+
+def test_wav_audio_column_decodes_through_wave(speech_experts):
+    """A parquet `datasets` Audio column of WAV bytes (16-bit, 8-bit, 32-bit stereo) decodes without torchcodec to
+    the same samples the plain arrays hold (up to quantisation), and the merge runs on it."""
+    import io
+
+    from hf_glue.tasks.audio import read_wav, write_wav
+
+    x = np.sin(np.arange(400) / 7.0).astype(np.float32) * 0.5
+    for width, channels, tolerance in ((2, 1, 1e-4), (1, 1, 1e-2), (4, 2, 1e-6)):
+        buffer = io.BytesIO()
+        write_wav(buffer, x, 8000, width=width, channels=channels)
+        buffer.seek(0)
+        decoded, rate = read_wav(buffer)
+        assert rate == 8000 and decoded.shape == x.shape and np.abs(decoded - x).max() < tolerance
+    result = merge_experts(speech_experts["asr"][:2], "org/asr-wav", GlueConfig(steps=3, seed=0, batch_size=8))
+    assert result.task == "ctc" and result.eval["cer"] < 0.6
+
+
+def _prepare(task_name, dataset_dir, experts, **data):
+    """Run the task's column resolution and preprocessing on a local dataset, as the pipeline does."""
+    from hf_glue.pipeline import data_mod
+    from hf_glue.tasks import get_task
+
+    task = get_task(task_name)
+    config = DataConfig(dataset=str(dataset_dir), **data)
+    target = data_mod.load_target(config)
+    columns = task.resolve_columns(target.column_names, config)
+    target.check_cells(columns)
+    processor = task.load_processor(experts[0])
+    model_config = json.loads((experts[0] / "config.json").read_text())
+    return task.preprocess(target.train, processor, columns, config, model_config)
+
+
+def test_bad_audio_is_refused_early_naming_the_culprit(speech_experts, tmp_path):
+    experts = speech_experts["asr-paths"]
+    # WAV at 16 kHz for 8 kHz experts: no resampling without torchcodec
+    wav16 = speech.write_speech_dataset(tmp_path / "wav16", "ctc", 0, n_train=6, n_test=3, form="wav", rate=16000)
+    with pytest.raises(GlueError, match=r"16000 Hz.*'audio'.*expects 8000 Hz.*resample"):
+        _prepare("ctc", wav16, experts)
+    # plain arrays whose sampling_rate column says another rate
+    arrays16 = speech.write_speech_dataset(tmp_path / "arr16", "audio-classification", 0, n_train=6, n_test=3,
+                                           rate=16000, sampling_rate_column=True)
+    with pytest.raises(GlueError, match=r"'sampling_rate' gives 16000 Hz.*expects 8000 Hz"):
+        _prepare("audio-classification", arrays16, speech_experts["ac-paths"])
+    # an unreadable file (not a WAV; no torchcodec here): named, with what to install
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = speech.write_speech_dataset(tmp_path / "bad", "ctc", 0, n_train=6, n_test=3, form="wav")
+    table = pq.read_table(bad / "train.parquet")
+    cells = table.column("audio").to_pylist()
+    cells[0] = {"bytes": b"ID3\x04not really an mp3", "path": "clip-000.mp3"}
+    table = table.set_column(0, "audio", pa.array(cells, type=table.schema.field("audio").type))
+    pq.write_table(table, bad / "train.parquet")
+    try:
+        import torchcodec  # noqa: F401
+    except Exception:
+        with pytest.raises(GlueError, match=r"clip-000\.mp3.*torchcodec"):
+            _prepare("ctc", bad, experts)
+    # a missing audio column, and a column that holds no audio
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    rows = speech.rows_as_arrays(speech_experts["asr-target-dir"])[:4]
+    (renamed / "train.jsonl").write_text("".join(json.dumps({"clip": r["audio"], "text": r["text"]}) + "\n"
+                                                 for r in rows))
+    with pytest.raises(GlueError, match=r"no audio column.*clip, text.*--audio-column"):
+        _prepare("ctc", renamed, experts)
+    with pytest.raises(GlueError, match=r"column 'text' holds string values, not audio"):
+        _prepare("ctc", speech_experts["asr-target-dir"], experts, audio_column="text")
