@@ -71,6 +71,15 @@ def build_models(root: Path, n_experts: int, noise: float) -> tuple[Path, list[P
     return base_path, expert_paths
 
 
+def mergekit_command(parser: argparse.ArgumentParser, python: str | None) -> list[str]:
+    """How to run ``mergekit-yaml``: with ``--mergekit-python``'s interpreter, else from PATH."""
+    if python:
+        return [python, "-m", "mergekit.scripts.run_yaml"]
+    if shutil.which("mergekit-yaml"):
+        return [shutil.which("mergekit-yaml")]
+    parser.error("mergekit-yaml is not on PATH: pass --mergekit-python (see this script's docstring)")
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -144,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep the models and merges here (default: a temporary folder)")
     args = parser.parse_args(argv)
 
-    if args.mergekit_python:
-        command = [args.mergekit_python, "-m", "mergekit.scripts.run_yaml"]
-    elif shutil.which("mergekit-yaml"):
-        command = [shutil.which("mergekit-yaml")]
-    else:
-        parser.error("mergekit-yaml is not on PATH: pass --mergekit-python (see this script's docstring)")
+    command = mergekit_command(parser, args.mergekit_python)
 
     with tempfile.TemporaryDirectory(prefix="hf-glue-mergekit-") as scratch:
         root = Path(args.workdir or scratch)

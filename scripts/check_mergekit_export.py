@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_mergekit import build_models, compare, load_state  # noqa: E402
+from check_mergekit import build_models, compare, load_state, mergekit_command  # noqa: E402
 
 #: name → (options of GlueConfig, whether the experts' task vectors over the base are merged)
 CONFIGS = {
@@ -69,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep the models and merges here (default: a temporary folder)")
     parser.add_argument("--show-config", action="store_true", help="print each exported mergekit_config.yml")
     args = parser.parse_args(argv)
-    if args.mergekit_python:
-        command = [args.mergekit_python, "-m", "mergekit.scripts.run_yaml"]
-    elif shutil.which("mergekit-yaml"):
-        command = [shutil.which("mergekit-yaml")]
-    else:
-        parser.error("mergekit-yaml is not on PATH: pass --mergekit-python (see this script's docstring)")
+    command = mergekit_command(parser, args.mergekit_python)
 
     from hf_glue import GlueConfig, merge_experts
     from hf_glue.config import ExpertsConfig

@@ -16,7 +16,7 @@ from conftest import TEST_ENV
 RUN = Path(__file__).resolve().parents[1] / "scripts" / "experiments" / "run.py"
 
 
-@pytest.mark.parametrize("setup", ["text", "images", "label-skew"])
+@pytest.mark.parametrize("setup", ["text", "images", "label-skew", "speech"])
 def test_quick_experiment_runs_end_to_end(setup, tmp_path):
     env = {**os.environ, **TEST_ENV}
     env.pop("HF_HUB_CACHE")  # run.py points the hub cache at its own work folder

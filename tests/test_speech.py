@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import HUB_CACHE
-from hf_glue import DataConfig, GlueConfig, merge_experts, testing
+from hf_glue import DataConfig, FinetuneConfig, GlueConfig, merge_experts, testing
 from hf_glue.errors import GlueError
 from hf_glue.testing import speech
 
@@ -73,6 +73,17 @@ def test_ctc_merge_picks_the_target_expert_and_reloads(speech_experts, tmp_path)
         ids = model(**enc).logits.argmax(-1)
     texts = processor.batch_decode(ids)
     assert all(isinstance(t, str) for t in texts) and any(t.strip() for t in texts)
+
+
+def test_ctc_finetuning_reports_the_searchs_own_metrics(speech_experts):
+    """The Trainer cannot score CTC exactly (it decodes padded frames too): before/after fine-tuning come from the
+    task's sums, so the merged start's figures equal the search's held-out evaluation."""
+    result = merge_experts(speech_experts["asr"], "org/asr-target", GlueConfig(method="uniform", batch_size=16),
+                           finetune_config=FinetuneConfig(finetune_epochs=1, learning_rate=1e-3))
+    for key in ("loss", "wer", "cer"):
+        assert result.eval_before[key] == pytest.approx(result.eval[key], rel=1e-5), key
+    assert set(result.eval_after) >= {"loss", "wer", "cer"}
+    assert result.eval_after["loss"] != result.eval_before["loss"]  # the model did train
 
 
 def test_ctc_batch_stats_loss_is_transformers_sum_loss(speech_experts):
@@ -220,3 +231,105 @@ def test_bad_audio_is_refused_early_naming_the_culprit(speech_experts, tmp_path)
         _prepare("ctc", renamed, experts)
     with pytest.raises(GlueError, match=r"column 'text' holds string values, not audio"):
         _prepare("ctc", speech_experts["asr-target-dir"], experts, audio_column="text")
+
+
+def _ctc_inputs(speech_experts):
+    from transformers import AutoProcessor
+
+    path = speech_experts["asr-paths"][0]
+    return AutoProcessor.from_pretrained(path), json.loads((path / "config.json").read_text())
+
+
+def _preprocess(task_name, rows, processor, model_config, **columns):
+    import datasets
+    from hf_glue.tasks import get_task
+
+    columns = {"audio": "audio", **({"text": "text"} if task_name == "ctc" else {"label": "label"}), **columns}
+    data = datasets.Dataset.from_list(rows, split="train")
+    return get_task(task_name).preprocess(data, processor, columns, DataConfig(dataset="x"), model_config)
+
+
+def test_bad_last_row_is_refused_in_preprocess_without_decoding(speech_experts, tmp_path):
+    """Every row is checked up front (headers and lengths, no decoding): a bad LAST row is refused in preprocess,
+    naming split, row and column, not mid-search when the DataLoader reaches it."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hf_glue.tasks.audio import write_wav
+
+    experts = speech_experts["asr-paths"]
+    # a parquet Audio column of 8 kHz WAV whose last train row is a 16 kHz WAV
+    wav = speech.write_speech_dataset(tmp_path / "wav", "ctc", 0, n_train=6, n_test=3, form="wav")
+    table = pq.read_table(wav / "train.parquet")
+    cells = table.column("audio").to_pylist()
+    buffer = io.BytesIO()
+    write_wav(buffer, np.zeros(1600), 16000)
+    cells[-1] = {"bytes": buffer.getvalue(), "path": "last.wav"}
+    table = table.set_column(0, "audio", pa.array(cells, type=table.schema.field("audio").type))
+    pq.write_table(table, wav / "train.parquet")
+    with pytest.raises(GlueError, match=r"split 'train', row 6: audio file 'last\.wav' is sampled at 16000 Hz.*"
+                                        r"'audio'.*expects 8000 Hz"):
+        _prepare("ctc", wav, experts)
+
+    processor, config = _ctc_inputs(speech_experts)
+    rows = speech.rows_as_arrays(speech_experts["asr-target-dir"])[:6]
+    # plain arrays: a clip too short for the conv encoder (8 then 4 samples, strides 4 and 4), a sampling_rate
+    # column that is wrong on the last row only
+    short = rows[:-1] + [{**rows[-1], "audio": [0.1] * 5}]
+    with pytest.raises(GlueError, match=r"split 'train', row 6: the audio clip in column 'audio' has 5 samples.*"
+                                        r"no output frame"):
+        _preprocess("ctc", short, processor, config)
+    rated = [{**r, "sampling_rate": 8000} for r in rows[:-1]] + [{**rows[-1], "sampling_rate": 16000}]
+    with pytest.raises(GlueError, match=r"row 6: column 'sampling_rate' gives 16000 Hz.*expects 8000 Hz"):
+        _preprocess("ctc", rated, processor, config)
+    # {"array", "sampling_rate"} structs, the last at another rate
+    structs = [{"audio": {"array": r["audio"], "sampling_rate": 8000}, "text": r["text"]} for r in rows]
+    structs[-1]["audio"]["sampling_rate"] = 16000
+    with pytest.raises(GlueError, match=r"row 6: the 'sampling_rate' field gives 16000 Hz.*expects 8000 Hz"):
+        _preprocess("ctc", structs, processor, config)
+    # a transcript its clip cannot spell: 400 samples make 24 frames, the last transcript needs 29
+    long = rows[:-1] + [{"audio": rows[-1]["audio"][:400], "text": " ".join(["abcd"] * 6)}]
+    with pytest.raises(GlueError, match=r"row 6: the transcript 'abcd abcd.*\(column 'text'\) needs at least 29 "
+                                        r"CTC frames.*makes 24"):
+        _preprocess("ctc", long, processor, config)
+    # and the same rows well-formed pass
+    assert len(_preprocess("ctc", structs[:-1], processor, config)) == 5
+
+
+def test_ctc_transcripts_outside_the_vocabulary_are_refused(speech_experts):
+    """The tiny experts' vocabulary is lower case (a-d): upper-case transcripts would all become <unk>."""
+    processor, config = _ctc_inputs(speech_experts)
+    rows = speech.rows_as_arrays(speech_experts["asr-target-dir"])  # 48 rows, about 240 target tokens
+    upper = [{**r, "text": r["text"].upper()} for r in rows]
+    with pytest.raises(GlueError, match=r"column 'text' are characters missing from the experts' CTC tokenizer "
+                                        r"vocabulary.*'<unk>': '[A-D]' \(\d+x\).*Lower-casing the column would "
+                                        r"cover 4 of these 4 characters"):
+        _preprocess("ctc", upper, processor, config)
+    # one upper-case letter among lower-case text: every upper-case letter is missing, so refused too
+    one = rows[:-1] + [{**rows[-1], "text": "A" + rows[-1]["text"][1:]}]
+    with pytest.raises(GlueError, match=r"1 of the \d+ target tokens .*'A' \(1x\)"):
+        _preprocess("ctc", one, processor, config)
+    # a rare unknown lower-case letter (under 1% of the tokens) is tolerated; a frequent one is not
+    rare = rows[:-1] + [{**rows[-1], "text": "x" + rows[-1]["text"][1:]}]
+    assert len(_preprocess("ctc", rare, processor, config)) == len(rows)
+    frequent = [{**r, "text": "e" + r["text"][1:]} if i % 8 == 0 else r for i, r in enumerate(rows)]
+    with pytest.raises(GlueError, match=r"'e' \(6x\)\. The vocabulary lacks them in the other case too"):
+        _preprocess("ctc", frequent, processor, config)
+
+
+def test_unmasked_feature_extractor_is_noted_once(speech_experts, caplog):
+    """wav2vec2-base-like extractors make no attention mask: padding changes outputs, so preprocess notes it."""
+    from hf_glue.tasks import audio
+
+    processor, config = _ctc_inputs(speech_experts)
+    rows = speech.rows_as_arrays(speech_experts["asr-target-dir"])[:6]
+    audio._warn_unmasked.cache_clear()
+    with caplog.at_level("WARNING", logger="hf_glue.tasks.audio"):
+        _preprocess("ctc", rows, processor, config)
+        assert "no attention mask" not in caplog.text
+        processor.feature_extractor.return_attention_mask = False
+        _preprocess("ctc", rows, processor, config)
+        _preprocess("ctc", rows, processor, config)
+    assert caplog.text.count("no attention mask") == 1

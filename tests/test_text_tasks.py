@@ -52,19 +52,18 @@ def _write_jsonl(path, rows):
 # --- detection -----------------------------------------------------------------------------------------------
 
 def test_detect_task_picks_the_new_tasks():
-    from transformers import BartConfig, BertConfig, T5Config, WhisperConfig
+    from transformers import BartConfig, BertConfig, MarianConfig, T5Config, WhisperConfig
 
     assert detect_task(BertConfig(architectures=["BertForTokenClassification"]).to_dict()).name == \
         "token-classification"
     for config in (T5Config(architectures=["T5ForConditionalGeneration"]),
-                   BartConfig(architectures=["BartForConditionalGeneration"])):
+                   BartConfig(architectures=["BartForConditionalGeneration"]),
+                   MarianConfig(architectures=["MarianMTModel"])):
         assert detect_task(config.to_dict()).name == "seq2seq"
     # Whisper's class name ends alike, but AutoModelForSeq2SeqLM cannot build it
-    try:
-        assert detect_task(WhisperConfig(architectures=["WhisperForConditionalGeneration"]).to_dict()).name != \
-            "seq2seq"
-    except GlueError:
-        pass
+    with pytest.raises(GlueError, match=r"WhisperForConditionalGeneration \(model_type 'whisper'\), which no hf-glue "
+                                        "task supports"):
+        detect_task(WhisperConfig(architectures=["WhisperForConditionalGeneration"]).to_dict())
     with pytest.raises(GlueError, match="cannot build"):
         detect_task(BertConfig(architectures=["BertForTokenClassification"]).to_dict(), "seq2seq")
 
@@ -95,9 +94,10 @@ def test_seqeval_metric_on_partial_matches():
 
 def test_token_classification_sums_reduce_to_the_same_f1():
     """batch_stats' entity counts, split over batches and summed, give the seqeval F1 of the whole set."""
+    from hf_glue.tasks.token_classification import tag_scheme
+
     task = get_task("token-classification")
     tags = tt.NER_TAGS
-    task._tags = list(tags)
     sums = {}
     for pred, ref in zip(PREDS, REFS):  # one sentence per "process"; continuation pieces and specials at -100
         labels = [-100] + [x for t in ref for x in (tags.index(t), -100)] + [-100]
@@ -106,7 +106,8 @@ def test_token_classification_sums_reduce_to_the_same_f1():
         for t in pred:
             logits[0, position, tags.index(t)] = 5.0
             position += 2
-        stats = task.batch_stats(types.SimpleNamespace(logits=logits), {"labels": torch.tensor([labels])})
+        batch = {"labels": torch.tensor([labels]), "tag_scheme": torch.tensor([tag_scheme(tags)])}
+        stats = task.batch_stats(types.SimpleNamespace(logits=logits), batch)
         assert stats["count"] == len(ref)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -167,6 +168,116 @@ def test_labels_only_on_the_first_piece_of_each_word():
     assert [x for x in labelled if x != -100] == [tt.NER_TAGS.index(t) for t in ("B-LOC", "B-PER", "I-PER")]
     with pytest.raises(GlueError, match="fast"):
         task.preprocess(rows, types.SimpleNamespace(is_fast=False), columns, DataConfig(), NER_CONFIG)
+    # the collator hands batch_stats the tags' reading; neither the model nor the Trainer gets it
+    batch = task.collator(tokenizer)([out[0], out[1]])
+    assert batch["tag_scheme"].shape == (2, len(tt.NER_TAGS), 2)
+    assert "tag_scheme" not in task.model_inputs(batch) and "labels" not in task.model_inputs(batch)
+    assert set(task.trainer_collator(tokenizer)([out[0], out[1]])) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_class_label_names_must_be_the_experts_tags():
+    import datasets
+
+    task = get_task("token-classification")
+    tokenizer = _wordpiece_tokenizer()
+    features = lambda names: datasets.Features({  # noqa: E731
+        "tokens": datasets.List(datasets.Value("string")), "ner_tags": datasets.List(datasets.ClassLabel(names=names))})
+    rows = {"tokens": [["paris", "playing"]], "ner_tags": [[1, 2]]}
+    columns = {"tokens": "tokens", "tags": "ner_tags"}
+    other = datasets.Dataset.from_dict(rows, features=features(["O", "B-LOCATION", "B-PERSON"]))
+    with pytest.raises(GlueError, match=r"tags 'B-LOCATION', 'B-PERSON', which are not among the experts' 7 tags "
+                                        r"\(O, B-PER, I-PER, B-LOC, I-LOC, B-ORG, \.\.\.\)"):
+        task.preprocess(other, tokenizer, columns, DataConfig(max_length=32), NER_CONFIG)
+    # experts without tag names (LABEL_i): the dataset's ids are theirs
+    unnamed = {"id2label": {i: f"LABEL_{i}" for i in range(3)}, "label2id": {f"LABEL_{i}": i for i in range(3)}}
+    out = task.preprocess(other, tokenizer, columns, DataConfig(max_length=32), unnamed)
+    assert [x for x in out[0]["labels"] if x != -100] == [1, 2]
+
+
+def _byte_level_tokenizer(folder, pre_tokenizer):
+    """A tiny byte-level BPE (GPT-2's scheme, without add_prefix_space) trained on a few sentences, saved as a
+    generic fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["the cat sat on the mat", "a dog ran to paris", "the dog sat"] * 5, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "split-then-byte-level"])
+def test_byte_level_words_split_as_in_a_sentence(tmp_path, kind):
+    from tokenizers import Regex, pre_tokenizers
+
+    pre = (pre_tokenizers.ByteLevel(add_prefix_space=False) if kind == "byte-level" else
+           pre_tokenizers.Sequence([  # as Llama 3's and Qwen 2's: a Split by GPT-2's pattern, then ByteLevel
+               pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"), behavior="isolated"),
+               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    task = get_task("token-classification")
+    tokenizer = task.load_processor(_byte_level_tokenizer(tmp_path / "tok", pre))
+    words = ["the", "dog", "sat", "on", "paris"]
+    split = tokenizer(words, is_split_into_words=True)
+    pieces = tokenizer.convert_ids_to_tokens(split["input_ids"])
+    firsts = [pieces[i] for i, (w, prev) in enumerate(zip(split.word_ids(), [None] + split.word_ids()))
+              if w is not None and w != prev]
+    assert len(firsts) == len(words) and all(p.startswith("Ġ") for p in firsts[1:]), pieces
+    assert split["input_ids"] == tokenizer(" ".join(words))["input_ids"]
+
+
+def test_tokenizer_splitting_words_unlike_a_sentence_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, " ": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")  # spaces are tokens of their own
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(tmp_path)
+    with pytest.raises(GlueError, match=r"splits the words \['hello', 'world'\] given one by one into \['hello', "
+                                        r"'world'\], but the sentence 'hello world' into \['hello', ' ', 'world'\]"):
+        get_task("token-classification").load_processor(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "mbart"])
+def test_seq2seq_model_gets_decoder_inputs_not_labels(kind):
+    """The decoder inputs the task builds give the logits the model gives for ``labels`` (which it would also
+    score, for nothing)."""
+    import datasets
+    from transformers import (BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration,
+                              T5Config, T5ForConditionalGeneration)
+
+    tokenizer = tt.seq2seq_tokenizer()
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    bart = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_position_embeddings": 32}
+    torch.manual_seed(0)
+    model = {
+        "t5": lambda: T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                                          decoder_start_token_id=tokenizer.pad_token_id, **ids)),
+        "bart": lambda: BartForConditionalGeneration(BartConfig(decoder_start_token_id=2, **bart, **ids)),
+        "mbart": lambda: MBartForConditionalGeneration(MBartConfig(**bart, **ids)),  # starts from the last token
+    }[kind]().eval()
+    task = get_task("seq2seq")
+    rows = datasets.Dataset.from_list(tt.seq2seq_rows(1, 4, 0))
+    out = task.preprocess(rows, tokenizer, {"text": "source", "target": "target"}, DataConfig(max_length=16),
+                          model.config.to_dict())
+    batch = task.collator(tokenizer)(list(out))
+    assert (batch["labels"] == -100).any()  # targets of different lengths: padding is covered
+    inputs = task.model_inputs(batch)
+    assert "labels" not in inputs and "decoder_input_ids" in inputs
+    with torch.no_grad():
+        ours = model(**inputs)
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"])
+    assert ours.loss is None
+    scored = batch["labels"] != -100  # (past a target's end, the inputs are padding either way, and unscored)
+    assert torch.equal(ours.logits[scored], reference.logits[scored])
+    stats = task.batch_stats(ours, batch)
+    assert float(stats["loss_sum"] / stats["count"]) == pytest.approx(float(reference.loss), rel=1e-6)
 
 
 def test_bad_token_classification_input_fails_early(ner, tmp_path):

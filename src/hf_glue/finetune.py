@@ -79,21 +79,41 @@ def finetune(
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             data_collator=task.trainer_collator(processor),
-            compute_metrics=task.trainer_metrics(processor, model_config),
+            compute_metrics=task.compute_metrics(model_config, processor),
             preprocess_logits_for_metrics=task.preprocess_logits_for_metrics(),
             callbacks=callbacks,
         )
+        def evaluate() -> dict[str, float]:
+            if task.trainer_metrics_exact:
+                return _clean(trainer.evaluate(), task)
+            return task_metrics(model, task, eval_dataset, processor, values["per_device_eval_batch_size"])
+
         if before is None:
-            before = _clean(trainer.evaluate(), task)
+            before = evaluate()
         trainer.train()
         curve = [{"step": entry["step"], **_clean(entry, task)} for entry in trainer.state.log_history
                  if "eval_loss" in entry]
-        if curve and curve[-1]["step"] == trainer.state.global_step:  # evaluated at the last step already
-            after = {k: v for k, v in curve[-1].items() if k != "step"}
+        if task.trainer_metrics_exact and curve and curve[-1]["step"] == trainer.state.global_step:
+            after = {k: v for k, v in curve[-1].items() if k != "step"}  # evaluated at the last step already
         else:
-            after = _clean(trainer.evaluate(), task)
+            after = evaluate()
     model.eval()
     return model, before, after, curve
+
+
+@torch.no_grad()
+def task_metrics(model, task: Task, dataset, processor, batch_size: int) -> dict[str, float]:
+    """Held-out metrics of a whole model from the task's own per-batch sums: what the search reports."""
+    from .tasks.data import make_loader
+
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    for batch in make_loader(dataset, batch_size, task.collator(processor), shuffle=False):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for key, value in task.batch_stats(model(**task.model_inputs(batch)), batch).items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return {k: float(v) for k, v in task.finalize(sums).items()}
 
 
 def _clean(metrics: dict, task: Task) -> dict[str, float]:

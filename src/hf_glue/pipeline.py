@@ -607,8 +607,16 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
 def generation_eval(prep: Prepared, model, batch_size: int) -> dict[str, float]:
     """Held-out metrics of what a whole ``model`` generates, for tasks scored that way (seq2seq: exact match,
     token F1, ROUGE-L); ``{}`` for the others. Generation is no collective: it runs on the main process only (the
-    one that saves and reports), and the others get ``{}``."""
+    one that saves and reports), and the others get ``{}``. Skipped after a sharded or on-the-fly search: the
+    model is then gathered on the CPU, where generating the held-out split of a large model would take hours while
+    the other processes wait."""
     if model is None or not prep.accelerator.is_main_process:
+        return {}
+    strategy = prep.plan.strategy if prep.plan is not None else "replicated"
+    if strategy != "replicated":
+        if type(prep.task).generation_metrics is not Task.generation_metrics:
+            logger.warning("note: generation metrics skipped: after a %s search the merged model is on the CPU; "
+                           "score it with the saved model instead.", strategy)
         return {}
     return prep.task.generation_metrics(model, prep.eval, prep.processor, batch_size,
                                         prep.data_config.max_length or 128) or {}

@@ -7,18 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 
-
 def template_path(name: str = "merge.md") -> Path:
-    """A card template: ``hf_glue.model_cards`` (the repository's top-level ``model_cards/`` folder, packaged under
-    that name by pyproject.toml's ``package-dir``), or that folder itself when the package is not importable (a
-    source tree on ``PYTHONPATH``, or an editable install made before the folder moved)."""
+    """A card template from ``hf_glue.model_cards``: the repository's top-level ``model_cards/`` folder, packaged
+    under that name by pyproject.toml's ``package-dir`` (in wheels and editable installs alike)."""
     from importlib.resources import files
 
-    try:
-        path = Path(str(files("hf_glue.model_cards").joinpath(name)))
-    except ModuleNotFoundError:
-        path = Path(__file__).resolve().parents[3] / "model_cards" / name
-    return path
+    return Path(str(files("hf_glue.model_cards").joinpath(name)))
 
 
 TEMPLATE = template_path()

@@ -3,19 +3,28 @@
 Three cell forms are read:
 
 - plain float arrays (``list<float>``), at the feature extractor's rate; an optional ``sampling_rate`` column
-  must say that rate on every row (checked for all rows before anything runs: nothing is resampled);
+  must say that rate on every row (nothing is resampled);
 - ``{"array": [...], "sampling_rate": N}`` structs (a decoded `datasets.Audio` cell written out as data);
 - a `datasets.Audio` column: cast to ``Audio(decode=False)`` and its WAV files or bytes read with the standard
   library's `wave` (PCM 8/16/24/32-bit, mono or downmixed). Other formats, and WAV at another sampling rate, are
   decoded (and resampled) by torchcodec when it is installed; without it they are refused naming the file.
 
-Decoding is lazy (`Dataset.with_transform`, batch by batch); the first row of each split is decoded in
-``preprocess`` so that a bad column, file or rate is reported before the search starts.
+Decoding is lazy (`Dataset.with_transform`, batch by batch), but every row is checked in ``preprocess``
+(`AudioReader.check_rows`), before the search starts and on every process alike, without decoding samples: WAV
+headers and array lengths give each clip's rate and length, so a wrong rate, an unreadable file or a clip too
+short for the experts' encoder is refused there, naming the split, row and column. Rows only torchcodec reads
+(other formats, WAV at another rate) are measured as they are decoded.
+
+Raw-waveform models whose feature extractor makes no attention mask (wav2vec2-base, HuBERT-base: conv encoders
+with ``feat_extract_norm="group"``) read each batch's zero padding as signal, so a clip's outputs depend on the
+lengths of the clips batched with it; ``preprocess`` logs this once when the clips differ in length.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import wave
 from typing import Any, Optional
 
@@ -23,6 +32,7 @@ import numpy as np
 
 from ..errors import GlueError
 
+logger = logging.getLogger(__name__)
 AUDIO_COLUMNS = ("audio", "speech", "waveform", "wav")
 RATE_COLUMN = "sampling_rate"
 _TORCHCODEC = "install torchcodec and ffmpeg (pip install torchcodec; apt-get install ffmpeg) to read other formats"
@@ -36,9 +46,10 @@ def _has_torchcodec() -> bool:
     return True
 
 
-def frame_count(model_config: dict, samples: int) -> Optional[int]:
+def frame_count(model_config: dict, samples):
     """How many output frames a convolutional feature encoder (wav2vec2, HuBERT, WavLM, ...) makes of ``samples``
-    input samples: transformers' ``_get_feat_extract_output_lengths`` from the config alone (None without one)."""
+    input samples (an int, or a numpy array of them): transformers' ``_get_feat_extract_output_lengths`` from the
+    config alone (None without one)."""
     kernels, strides = model_config.get("conv_kernel"), model_config.get("conv_stride")
     if not kernels or not strides:
         return None
@@ -72,22 +83,97 @@ class AudioReader:
             self.kind = "array"
             if RATE_COLUMN in dataset.column_names and RATE_COLUMN != column:
                 self.rate_column = RATE_COLUMN
-                rates = sorted(dataset.unique(RATE_COLUMN), key=str)
-                wrong = [r for r in rates if r != self.rate]
-                if wrong:
-                    raise GlueError(self._rate_message(f"column {RATE_COLUMN!r} gives", wrong[0], plain=True))
         else:
             raise GlueError(f"{where}: column {column!r} holds {arrow_type} values, not audio; give a datasets "
                             "Audio column, or float arrays (list<float>) at the experts' sampling rate "
                             f"({self.rate} Hz). Name the audio column with --audio-column.")
         self.dataset = dataset
 
-    def _rate_message(self, what: str, rate, plain: bool = False) -> str:
+    def _at(self, row: Optional[int]) -> str:
+        return self.where if row is None else f"{self.where}, row {row + 1}"
+
+    def _rate_message(self, what: str, rate, plain: bool = False, row: Optional[int] = None) -> str:
         how = ("resample it first (hf-glue does not resample plain arrays)" if plain else
                "resample it first, or install torchcodec and ffmpeg (pip install torchcodec), with which hf-glue "
                "resamples while decoding")
-        return (f"{self.where}: {what} {rate} Hz for the audio in column {self.column!r}, but the experts' feature "
-                f"extractor expects {self.rate} Hz; {how}.")
+        return (f"{self._at(row)}: {what} {rate} Hz for the audio in column {self.column!r}, but the experts' "
+                f"feature extractor expects {self.rate} Hz; {how}.")
+
+    def check_rows(self, model_config: dict) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Every row's clip length in samples (-1 where only torchcodec can tell) and frame count (None for
+        encoders that are not convolutional; -1 where the length is unknown), read without decoding samples: WAV
+        headers, array lengths from pyarrow. Refuses, naming the first such row, a rate other than the experts',
+        an unreadable file (without torchcodec) and a clip too short to make one frame."""
+        batches = self.dataset.select_columns(self.columns()).with_format("arrow").iter(batch_size=1024)
+        counts, start = [], 0
+        for table in batches:
+            if self.kind == "audio":
+                counts.append(np.array([self._wav_length(cell, start + i)
+                                        for i, cell in enumerate(table.column(self.column))], dtype=np.int64))
+            else:
+                counts.append(self._array_lengths(table, start))
+            start += table.num_rows
+        counts = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+        frames = frame_count(model_config, counts)
+        if frames is None:
+            return counts, None
+        known = counts >= 0
+        short = np.flatnonzero(known & (frames < 1))
+        if short.size:
+            row, samples = int(short[0]), int(counts[short[0]])
+            raise GlueError(f"{self._at(row)}: the audio clip in column {self.column!r} has {samples} samples "
+                            f"({samples / self.rate:.4f} s), shorter than the experts' convolutional encoder reads "
+                            "(it makes no output frame); drop such clips.")
+        return counts, np.where(known, frames, -1)
+
+    def _array_lengths(self, table, start: int) -> np.ndarray:
+        """The lengths of a batch of array or struct cells (the first channel's of ``[channels, samples]``
+        arrays), their rates checked."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        cells, rates = table.column(self.column), None
+        if self.kind == "struct":
+            if cells.type.get_field_index(RATE_COLUMN) >= 0:
+                rates, what = pc.struct_field(cells, RATE_COLUMN), f"the {RATE_COLUMN!r} field gives"
+            cells = pc.struct_field(cells, "array")
+        elif self.rate_column:
+            rates, what = table.column(self.rate_column), f"column {RATE_COLUMN!r} gives"
+        if rates is not None:
+            bad = pc.index(pc.not_equal(rates, self.rate), True).as_py()
+            if bad >= 0:
+                raise GlueError(self._rate_message(what, rates[bad].as_py(), plain=True, row=start + bad))
+        if pa.types.is_list(cells.type.value_type) or pa.types.is_large_list(cells.type.value_type):
+            cells = pc.list_element(cells, 0)
+        return pc.list_value_length(cells).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def _wav_length(self, cell, row: int) -> int:
+        """A `datasets` Audio cell's frame count from its WAV header (-1 for a file torchcodec will decode)."""
+        import pyarrow as pa
+
+        data, path = cell["bytes"], cell["path"].as_py()
+        name = path or "embedded audio bytes"
+        source = pa.BufferReader(data.as_buffer()) if data.is_valid and len(data.as_buffer()) else path
+        if source is None:
+            raise GlueError(f"{self._at(row)}: column {self.column!r} has neither audio bytes nor a path.")
+        try:
+            with wave.open(source, "rb") as w:
+                width, rate, frames = w.getsampwidth(), w.getframerate(), w.getnframes()
+            if width not in (1, 2, 3, 4):
+                raise wave.Error(f"unsupported sample width of {width} bytes")
+        except FileNotFoundError:
+            raise GlueError(f"{self._at(row)}: audio file {name!r} (column {self.column!r}) does not exist."
+                            ) from None
+        except (wave.Error, EOFError, ValueError) as err:  # not a PCM WAV file (or a truncated one)
+            if _has_torchcodec():
+                return -1
+            raise GlueError(f"{self._at(row)}: cannot decode audio file {name!r} (column {self.column!r}): {err}. "
+                            f"Without torchcodec only PCM WAV files are read; {_TORCHCODEC}.") from None
+        if rate != self.rate:
+            if _has_torchcodec():
+                return -1
+            raise GlueError(self._rate_message(f"audio file {name!r} is sampled at", rate, row=row))
+        return frames
 
     def columns(self) -> list[str]:
         return [self.column] + ([self.rate_column] if self.rate_column else [])
@@ -193,6 +279,21 @@ def check_clip(samples: int, model_config: dict, where: str, rate: int) -> Optio
         raise GlueError(f"{where}: an audio clip of {samples} samples ({samples / rate:.4f} s) is shorter than the "
                         "experts' convolutional encoder reads (it makes no output frame); drop such clips.")
     return frames
+
+
+def warn_if_unmasked(extractor, counts: np.ndarray, frames: Optional[np.ndarray]) -> None:
+    """Log once that outputs depend on batch neighbours where a convolutional raw-waveform encoder's feature
+    extractor makes no attention mask and the clips differ in length."""
+    if frames is not None and not getattr(extractor, "return_attention_mask", True) and \
+            np.unique(counts[counts >= 0]).size > 1:
+        _warn_unmasked(type(extractor).__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unmasked(extractor: str) -> None:
+    logger.warning("note: the experts' feature extractor (%s) makes no attention mask (wav2vec2-base / HuBERT-base "
+                   "style models): each batch is zero-padded to its longest clip and the model reads the padding, so "
+                   "a clip's outputs, and the scores, depend slightly on which clips are batched with it.", extractor)
 
 
 def feature_extractor_of(processor):

@@ -2,6 +2,12 @@
 
 Columns: the audio (``audio``, ``speech``, ... or ``--audio-column``; see `tasks.audio` for the forms read) and a
 label column, mapped to the experts' classes as in text classification. Loss and accuracy are classification's.
+
+Every row's clip is checked in ``preprocess`` (rate, readability, long enough for the encoder) without decoding.
+Experts whose feature extractor makes no attention mask (wav2vec2-base, HuBERT-base: ``feat_extract_norm="group"``,
+``return_attention_mask=False``) read each batch's zero padding as signal: a clip's pooled features, and so its
+prediction, depend on the lengths of the clips batched with it (as in transformers' own batched evaluation of such
+models); hf-glue batches as they are and logs a note when the clips differ in length.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..config import DataConfig
-from .audio import AUDIO_COLUMNS, AudioReader, check_clip, encode, feature_extractor_of, pad
+from .audio import AUDIO_COLUMNS, AudioReader, check_clip, encode, feature_extractor_of, pad, warn_if_unmasked
 from .base import pick_column, register_task
 from .classification import ClassificationTask, label_mapper
 from .text_classification import LABEL_COLUMNS
@@ -44,6 +50,7 @@ class AudioClassification(ClassificationTask):
         extractor = feature_extractor_of(processor)
         where = f"dataset {data.dataset!r}" + (f", split {str(dataset.split)!r}" if dataset.split else "")
         reader = AudioReader(dataset, columns["audio"], extractor.sampling_rate, where)
+        warn_if_unmasked(extractor, *reader.check_rows(model_config))
         label_col, key = columns["label"], extractor.model_input_names[0]
 
         def transform(rows):  # lazily, batch by batch: audio is decoded only when used
@@ -52,9 +59,7 @@ class AudioClassification(ClassificationTask):
                 check_clip(len(w), model_config, where, reader.rate)
             return {key: encode(extractor, waves), "labels": [to_id(v) for v in rows[label_col]]}
 
-        out = reader.dataset.select_columns(reader.columns() + [label_col]).with_transform(transform)
-        out[0]  # noqa: B018  (decode the first row now: a bad file, rate or clip is reported before the search)
-        return out
+        return reader.dataset.select_columns(reader.columns() + [label_col]).with_transform(transform)
 
     def collator(self, processor):
         import torch

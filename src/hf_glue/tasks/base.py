@@ -39,6 +39,9 @@ class Task(ABC):
     architecture_suffixes: ClassVar[tuple[str, ...]]
     primary_metric: ClassVar[str]
     greater_is_better: ClassVar[bool] = True
+    #: whether the Trainer's evaluation equals the search's (`batch_stats` sums); if not, fine-tuning reports the
+    #: latter before and after, so the card compares like with like
+    trainer_metrics_exact: ClassVar[bool] = True
 
     def model_class(self):
         import transformers
@@ -78,19 +81,15 @@ class Task(ABC):
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Metrics from summed stats: ``loss`` plus the task's metrics."""
 
-    def compute_metrics(self, model_config: dict) -> Optional[Callable]:
-        """A `transformers.Trainer` ``compute_metrics`` function for this task, or None."""
+    def compute_metrics(self, model_config: dict, processor: Any) -> Optional[Callable]:
+        """A `transformers.Trainer` ``compute_metrics`` function for this task, or None (``processor``: for tasks
+        whose scoring decodes token ids to words)."""
         return None
 
     def trainer_collator(self, processor) -> Callable:
         """The collator `transformers.Trainer` gets: ``collator``'s, unless that adds keys for ``batch_stats`` that
         the model does not take (the Trainer passes every key to the model)."""
         return self.collator(processor)
-
-    def trainer_metrics(self, processor, model_config: dict) -> Optional[Callable]:
-        """The Trainer's ``compute_metrics``: ``compute_metrics(model_config)``, unless scoring needs the processor
-        (e.g. decoding token ids to words)."""
-        return self.compute_metrics(model_config)
 
     def preprocess_logits_for_metrics(self) -> Optional[Callable]:
         """A `transformers.Trainer` ``preprocess_logits_for_metrics`` (what is kept of each eval batch's logits for
@@ -116,11 +115,12 @@ class Task(ABC):
         return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def load_tokenizer(path, trust_remote_code: bool = False):
-    """The experts' tokenizer; one without a pad token pads with its end-of-sequence token (as GPT-2 needs)."""
+def load_tokenizer(path, trust_remote_code: bool = False, **kwargs):
+    """The experts' tokenizer; one without a pad token pads with its end-of-sequence token (as GPT-2 needs).
+    ``kwargs``: for `AutoTokenizer.from_pretrained` (``add_prefix_space``)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -53,7 +53,7 @@ class CausalLM(Task):
             "count": wide_sum(mask),
         }
 
-    def compute_metrics(self, model_config: dict):
+    def compute_metrics(self, model_config: dict, processor):
         return None  # perplexity comes from the eval loss; no logits need to be gathered
 
     def finalize(self, sums):

@@ -28,7 +28,7 @@ class ClassificationTask(Task):
     def finalize(self, sums):
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
 
-    def compute_metrics(self, model_config: dict):
+    def compute_metrics(self, model_config: dict, processor):
         """A `Trainer` ``compute_metrics``: accuracy and F1 (binary for 2 classes, else macro) via `evaluate`."""
         from ..metrics import load_metric
 

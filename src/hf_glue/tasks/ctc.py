@@ -19,7 +19,17 @@ The search's sums (exact across processes, whichever way a batch is split):
 Frame lengths: the model's ``_get_feat_extract_output_lengths`` from the experts' config (``conv_kernel``,
 ``conv_stride``, adapter layers), applied in ``preprocess`` to each clip's sample count; the collator puts them in
 the batch as ``frame_lengths`` with the blank and delimiter ids (``ctc_tokens``): keys ``model_inputs`` and the
-Trainer's collator strip. A transcript the clip is too short to spell is refused there, so the loss is finite.
+Trainer's collator strip.
+
+``preprocess`` checks every row before the search (`tasks.audio`: rates, files and lengths from headers, no
+decoding) and tokenises every transcript: a transcript its clip is too short to spell is refused (so the loss is
+finite), and so are transcripts whose characters the tokenizer lacks (more than 1% of the target tokens, or every
+letter of one case, as with lower-case text for an upper-case vocabulary): they would all become ``<unk>``.
+
+Experts whose feature extractor makes no attention mask (wav2vec2-base, HuBERT-base: ``feat_extract_norm="group"``,
+``return_attention_mask=False``) read each batch's zero padding as signal: an utterance's logits, and so its loss
+and WER, depend on the lengths of the utterances batched with it (as in transformers' own batched evaluation of
+such models); hf-glue batches as they are and logs a note when the clips differ in length.
 
 The Trainer (``--finetune-epochs``) trains with the model's own loss and scores with the ``wer`` metric on its
 gathered argmax ids: it decodes every frame of the padded batch (it has no frame lengths), as transformers'
@@ -28,7 +38,11 @@ speech-recognition examples do.
 
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
 from typing import Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +50,71 @@ import torch.nn.functional as F
 from ..config import DataConfig
 from ..errors import GlueError
 from ..metrics.edit_distance import edit_distance
-from .audio import AUDIO_COLUMNS, AudioReader, check_clip, encode, pad
+from .audio import AUDIO_COLUMNS, AudioReader, check_clip, encode, pad, warn_if_unmasked
 from .base import Task, pick_column, register_task, wide_sum
 
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript")
 #: batch keys only ``batch_stats`` reads (never model inputs)
 STATS_KEYS = ("frame_lengths", "ctc_tokens")
+#: the share of target tokens that may be ``<unk>`` (characters the tokenizer lacks) before transcripts are refused
+UNK_TOLERANCE = 0.01
+
+
+def frames_needed(ids: Sequence[int]) -> int:
+    """The fewest CTC frames that spell ``ids``: one per token, and a blank between repeats."""
+    return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+
+
+def check_transcripts(dataset, column: str, tokenizer, counts: np.ndarray, frames: np.ndarray, where: str,
+                      rate: int, zero_infinity: bool) -> None:
+    """Tokenise every transcript: refuse (naming the row) one its clip is too short to spell, unless
+    ``zero_infinity``, and refuse characters the tokenizer lacks (`check_vocabulary`)."""
+    unk, chars, unknown, tokens, start = tokenizer.unk_token_id, Counter(), 0, 0, 0
+    for batch in dataset.select_columns([column]).iter(batch_size=1024):
+        texts = batch[column]
+        for row, (text, ids) in enumerate(zip(texts, tokenizer(texts)["input_ids"]), start):
+            chars.update(text)
+            tokens, unknown = tokens + len(ids), unknown + ids.count(unk)
+            needed, n = frames_needed(ids), int(frames[row])
+            if 0 <= n < needed and not zero_infinity:
+                raise GlueError(f"{where}, row {row + 1}: the transcript {text[:60]!r} (column {column!r}) needs at "
+                                f"least {needed} CTC frames, but its clip ({counts[row]} samples, "
+                                f"{counts[row] / rate:.2f} s) makes {n}; drop such rows (or set ctc_zero_infinity "
+                                "in the experts' config to score them as 0).")
+        start += len(texts)
+    if unk is not None and unknown:
+        check_vocabulary(tokenizer, chars, unknown, tokens, where, column)
+
+
+def check_vocabulary(tokenizer, chars: Counter, unknown: int, tokens: int, where: str, column: str) -> None:
+    """Refuse transcripts whose characters the tokenizer lacks (they become ``<unk>``): more than
+    `UNK_TOLERANCE` of the target tokens, or every letter of one case (lower-case text, upper-case vocabulary),
+    naming the most frequent and saying whether the other case is in the vocabulary."""
+    unk = tokenizer.unk_token_id
+
+    def known(text: str) -> bool:
+        return unk not in tokenizer(text)["input_ids"]
+
+    missing = {c: n for c, n in chars.most_common() if not known(c)}
+    cases = [[c for c in chars if unicodedata.category(c) == case] for case in ("Ll", "Lu")]
+    if unknown <= UNK_TOLERANCE * tokens and not any(letters and all(c in missing for c in letters)
+                                                      for letters in cases):
+        return
+    shown = ", ".join(f"{c!r} ({n}x)" for c, n in list(missing.items())[:8])
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    swapped = [c for c in missing if c.swapcase() != c and known(c.swapcase())]
+    if swapped:
+        upper = sum(missing[c] for c in swapped if c.islower()) >= sum(missing[c] for c in swapped if c.isupper())
+        case = "upper" if upper else "lower"
+        advice = (f"{case.capitalize()}-casing the column would cover {len(swapped)} of these {len(missing)} "
+                  f"characters (the vocabulary has them in {case} case): map it with str.{case}() first"
+                  + ("; map or drop the others." if len(swapped) < len(missing) else "."))
+    else:
+        advice = ("The vocabulary lacks them in the other case too: normalise the transcripts to its characters, or "
+                  "pick experts whose vocabulary covers them.")
+    raise GlueError(f"{where}: {unknown} of the {tokens} target tokens ({unknown / max(tokens, 1):.1%}) in column "
+                    f"{column!r} are characters missing from the experts' CTC tokenizer vocabulary, which would all "
+                    f"become {tokenizer.unk_token!r}: {shown or '(none alone: in context only)'}{more}. {advice}")
 
 
 def greedy_ids(frame_ids: Sequence[int], blank: int) -> list[int]:
@@ -90,6 +163,8 @@ class CTC(Task):
     architecture_suffixes = ("ForCTC",)
     primary_metric = "wer"
     greater_is_better = False
+    #: the Trainer's metrics decode padded frames too (it has no frame lengths): before/after use the task's sums
+    trainer_metrics_exact = False
 
     def supports(self, config: dict) -> bool:
         """Raw-waveform models with a convolutional feature encoder (wav2vec2, HuBERT, WavLM, Data2VecAudio, SEW,
@@ -128,6 +203,9 @@ class CTC(Task):
         reader = AudioReader(dataset, columns["audio"], extractor.sampling_rate, where)
         text_col = columns["text"]
         zero_infinity = bool(model_config.get("ctc_zero_infinity", False))
+        counts, frames = reader.check_rows(model_config)  # not None: `supports` asks for a conv encoder
+        check_transcripts(dataset, text_col, tokenizer, counts, frames, where, reader.rate, zero_infinity)
+        warn_if_unmasked(extractor, counts, frames)
 
         def transform(rows):  # lazily, batch by batch: audio is decoded only when used
             values = encode(extractor, reader.read(rows))
@@ -135,7 +213,7 @@ class CTC(Task):
             frames = []
             for text, x, ids in zip(rows[text_col], values, labels):
                 n = check_clip(len(x), model_config, where, reader.rate)
-                needed = len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))  # a repeat needs a blank between
+                needed = frames_needed(ids)
                 if n < needed and not zero_infinity:
                     raise GlueError(f"{where}: the transcript {text[:60]!r} needs at least {needed} CTC frames, but "
                                     f"its clip ({len(x)} samples, {len(x) / reader.rate:.2f} s) makes {n}; drop such "
@@ -143,9 +221,7 @@ class CTC(Task):
                 frames.append(n)
             return {"input_values": values, "labels": labels, "frames": frames}
 
-        out = reader.dataset.select_columns(reader.columns() + [text_col]).with_transform(transform)
-        out[0]  # noqa: B018  (decode the first row now: a bad file, rate or clip is reported before the search)
-        return out
+        return reader.dataset.select_columns(reader.columns() + [text_col]).with_transform(transform)
 
     def collator(self, processor):
         extractor, tokenizer = processor.feature_extractor, processor.tokenizer
@@ -214,7 +290,7 @@ class CTC(Task):
 
         return argmax
 
-    def trainer_metrics(self, processor, model_config: dict):
+    def compute_metrics(self, model_config: dict, processor):
         """WER and CER (the ``wer`` metric) of greedy decoding of the Trainer's gathered predictions (argmax ids,
         or logits), padding (-100) dropped."""
         import numpy as np

@@ -1,8 +1,10 @@
-"""Sequence-to-sequence LM (T5, BART): loss on labels; a generation-based metric for evaluation.
+"""Sequence-to-sequence LM (T5, BART, Marian): loss on labels; a generation-based metric for evaluation.
 
-The search minimises the teacher-forced loss of the target tokens (the model shifts ``labels`` into its decoder
-inputs itself), and reports perplexity and token accuracy. The merged model's held-out evaluation adds exact match,
-token F1 and ROUGE-L of greedy `generate` outputs (`generation_metrics`, bundled ``text_overlap`` module).
+The search minimises the teacher-forced loss of the target tokens, and reports perplexity and token accuracy. The
+model gets the decoder inputs (``decoder_input_ids``: each target shifted right after the decoder's start token, as
+the model would shift ``labels``), never the labels: given them, it would compute a loss of its own that the search
+does not use. The merged model's held-out evaluation adds exact match, token F1 and ROUGE-L of greedy `generate`
+outputs (`generation_metrics`, bundled ``text_overlap`` module).
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from .base import Task, load_tokenizer, pick_column, register_task, wide_sum
 
 SOURCE_COLUMNS = ("source", "input", "text", "document", "article", "question", "prompt", "src")
 TARGET_COLUMNS = ("target", "summary", "output", "answer", "highlights", "response", "tgt")
+#: model types whose decoder starts from the target's last token (its language code or end of sequence), not from
+#: ``decoder_start_token_id`` (their ``shift_tokens_right``)
+LAST_TOKEN_START = ("mbart", "plbart", "fsmt")
+
+
+def decoder_inputs(target: Sequence[int], start: Optional[int]) -> list[int]:
+    """A target's decoder inputs: its tokens shifted right after ``start`` (None: after its own last token)."""
+    first = list(target[-1:]) if start is None else [start]
+    return (first + list(target))[: len(target)]
 
 
 @register_task
@@ -27,7 +38,7 @@ class Seq2SeqLM(Task):
     pretty_name = "Sequence-to-sequence generation"
     auto_model = "AutoModelForSeq2SeqLM"
     pipeline_tag = "text2text-generation"
-    architecture_suffixes = ("ForConditionalGeneration",)
+    architecture_suffixes = ("ForConditionalGeneration", "MTModel")
     #: what the search optimises (as causal-lm); the generation metrics come only with the final evaluation
     primary_metric = "perplexity"
     greater_is_better = False
@@ -51,20 +62,36 @@ class Seq2SeqLM(Task):
             raise GlueError(f"target column {target!r} holds {kind} values, not text; name the target text column "
                             "with --target-column.")
 
+        start = None
+        if model_config.get("model_type") not in LAST_TOKEN_START:
+            start = model_config.get("decoder_start_token_id")
+            if start is None:
+                raise GlueError("the experts' config has no decoder_start_token_id: the token their decoder starts "
+                                "from is needed to build its inputs.")
+
         def encode(rows):
-            return processor(rows[columns["text"]], text_target=rows[target], truncation=True,
-                             max_length=data.max_length)
+            enc = processor(rows[columns["text"]], text_target=rows[target], truncation=True,
+                            max_length=data.max_length)
+            enc["decoder_input_ids"] = [decoder_inputs(ids, start) for ids in enc["labels"]]
+            return enc
 
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
 
     def collator(self, processor):
         from transformers import DataCollatorForSeq2Seq
 
-        # without a model it builds no decoder_input_ids: the model shifts the labels itself (`model_inputs`)
-        return DataCollatorForSeq2Seq(processor, label_pad_token_id=-100, return_tensors="pt")
+        pad = DataCollatorForSeq2Seq(processor, label_pad_token_id=-100, return_tensors="pt")
+        pad_id, right = processor.pad_token_id, processor.padding_side == "right"
 
-    def model_inputs(self, batch: dict) -> dict:
-        return dict(batch)  # labels included: T5 and BART build their decoder inputs from them (-100 → pad)
+        def collate(rows):
+            batch = pad([{k: v for k, v in r.items() if k != "decoder_input_ids"} for r in rows])
+            width = batch["labels"].shape[1]  # padded on the labels' side: position t still predicts label t
+            batch["decoder_input_ids"] = torch.tensor(
+                [ids + [pad_id] * (width - len(ids)) if right else [pad_id] * (width - len(ids)) + ids
+                 for ids in (r["decoder_input_ids"] for r in rows)], dtype=torch.long)
+            return batch
+
+        return collate
 
     def head_module(self, model):
         return None  # a language-model head: LogME does not apply
@@ -96,7 +123,7 @@ class Seq2SeqLM(Task):
 
         return reduce
 
-    def compute_metrics(self, model_config: dict):
+    def compute_metrics(self, model_config: dict, processor):
         """A `Trainer` ``compute_metrics``: teacher-forced token accuracy (perplexity comes from the eval loss)."""
 
         def compute(eval_pred):

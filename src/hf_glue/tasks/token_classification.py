@@ -1,9 +1,11 @@
 """Token classification (NER): labels aligned over word pieces, entity-level F1.
 
 Rows hold a list of words (``tokens``) and a list of tags of the same length (``ner_tags``): ints, or tag names
-mapped through the experts' ``label2id``. Words are tokenised with ``is_split_into_words=True``; the first piece of
-each word carries its tag and every other position -100 (the alignment of transformers' run_ner). Entities are read
-from the tags as seqeval does (IOB2, IOB1, BIOES; see `hf_glue.metrics.scores`).
+mapped through the experts' ``label2id``. Words are tokenised with ``is_split_into_words=True`` (a byte-level BPE
+tokenizer loaded with ``add_prefix_space``, so that they split as in running text); the first piece of each word
+carries its tag and every other position -100 (the alignment of transformers' run_ner). Entities are read from the
+tags as seqeval does (IOB2, IOB1, BIOES; see `hf_glue.metrics.scores`): the collator puts the tags' reading in the
+batch as ``tag_scheme``, a key ``model_inputs`` and the Trainer's collator strip.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..errors import GlueError
-from ..metrics.scores import entity_counts, prf
+from ..metrics.scores import entity_counts, prf, split_tag
 from .base import Task, load_tokenizer, pick_column, register_task, wide_sum
 from .classification import num_labels
 
 TOKENS_COLUMNS = ("tokens", "words")
 TAGS_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags", "chunk_tags")
+#: the batch key of the tags' entity reading (`tag_scheme`): read by ``batch_stats``, never a model input
+SCHEME = "tag_scheme"
+#: tag prefixes by their code in `tag_scheme` (0: outside any entity)
+PREFIXES = "OBIES"
+#: a sentence whose words, given one by one, must tokenise as the sentence does
+PROBE = ("hello", "world")
 
 
 def tag_names(model_config: dict) -> list[str]:
@@ -30,6 +38,18 @@ def tag_names(model_config: dict) -> list[str]:
     if not id2label:
         id2label = {int(v): str(k) for k, v in (model_config.get("label2id") or {}).items()}
     return [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+
+
+def tag_scheme(names: Sequence[str]) -> list[list[int]]:
+    """Each tag's entity reading by class id, as ints: [prefix code (index in `PREFIXES`), type code (one per
+    distinct entity type)]. What `batch_stats` reads entities from: the batch carries it as a tensor."""
+    types: dict[str, int] = {}
+    return [[PREFIXES.index(prefix), types.setdefault(kind, len(types))] for prefix, kind in map(split_tag, names)]
+
+
+def scheme_tags(scheme: Sequence[Sequence[int]]) -> list[str]:
+    """Tags by class id that read as the same entities as those `tag_scheme` encoded (types by number)."""
+    return ["O" if prefix == 0 else f"{PREFIXES[prefix]}-{kind}" for prefix, kind in scheme]
 
 
 def tag_mapper(dataset, column: str, model_config: dict):
@@ -49,12 +69,19 @@ def tag_mapper(dataset, column: str, model_config: dict):
         raise GlueError(f"tags column {column!r} holds {values.type} values, not a list of tags per row (one per "
                         "word); check --label-column.")
 
-    # ints of a `ClassLabel` column are the dataset's tag ids: read through its names when the experts know them
-    # all (their ids may be ordered differently, as run_ner remaps them)
+    # ints of a `ClassLabel` column are the dataset's tag ids: read through its names (the experts' ids may be
+    # ordered differently, as run_ner remaps them), or as they are when the experts' tags are unnamed (LABEL_i)
+    shown = ", ".join(names[:6]) + (", ..." if n > 6 else "")
     class_label = getattr(dataset.features.get(column), "feature", None)
     dataset_names = getattr(class_label, "names", None)
-    by_name = ([to_class[name] for name in dataset_names]
-               if dataset_names and all(name in to_class for name in dataset_names) else None)
+    by_name = None
+    if dataset_names and names != [f"LABEL_{i}" for i in range(n)]:
+        unknown = [name for name in dataset_names if name not in to_class]
+        if unknown:
+            raise GlueError(f"tags column {column!r} names its tags {', '.join(map(repr, unknown[:6]))}"
+                            f"{', ...' if len(unknown) > 6 else ''}, which are not among the experts' {n} tags "
+                            f"({shown}); rename the dataset's tags to the experts'.")
+        by_name = [to_class[name] for name in dataset_names]
 
     def to_id(value) -> Optional[int]:
         if isinstance(value, bool):
@@ -67,7 +94,6 @@ def tag_mapper(dataset, column: str, model_config: dict):
             return to_class.get(value)
         return None
 
-    shown = ", ".join(names[:6]) + (", ..." if n > 6 else "")
     for value in pc.unique(pc.list_flatten(values)).to_pylist():
         if value is None or to_id(value) is None:
             raise GlueError(f"tags column {column!r} has tag {value!r}, which is not one of the experts' {n} tags "
@@ -105,12 +131,18 @@ class TokenClassification(Task):
     architecture_suffixes = ("ForTokenClassification",)
     primary_metric = "f1"  # entity-level (seqeval); the search itself minimises the token loss
 
-    #: the tag names of the experts being merged, set by `preprocess` (which every run calls before scoring):
-    #: `batch_stats` reads entities from them
-    _tags: Optional[list[str]] = None
-
     def load_processor(self, path, trust_remote_code=False):
-        return load_tokenizer(path, trust_remote_code)
+        """The experts' tokenizer, set to read words given one by one as in running text: a byte-level BPE
+        (RoBERTa, GPT-2, BART, DeBERTa) spells a word after a space with the space (``Ġword``), which words given
+        one by one have only with ``add_prefix_space`` (as transformers' run_ner loads them)."""
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        if byte_level(tokenizer):
+            tokenizer = load_tokenizer(path, trust_remote_code, add_prefix_space=True)
+            for part in byte_level(tokenizer):  # a generic fast tokenizer ignores the argument
+                part.add_prefix_space = True
+        if getattr(tokenizer, "is_fast", False):  # (a slow one is refused in `preprocess`)
+            check_word_split(tokenizer)
+        return tokenizer
 
     def resolve_columns(self, column_names: Sequence[str], data: DataConfig) -> dict[str, str]:
         return {
@@ -126,12 +158,13 @@ class TokenClassification(Task):
         tokens, tags = columns["tokens"], columns["tags"]
         check_words(dataset, tokens, tags)
         to_id = tag_mapper(dataset, tags, model_config)
-        self._tags = tag_names(model_config)
+        scheme = tag_scheme(tag_names(model_config))
 
         def encode(rows):
             enc = processor(rows[tokens], is_split_into_words=True, truncation=True, max_length=data.max_length)
             enc["labels"] = [align_labels(enc.word_ids(i), [to_id(t) for t in row_tags])
                              for i, row_tags in enumerate(rows[tags])]
+            enc[SCHEME] = [scheme] * len(enc["labels"])
             return enc
 
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
@@ -139,7 +172,25 @@ class TokenClassification(Task):
     def collator(self, processor):
         from transformers import DataCollatorForTokenClassification
 
-        return DataCollatorForTokenClassification(processor, return_tensors="pt")
+        pad = DataCollatorForTokenClassification(processor, return_tensors="pt")
+
+        def collate(rows):
+            batch = pad([{k: v for k, v in r.items() if k != SCHEME} for r in rows])
+            batch[SCHEME] = torch.tensor([r[SCHEME] for r in rows], dtype=torch.long)  # [B, tags, 2]
+            return batch
+
+        return collate
+
+    def trainer_collator(self, processor):
+        collate = self.collator(processor)
+
+        def trainer_collate(rows):  # the Trainer passes every key to the model
+            return {k: v for k, v in collate(rows).items() if k != SCHEME}
+
+        return trainer_collate
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k not in ("labels", SCHEME)}
 
     def batch_stats(self, outputs, batch):
         logits = outputs.logits.float()
@@ -147,11 +198,10 @@ class TokenClassification(Task):
         mask = labels != -100
         predicted = logits.argmax(-1)
         tp = fp = fn = 0
-        if self._tags is None:
-            raise RuntimeError("TokenClassification.preprocess must run before batch_stats (it reads the tags).")
+        tags = scheme_tags(batch[SCHEME][0].tolist())
         for pred_row, label_row, keep in zip(predicted.tolist(), labels.tolist(), mask.tolist()):
-            pred = [self._tags[p] for p, k in zip(pred_row, keep) if k]
-            ref = [self._tags[r] for r, k in zip(label_row, keep) if k]
+            pred = [tags[p] for p, k in zip(pred_row, keep) if k]
+            ref = [tags[r] for r, k in zip(label_row, keep) if k]
             counts = entity_counts(pred, ref)
             tp, fp, fn = tp + counts[0], fp + counts[1], fn + counts[2]
         wide = torch.float32 if logits.device.type == "mps" else torch.float64
@@ -171,7 +221,7 @@ class TokenClassification(Task):
         return {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count,
                 **prf(sums["entity_tp"], sums["entity_fp"], sums["entity_fn"])}
 
-    def compute_metrics(self, model_config: dict):
+    def compute_metrics(self, model_config: dict, processor):
         """A `Trainer` ``compute_metrics``: entity precision/recall/F1 and token accuracy via the bundled
         ``seqeval`` module, over the first piece of each word."""
         from ..metrics import load_metric
@@ -191,6 +241,38 @@ class TokenClassification(Task):
             return {k: scores[k] for k in ("precision", "recall", "f1", "accuracy")}
 
         return compute
+
+
+def byte_level(tokenizer) -> list:
+    """The ByteLevel parts of a fast tokenizer's pre-tokenizer: itself, or those in a ``Sequence``."""
+    from tokenizers import pre_tokenizers
+
+    def parts(pre):
+        if isinstance(pre, pre_tokenizers.Sequence):
+            found, i = [], 0
+            while True:  # a Sequence indexes its parts but has no len()
+                try:
+                    part = pre[i]
+                except IndexError:
+                    return found
+                found += parts(part)
+                i += 1
+        return [pre] if isinstance(pre, pre_tokenizers.ByteLevel) else []
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return parts(backend.pre_tokenizer) if backend is not None else []
+
+
+def check_word_split(tokenizer) -> None:
+    """Refuse a tokenizer that splits words given one by one unlike the same words in a sentence: tags would sit
+    on pieces unlike those the experts were trained on."""
+    split = tokenizer(list(PROBE), is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(" ".join(PROBE), add_special_tokens=False)["input_ids"]
+    if split != joined:
+        raise GlueError(f"the experts' tokenizer ({type(tokenizer).__name__}) splits the words {list(PROBE)} given "
+                        f"one by one into {tokenizer.convert_ids_to_tokens(split)}, but the sentence "
+                        f"{' '.join(PROBE)!r} into {tokenizer.convert_ids_to_tokens(joined)}; token classification "
+                        "needs both alike.")
 
 
 def align_labels(word_ids: Sequence[Optional[int]], tag_ids: Sequence[int]) -> list[int]:
