@@ -16,7 +16,10 @@ mean rating > +0.5, 0 if < -0.5, rows with |rating| <= 0.5 dropped (VADER_THRESH
     -ubyte.gz`` (60,000 train / 10,000 test).
   * scikit-learn (installed), ``sklearn/datasets/data/digits.csv.gz`` via ``sklearn.datasets.load_digits``
     (1,797 8x8 digits, values 0..16).
-Text rows are {"text": str, "label": 0 negative | 1 positive}; image rows are {"image": PIL "L" 28x28, "label": 0..9}.
+  * Debian package espeak-ng (apt-get install espeak-ng): the ten English digit words spoken in several accents
+    (its voices: US, Scottish, and German, French, Spanish, Italian voices reading English), resampled to 16 kHz.
+Text rows are {"text": str, "label": 0 negative | 1 positive}; image rows are {"image": PIL "L" 28x28, "label": 0..9};
+speech rows are {"audio": float32 array, 1 s at 16 kHz, "label": 0..9 (the digit word)}.
 Import by putting scripts/experiments on sys.path; ``python scripts/experiments/data.py`` runs a self-check.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import gzip
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -286,17 +290,106 @@ def label_skew_setup(cache: Optional[Path] = None, seed: int = 0) -> dict:
             "dominant_classes": {k: c[1] for k, c in config.items()}}
 
 
+# --- speech: English digit words spoken by espeak-ng in several accents ----------------------------------------
+
+SPEECH_RATE = 16000
+CLIP_SECONDS = 1.0
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: espeak-ng's voice variants (timbre, pitch contour): one is drawn per utterance, the accent stays the voice's
+VOICE_VARIANTS = [f"+m{i}" for i in range(1, 8)] + [f"+f{i}" for i in range(1, 5)]
+
+
+def _espeak(voice: str, text: str, speed: int, pitch: int) -> np.ndarray:
+    """One utterance from espeak-ng (22,050 Hz, 16-bit mono), as float32 at SPEECH_RATE."""
+    import wave
+
+    from scipy.signal import resample_poly
+
+    proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                          capture_output=True, check=True)
+    with wave.open(io.BytesIO(proc.stdout)) as w:
+        rate, frames = w.getframerate(), w.readframes(w.getnframes())
+    x = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+    g = np.gcd(SPEECH_RATE, rate)
+    return resample_poly(x, SPEECH_RATE // g, rate // g).astype(np.float32)
+
+
+def spoken_digits(accent: str, n: int, seed: int, cache: Optional[Path] = None) -> Rows:
+    """``n`` clips of the ten digit words (balanced) spoken by espeak-ng voice ``accent`` (e.g. en-us,
+    en-gb-scotland, or a non-English voice reading English: a foreign accent): each with a random voice variant,
+    speed (130-210 wpm) and pitch, placed at a random offset in a 1 s window, random gain and white noise (SNR
+    10-30 dB). Rows are {"audio": float32 array at 16 kHz, "label": 0..9}; the same arguments give the same rows
+    (kept in ``cache``/speech/ when given)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    saved = Path(cache) / "speech" / f"{accent}-{n}-{seed}.npz" if cache else None
+    if saved is not None and saved.is_file():
+        arrays = np.load(saved)
+        return [{"audio": a, "label": int(y)} for a, y in zip(arrays["audio"], arrays["label"])]
+
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("the speech setup speaks its data with espeak-ng: apt-get install espeak-ng")
+    rng = np.random.default_rng([seed, *accent.encode()])
+    jobs = [(i % 10, VOICE_VARIANTS[rng.integers(len(VOICE_VARIANTS))], int(rng.integers(130, 211)),
+             int(rng.integers(20, 81))) for i in range(n)]
+    with ThreadPoolExecutor(4) as pool:
+        clips = list(pool.map(lambda j: _espeak(accent + j[1], DIGIT_WORDS[j[0]], j[2], j[3]), jobs))
+    size = int(SPEECH_RATE * CLIP_SECONDS)
+    rows = []
+    for (label, *_), clip in zip(jobs, clips):
+        nz = np.flatnonzero(np.abs(clip) > 1e-3)  # trim espeak's leading/trailing silence
+        clip = clip[nz[0]:nz[-1] + 1][:size] if len(nz) else clip[:size]
+        out = np.zeros(size, dtype=np.float32)
+        start = int(rng.integers(0, size - len(clip) + 1))
+        out[start:start + len(clip)] = clip * rng.uniform(0.3, 1.0)
+        power = float(np.mean(out[start:start + len(clip)] ** 2)) or 1e-8
+        snr = rng.uniform(10, 30)
+        out += rng.normal(0, np.sqrt(power / 10 ** (snr / 10)), size).astype(np.float32)
+        rows.append({"audio": np.clip(out, -1, 1), "label": label})
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(saved, audio=np.stack([r["audio"] for r in rows]), label=[r["label"] for r in rows])
+    return rows
+
+
+def _kind(rows: Rows) -> str:
+    return next(k for k in ("image", "audio", "text") if k in rows[0])
+
+
 def to_dataset(rows: Rows, label_names: Optional[list[str]] = None):
-    """Rows -> datasets.Dataset with Image()/Value("string") and ClassLabel features, for the glue tool's loaders."""
+    """Rows -> datasets.Dataset with Image() / float arrays (audio at 16 kHz) / Value("string") and ClassLabel
+    features, for the glue tool's loaders."""
     import datasets
 
-    is_image = "image" in rows[0]
+    kind = _kind(rows)
     if label_names is None:
-        label_names = [str(i) for i in range(10)] if is_image else ["negative", "positive"]
-    feats = datasets.Features({"image" if is_image else "text": datasets.Image() if is_image else datasets.Value("string"),
-                               "label": datasets.ClassLabel(names=label_names)})
-    col = "image" if is_image else "text"
-    return datasets.Dataset.from_dict({col: [r[col] for r in rows], "label": [r["label"] for r in rows]}, features=feats)
+        label_names = {"image": [str(i) for i in range(10)], "audio": DIGIT_WORDS}.get(kind, ["negative", "positive"])
+    column = {"image": datasets.Image(), "audio": datasets.List(datasets.Value("float32")),
+              "text": datasets.Value("string")}[kind]
+    feats = datasets.Features({kind: column, "label": datasets.ClassLabel(names=label_names)})
+    return datasets.Dataset.from_dict({kind: [r[kind] for r in rows], "label": [r["label"] for r in rows]},
+                                      features=feats)
+
+
+def _audio_parquet(rows: Rows, path: Path, label_names: Optional[list[str]]) -> None:
+    """Audio rows as a Hub-style parquet file: a `datasets.Audio` column of 16-bit WAV files (bytes), as speech
+    datasets are shared, and the labels."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hf_glue.tasks.audio import write_wav
+
+    cells = []
+    for i, row in enumerate(rows):
+        buffer = io.BytesIO()
+        write_wav(buffer, row["audio"], SPEECH_RATE)
+        cells.append({"bytes": buffer.getvalue(), "path": f"{i:05d}.wav"})
+    features = datasets.Features({"audio": datasets.Audio(sampling_rate=SPEECH_RATE),
+                                  "label": datasets.ClassLabel(names=label_names or DIGIT_WORDS)})
+    table = pa.table({"audio": pa.array(cells, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "label": pa.array([r["label"] for r in rows], type=pa.int64())})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})}),
+                   path)
 
 
 def save_dataset_dict(train_rows: Rows, test_rows: Rows, folder: Path, label_names: Optional[list[str]] = None) -> Path:
@@ -304,7 +397,10 @@ def save_dataset_dict(train_rows: Rows, test_rows: Rows, folder: Path, label_nam
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train_rows), ("test", test_rows)):
-        to_dataset(rows, label_names).to_parquet(str(folder / f"{split}.parquet"))
+        if _kind(rows) == "audio":
+            _audio_parquet(rows, folder / f"{split}.parquet", label_names)
+        else:
+            to_dataset(rows, label_names).to_parquet(str(folder / f"{split}.parquet"))
     return folder
 
 
