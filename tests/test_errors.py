@@ -107,3 +107,14 @@ def test_existing_output_dir_is_refused_then_overwritten(cls_experts, tmp_path):
                    "--output-dir", str(out), "--method", "uniform", "--overwrite-output-dir")
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.safetensors").is_file()
+
+
+def test_task_that_would_replace_the_experts_head_is_refused():
+    from hf_glue.errors import GlueError
+    from hf_glue.tasks import detect_task
+
+    config = {"architectures": ["BertForSequenceClassification"], "model_type": "bert"}
+    with pytest.raises(GlueError, match="with a sequence-classification head; AutoModelForCausalLM would replace"):
+        detect_task(config, "causal-lm")
+    assert detect_task(config, "sequence-classification").name == "sequence-classification"
+    assert detect_task({"architectures": ["BertModel"], "model_type": "bert"}, "causal-lm").name == "causal-lm"

@@ -71,3 +71,11 @@ def test_report_to_is_checked_before_any_work(cls_experts, tmp_path):
     assert proc.returncode != 0  # an optional extra that is missing is named, with the line that installs it
     assert "pip install 'hf-glue[wandb]'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_logs_inside_the_output_folder_are_refused_before_any_work(cls_experts, tmp_path):
+    out = tmp_path / "merged"
+    proc = run_cli("merge", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--output-dir", str(out),
+                   "--report-to", "tensorboard", "--logging-dir", str(out / "runs"))
+    assert proc.returncode != 0 and "lies inside --output-dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))

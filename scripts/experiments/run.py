@@ -1,6 +1,6 @@
 """Reproduce a table of docs/results.md: build a real expert set, then run `hf-glue compare` on it per seed and budget.
 
-    python scripts/experiments/run.py text|images|label-skew [--quick] [--seeds 0 1 2 3 4]
+    python scripts/experiments/run.py text|images|label-skew|speech [--quick] [--seeds 0 1 2 3 4]
 
 1. The setup's base model is made (MiniLM from its package, or a small ConvNeXt pretrained on Fashion-MNIST) and each expert
    fine-tuned from it on its domain; base and experts are published into a local Hugging Face cache

@@ -684,6 +684,7 @@ def run_merge(
     if output_config.output_dir:
         check_output_dir(output_config.output_dir, output_config.overwrite_output_dir,
                          input_paths(experts_config.experts, data_config.dataset))
+        tracking.check_logging_dir(tracking_config, output_config.output_dir)
     if output_config.push_to_hub:
         if not output_config.output_dir:
             raise GlueError("--push-to-hub needs --output-dir: the local copy is kept (and used to retry a push).")

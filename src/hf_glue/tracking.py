@@ -33,8 +33,20 @@ def check_report_to(names: Sequence[str]) -> list[str]:
     missing = [n for n in names if importlib.util.find_spec(TRACKERS[n]) is None]
     if missing:
         raise GlueError(f"--report-to {missing[0]}: the {TRACKERS[missing[0]]!r} package is not installed; install "
-                        f"it with pip install 'hf-glue[{missing[0]}]' (or pass --report-to none).")
+                        f"it with pip install 'hf-glue[{missing[0]}]' (in a clone: pip install -e '.[{missing[0]}]'), "
+                        "or pass --report-to none.")
     return names
+
+
+def check_logging_dir(config, output_dir: str) -> None:
+    """Refuse local tracker logs inside the output folder: it is written whole at the end, and must hold only what
+    hf-glue writes there."""
+    if "tensorboard" not in config.report_to:
+        return
+    logs, out = Path(config.logging_dir).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    if logs == out or out in logs.parents:
+        raise GlueError(f"--logging-dir {config.logging_dir!r} lies inside --output-dir {output_dir!r}, which is "
+                        "written whole when the merge is done: give the logs a folder of their own (default: runs).")
 
 
 def active(names: Sequence[str]) -> list[str]:

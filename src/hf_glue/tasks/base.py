@@ -157,6 +157,10 @@ def detect_task(config: dict, name: Optional[str] = None) -> Task:
         task = get_task(name)
         if not task.supports(config):
             raise GlueError(f"--task {name}: the experts are {found}, which {task.auto_model} cannot build.")
+        own = next((t for t in _TASKS.values() if t.matches(config) and t.supports(config)), None)
+        if own is not None and own is not task and not task.matches(config):
+            raise GlueError(f"--task {name}: the experts are {found}, with a {own.name} head; {task.auto_model} "
+                            f"would replace it with a new, untrained one. Drop --task (or use --task {own.name}).")
         return task
     for task in _TASKS.values():
         if task.matches(config) and task.supports(config):
