@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       ["glue"], "block", args.quick)))
     text = report.write(setup, outputs, seeds, workdir / "report", command=" ".join(
         ["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
-        + ["--seeds", *map(str, seeds)]))
+        + ["--seeds", *map(str, seeds)] + (["--methods", *args.methods] if args.methods else [])))
     print(text)
     if args.quick:
         print("--quick: a few rows and steps, a smoke test of the whole path; its figures say nothing about the "
