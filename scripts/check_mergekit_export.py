@@ -7,7 +7,9 @@ expert the base plus seeded noise), adds a word-level tokenizer and a causal-LM 
 - ``model``: GLUE, one α per expert (``merge_method: linear``);
 - ``block``: GLUE with ``--granularity block`` (per-tensor weights with ``filter`` lists);
 - ``ties``: ``--combine ties --method weights`` with hand-set λ (``merge_method: ties``, exact because the sign
-  election uses those weights; a learned λ elects with the search's start and says so in the file).
+  election uses those weights; a learned λ elects with the search's start and says so in the file);
+- ``lora``: GLUE over three PEFT LoRA adapters of the base (random, non-zero factors on q/v projections), saved
+  merged (``merge_method: linear`` over ``base+adapter`` models).
 
 For each it runs ``mergekit-yaml`` on the exported ``mergekit_config.yml`` as written (local paths) and compares
 every tensor of mergekit's output with hf-glue's saved ``model.safetensors``, printing the largest absolute
@@ -28,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_mergekit import build_models, compare, load_state, mergekit_command  # noqa: E402
 
@@ -36,6 +40,7 @@ CONFIGS = {
     "model": dict(steps=6),
     "block": dict(steps=6, granularity="block"),
     "ties": dict(method="weights", weights=[0.7, 0.5, 0.3], combine="ties", density=0.5),
+    "lora": dict(steps=6),
 }
 
 
@@ -51,8 +56,25 @@ def prepare(root: Path, noise: float) -> tuple[Path, list[Path], Path]:
     return base, experts, data
 
 
+def make_adapters(root: Path, base: Path, n: int = 3) -> list[Path]:
+    """``n`` PEFT LoRA adapters of the tiny Llama base with random (non-zero) factors, as trained adapters have."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for k in range(n):
+        torch.manual_seed(100 + k)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        path = root / f"lora-{k}"
+        model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
 def run_mergekit(command: list[str], config: Path, out: Path) -> None:
-    args = [*command, str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+    args = [*command, str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+            "--lora-merge-cache", str(out.with_name(out.name + "-lora-cache"))]
     print("$", " ".join(args), flush=True)
     done = subprocess.run(args, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     if done.returncode != 0:
@@ -84,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             combine = options.get("combine")
             out = root / f"hf-glue-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            merge_experts([str(p) for p in experts], str(data), GlueConfig(**options), output_dir=str(out),
+            sources = make_adapters(root, base) if name == "lora" else experts
+            merge_experts([str(p) for p in sources], str(data), GlueConfig(**options), output_dir=str(out),
                           experts_config=ExpertsConfig(base_model=str(base)) if combine else None)
             config = out / "mergekit_config.yml"
             if args.show_config:

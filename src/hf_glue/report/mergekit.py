@@ -178,6 +178,8 @@ def mergekit_config(result: dict, tensors: Optional[dict[str, str]] = None) -> s
     notes: list[str] = []  # "Note: ..." (still exact) or "Not exact: ..." (what differs)
     models = []
     if lora:
+        notes.append("Note: mergekit folds each adapter into the base first: run mergekit-yaml with "
+                     "--lora-merge-cache DIR")
         for k, e in enumerate(experts):
             models.append({"model": _model_ref(base, e), "parameters": {"weight": _weights(result, names, filters, k)}})
         rows = result.get("group_coefficients") or {"model": result["coefficients"]}
