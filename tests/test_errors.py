@@ -118,3 +118,27 @@ def test_task_that_would_replace_the_experts_head_is_refused():
         detect_task(config, "causal-lm")
     assert detect_task(config, "sequence-classification").name == "sequence-classification"
     assert detect_task({"architectures": ["BertModel"], "model_type": "bert"}, "causal-lm").name == "causal-lm"
+
+
+def test_adapters_bring_their_own_head_over_an_llm_base():
+    """LoRA classification adapters over a causal LM: the base's LM head is not refused (the adapters save theirs)."""
+    from hf_glue.errors import GlueError
+    from hf_glue.tasks import detect_task
+
+    llm = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    with pytest.raises(GlueError, match="with a causal-lm head"):
+        detect_task(llm, "sequence-classification")
+    assert detect_task(llm, "sequence-classification", heads_from_config=False).name == "sequence-classification"
+
+
+def test_row_numbers_name_the_loaded_split_after_a_carve_out():
+    """Errors count rows of the split as loaded, also in the shuffled 10 % held out of it or a selection."""
+    import datasets
+
+    from hf_glue.tasks.data import source_row
+
+    rows = datasets.Dataset.from_dict({"x": list(range(20))})
+    held_out = rows.train_test_split(test_size=0.3, seed=0)["test"]
+    assert [source_row(held_out, i) for i in range(len(held_out))] == held_out["x"] != sorted(held_out["x"])
+    picked = rows.select([7, 3])
+    assert [source_row(picked, 0), source_row(picked, 1), source_row(rows, 5)] == [7, 3, 5]

@@ -211,23 +211,32 @@ def _byte_level_tokenizer(folder, pre_tokenizer):
     return str(folder)
 
 
-@pytest.mark.parametrize("kind", ["byte-level", "split-then-byte-level"])
-def test_byte_level_words_split_as_in_a_sentence(tmp_path, kind):
-    from tokenizers import Regex, pre_tokenizers
+def test_byte_level_words_split_as_in_a_sentence(tmp_path):
+    from tokenizers import pre_tokenizers
 
-    pre = (pre_tokenizers.ByteLevel(add_prefix_space=False) if kind == "byte-level" else
-           pre_tokenizers.Sequence([  # as Llama 3's and Qwen 2's: a Split by GPT-2's pattern, then ByteLevel
-               pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"), behavior="isolated"),
-               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
     task = get_task("token-classification")
-    tokenizer = task.load_processor(_byte_level_tokenizer(tmp_path / "tok", pre))
-    words = ["the", "dog", "sat", "on", "paris"]
+    tokenizer = task.load_processor(_byte_level_tokenizer(tmp_path / "tok", pre_tokenizers.ByteLevel(
+        add_prefix_space=False)))
+    words = ["the", "dog's", "sat", "on", "paris"]
     split = tokenizer(words, is_split_into_words=True)
     pieces = tokenizer.convert_ids_to_tokens(split["input_ids"])
     firsts = [pieces[i] for i, (w, prev) in enumerate(zip(split.word_ids(), [None] + split.word_ids()))
               if w is not None and w != prev]
-    assert len(firsts) == len(words) and all(p.startswith("Ġ") for p in firsts[1:]), pieces
-    assert split["input_ids"] == tokenizer(" ".join(words))["input_ids"]
+    assert len(firsts) == len(words) and all(p.startswith("Ġ") for p in firsts), pieces
+    assert not any(p.startswith("Ġ") for p in pieces if p in ("'", "s", "'s")), pieces  # no space inside a word
+    assert split["input_ids"] == tokenizer(" " + " ".join(words))["input_ids"]
+
+
+def test_pattern_split_byte_level_tokenizer_is_refused(tmp_path):
+    """Llama 3 / Qwen style (a regex Split, then ByteLevel): adding a prefix space would put one before every
+    punctuation piece too, so such tokenizers are refused rather than misaligned."""
+    from tokenizers import Regex, pre_tokenizers
+
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pytest.raises(GlueError, match="splits text by a pattern before its byte-level step"):
+        get_task("token-classification").load_processor(_byte_level_tokenizer(tmp_path / "tok", pre))
 
 
 def test_tokenizer_splitting_words_unlike_a_sentence_is_refused(tmp_path):
@@ -237,8 +246,8 @@ def test_tokenizer_splitting_words_unlike_a_sentence_is_refused(tmp_path):
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, " ": 3}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")  # spaces are tokens of their own
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(tmp_path)
-    with pytest.raises(GlueError, match=r"splits the words \['hello', 'world'\] given one by one into \['hello', "
-                                        r"'world'\], but the sentence 'hello world' into \['hello', ' ', 'world'\]"):
+    with pytest.raises(GlueError, match=r"splits the words \['hello', \"world's\", 'U.S.', 'paris'\] given one by one "
+                                        r"into \['hello', '\[UNK\]', '\[UNK\]', '\[UNK\]'\], but the sentence"):
         get_task("token-classification").load_processor(tmp_path)
 
 

@@ -24,7 +24,9 @@ def resolve(repos: Sequence[ResolvedRepo], experts_config: ExpertsConfig, task_n
     base_spec = common_base(adapters, experts_config.base_model)
     base = resolve_experts([base_spec], what="base model", minimum=1)[0]
     task_types = {a.config.get("task_type") for a in adapters}
-    task = detect_task(base.config, task_name or (TASK_TYPES.get(task_types.pop()) if len(task_types) == 1 else None))
+    # the base's own head (e.g. an LLM's LM head) is not the adapters' task: their heads come with them
+    task = detect_task(base.config, task_name or (TASK_TYPES.get(task_types.pop()) if len(task_types) == 1 else None),
+                       heads_from_config=False)
     fetch_adapter_weights(adapters, experts_config.allow_pickle)
     meta = _meta_model(base, task, base.config, experts_config.trust_remote_code)
     model_config = _config_for_heads(base, adapters, task, meta)

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import GlueError
+from .data import source_row
 
 logger = logging.getLogger(__name__)
 AUDIO_COLUMNS = ("audio", "speech", "waveform", "wav")
@@ -90,7 +91,7 @@ class AudioReader:
         self.dataset = dataset
 
     def _at(self, row: Optional[int]) -> str:
-        return self.where if row is None else f"{self.where}, row {row + 1}"
+        return self.where if row is None else f"{self.where}, row {source_row(self.dataset, row) + 1}"
 
     def _rate_message(self, what: str, rate, plain: bool = False, row: Optional[int] = None) -> str:
         how = ("resample it first (hf-glue does not resample plain arrays)" if plain else

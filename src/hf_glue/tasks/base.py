@@ -148,9 +148,10 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def detect_task(config: dict, name: Optional[str] = None) -> Task:
+def detect_task(config: dict, name: Optional[str] = None, heads_from_config: bool = True) -> Task:
     """The task named by the user, else the one whose architecture suffix matches the experts' config; refuses,
-    before any weights or tokenizer are loaded, an architecture the task's Auto class cannot build."""
+    before any weights or tokenizer are loaded, an architecture the task's Auto class cannot build, and (when the
+    weights come with the config: ``heads_from_config``) a named task that would replace the experts' own head."""
     architecture = ", ".join(config.get("architectures") or []) or "a model without `architectures`"
     found = f"{architecture} (model_type {config.get('model_type')!r})"
     if name:
@@ -158,7 +159,7 @@ def detect_task(config: dict, name: Optional[str] = None) -> Task:
         if not task.supports(config):
             raise GlueError(f"--task {name}: the experts are {found}, which {task.auto_model} cannot build.")
         own = next((t for t in _TASKS.values() if t.matches(config) and t.supports(config)), None)
-        if own is not None and own is not task and not task.matches(config):
+        if heads_from_config and own is not None and own is not task and not task.matches(config):
             raise GlueError(f"--task {name}: the experts are {found}, with a {own.name} head; {task.auto_model} "
                             f"would replace it with a new, untrained one. Drop --task (or use --task {own.name}).")
         return task

@@ -52,6 +52,7 @@ from ..errors import GlueError
 from ..metrics.edit_distance import edit_distance
 from .audio import AUDIO_COLUMNS, AudioReader, check_clip, encode, pad, warn_if_unmasked
 from .base import Task, pick_column, register_task, wide_sum
+from .data import source_row
 
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript")
 #: batch keys only ``batch_stats`` reads (never model inputs)
@@ -77,7 +78,7 @@ def check_transcripts(dataset, column: str, tokenizer, counts: np.ndarray, frame
             tokens, unknown = tokens + len(ids), unknown + ids.count(unk)
             needed, n = frames_needed(ids), int(frames[row])
             if 0 <= n < needed and not zero_infinity:
-                raise GlueError(f"{where}, row {row + 1}: the transcript {text[:60]!r} (column {column!r}) needs at "
+                raise GlueError(f"{where}, row {source_row(dataset, row) + 1}: the transcript {text[:60]!r} (column {column!r}) needs at "
                                 f"least {needed} CTC frames, but its clip ({counts[row]} samples, "
                                 f"{counts[row] / rate:.2f} s) makes {n}; drop such rows (or set ctc_zero_infinity "
                                 "in the experts' config to score them as 0).")

@@ -188,6 +188,13 @@ def _split(loaded, spec: str, name: str, flag: str):
     return loaded[name]
 
 
+def source_row(dataset, position: int) -> int:
+    """The 0-based row of the split as loaded behind ``position`` in ``dataset``: a held-out carve-out or a
+    --max-*-samples selection reorders rows through an indices mapping, and errors must name the file's row."""
+    indices = getattr(dataset, "_indices", None)
+    return int(indices.column(0)[position].as_py()) if indices is not None else position
+
+
 def make_loader(dataset, batch_size: int, collate_fn, *, shuffle: bool, seed: int = 0):
     from torch.utils.data import DataLoader
 

@@ -27,8 +27,9 @@ TAGS_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags", "chunk_tags")
 SCHEME = "tag_scheme"
 #: tag prefixes by their code in `tag_scheme` (0: outside any entity)
 PREFIXES = "OBIES"
-#: a sentence whose words, given one by one, must tokenise as the sentence does
-PROBE = ("hello", "world")
+#: a sentence whose words, given one by one, must tokenise as the sentence does (punctuation and a contraction
+#: included: pieces inside a word must not gain a space)
+PROBE = ("hello", "world's", "U.S.", "paris")
 
 
 def tag_names(model_config: dict) -> list[str]:
@@ -135,13 +136,20 @@ class TokenClassification(Task):
         """The experts' tokenizer, set to read words given one by one as in running text: a byte-level BPE
         (RoBERTa, GPT-2, BART, DeBERTa) spells a word after a space with the space (``Ġword``), which words given
         one by one have only with ``add_prefix_space`` (as transformers' run_ner loads them)."""
-        tokenizer = load_tokenizer(path, trust_remote_code)
-        if byte_level(tokenizer):
+        original = tokenizer = load_tokenizer(path, trust_remote_code)
+        from tokenizers import pre_tokenizers
+
+        parts = byte_level(tokenizer)
+        if parts and not isinstance(tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+            raise GlueError(f"the experts' tokenizer ({type(tokenizer).__name__}) splits text by a pattern before its "
+                            "byte-level step (as Llama 3's and Qwen's do): words given one by one cannot be spelled as "
+                            "in running text there, so tags would sit on pieces the experts never saw. Token "
+                            "classification supports WordPiece, SentencePiece and plain byte-level BPE tokenizers.")
+        if parts:
             tokenizer = load_tokenizer(path, trust_remote_code, add_prefix_space=True)
-            for part in byte_level(tokenizer):  # a generic fast tokenizer ignores the argument
-                part.add_prefix_space = True
+            tokenizer.backend_tokenizer.pre_tokenizer.add_prefix_space = True  # a generic fast one ignores the argument
         if getattr(tokenizer, "is_fast", False):  # (a slow one is refused in `preprocess`)
-            check_word_split(tokenizer)
+            check_word_split(tokenizer, original)
         return tokenizer
 
     def resolve_columns(self, column_names: Sequence[str], data: DataConfig) -> dict[str, str]:
@@ -263,12 +271,15 @@ def byte_level(tokenizer) -> list:
     return parts(backend.pre_tokenizer) if backend is not None else []
 
 
-def check_word_split(tokenizer) -> None:
-    """Refuse a tokenizer that splits words given one by one unlike the same words in a sentence: tags would sit
-    on pieces unlike those the experts were trained on."""
+def check_word_split(tokenizer, original) -> None:
+    """Refuse a tokenizer that splits words given one by one unlike the experts' own tokenizer (``original``, as
+    loaded) splits the same words in a sentence, with or without a leading space: tags would sit on pieces unlike
+    those the experts were trained on."""
     split = tokenizer(list(PROBE), is_split_into_words=True, add_special_tokens=False)["input_ids"]
-    joined = tokenizer(" ".join(PROBE), add_special_tokens=False)["input_ids"]
-    if split != joined:
+    sentences = [original(text, add_special_tokens=False)["input_ids"]
+                 for text in (" ".join(PROBE), " " + " ".join(PROBE))]
+    joined = sentences[0]
+    if split not in sentences:
         raise GlueError(f"the experts' tokenizer ({type(tokenizer).__name__}) splits the words {list(PROBE)} given "
                         f"one by one into {tokenizer.convert_ids_to_tokens(split)}, but the sentence "
                         f"{' '.join(PROBE)!r} into {tokenizer.convert_ids_to_tokens(joined)}; token classification "
