@@ -33,6 +33,9 @@ def test_tensorboard_run_logs_alpha_gains_and_finetuning(cls_experts, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "merge_result.json").read_text())
     assert not list(out.rglob("events.out.tfevents.*")), "tracker logs are kept out of the output folder"
+    assert result["details"]["tracking"] == {"report_to": ["tensorboard"], "run_name": "demo", "project": "hf-glue",
+                                             "tensorboard": str(logs / "demo")}
+    assert f"TensorBoard: {logs / 'demo'}" in proc.stdout  # the summary says where the logs are
 
     search = _scalars(logs / "demo" / "search")
     for name in cls_experts["ids"]:  # α per expert, every step, equal to the recorded history

@@ -737,6 +737,10 @@ def run_merge(
     finally:
         if tracker is not None:
             tracker.finish()  # flushes what was logged, also when the run fails
+    if trackers:  # where to find the run's logs (merge_result.json and the printed summary say)
+        result.details["tracking"] = {
+            "report_to": trackers, "run_name": run_name, "project": tracking_config.tracker_project,
+            **({"tensorboard": str(Path(tracking_config.logging_dir) / run_name)} if "tensorboard" in trackers else {})}
     if prep.adapters:
         result.model = output_model(result.model, output_config.save_as)
         result.save_as = output_config.save_as

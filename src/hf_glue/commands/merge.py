@@ -59,6 +59,11 @@ def print_summary(result, output_dir: Optional[str]) -> None:
         print(f"Saved to {output_dir}" + (" (the fine-tuned model)" if result.eval_after else ""))
     if result.details.get("pushed_to"):
         print(f"Pushed to {result.details['pushed_to']}")
+    tracking = result.details.get("tracking")
+    if tracking:
+        where = (f"; TensorBoard: {tracking['tensorboard']} (tensorboard --logdir {tracking['tensorboard']})"
+                 if "tensorboard" in tracking else "")
+        print(f"Logged to {', '.join(tracking['report_to'])} as run {tracking['run_name']!r}{where}")
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
