@@ -13,7 +13,7 @@ import torch
 from .config import FinetuneConfig, check_value, read_mapping_file
 from .errors import GlueError
 from .tasks import Task
-from .tracking import TrainerTracking
+from .tracking import TrackingRun
 
 
 def read_training_args(path: Optional[str]) -> dict:
@@ -43,7 +43,7 @@ def finetune(
     seed: int = 0,
     cpu: bool = False,
     before: Optional[dict[str, float]] = None,
-    tracking: Optional[TrainerTracking] = None,
+    tracking: Optional[TrackingRun] = None,
 ) -> tuple[Any, dict[str, float], dict[str, float], list[dict]]:
     """Train ``model`` in place for ``config.finetune_epochs``; returns (model, eval before, eval after, curve).
 

@@ -86,7 +86,8 @@ class Prepared:
 
 
 def make_accelerator(cpu: bool = False, log_with: Optional[list] = None):
-    """The run's `Accelerator`; ``log_with``: the experiment trackers the search logs to (`tracking.build_trackers`)."""
+    """The run's `Accelerator`; ``log_with``: the experiment trackers the search logs to
+    (`tracking.TrackingRun.search_trackers`)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -623,7 +624,7 @@ def generation_eval(prep: Prepared, model, batch_size: int) -> dict[str, float]:
 
 
 def finetune_result(prep: Prepared, result: MergeResult, config: FinetuneConfig, seed: int,
-                    before: Optional[dict] = None, tracking: Optional[tracking.TrainerTracking] = None
+                    before: Optional[dict] = None, tracking: Optional[tracking.TrackingRun] = None
                     ) -> MergeResult:
     """Fine-tune ``result.model`` with the Trainer; records ``eval_before`` / ``eval_after`` (``before``: the
     start's held-out metrics, when already measured; ``tracking``: the trackers the Trainer logs to)."""
@@ -699,10 +700,8 @@ def run_merge(
             finetune_config.finetune_mode == "full":
         raise GlueError("--save-as adapter with --finetune-mode full: a fully fine-tuned model is no adapter; use "
                         "--save-as merged, or --finetune-mode adapter.")
-    trackers = tracking.active(tracking_config.report_to)
-    run_name = tracking_config.run_name or tracking.default_run_name(output_config.output_dir)
-    accelerator = make_accelerator(experts_config.cpu, tracking.build_trackers(
-        trackers, run_name, tracking_config.tracker_project, tracking_config.logging_dir)) if trackers else None
+    run = tracking.TrackingRun.from_config(tracking_config, output_config.output_dir)
+    accelerator = make_accelerator(experts_config.cpu, run.search_trackers()) if run else None
     prep = prepare(experts_config, data_config, glue_config, accelerator, output_dir=output_config.output_dir,
                    save_as=output_config.save_as, finetune=finetune_config.finetune_epochs > 0)
     command = command or merge_command(experts_config, data_config, glue_config, finetune_config, output_config,
@@ -718,9 +717,9 @@ def run_merge(
             logger.warning("an interrupted search for this output was saved in %s; pass --resume to continue it "
                            "(this run starts over and replaces it)", checkpoint.folder)
     tracker = None
-    if trackers:
+    if run:
         tracker = tracking.SearchTracker(prep.accelerator)
-        tracker.start({"experts": [e.name for e in prep.experts], "dataset": data_config.dataset, "run": run_name,
+        tracker.start({"experts": [e.name for e in prep.experts], "dataset": data_config.dataset, "run": run.run_name,
                        "glue": asdict(glue_config), "finetune": asdict(finetune_config)})
     try:
         result = learn(prep, glue_config, command, checkpoint, tracker)
@@ -728,8 +727,7 @@ def run_merge(
         prep.matrix.release(experts=True)  # nothing blends any more: K·N·b freed before fine-tuning and saving
         result.eval.update(generation_eval(prep, result.model, glue_config.eval_batch_size))
         if finetune_config.finetune_epochs > 0:
-            finetune_result(prep, result, finetune_config, glue_config.seed, tracking=tracking.TrainerTracking(
-                trackers, run_name, tracking_config.tracker_project, tracking_config.logging_dir) if trackers else None)
+            finetune_result(prep, result, finetune_config, glue_config.seed, tracking=run)
             generated = generation_eval(prep, result.model, glue_config.eval_batch_size)
             if generated:  # the merged start's were measured above
                 result.eval_before.update({k: result.eval[k] for k in generated if k in result.eval})
@@ -737,10 +735,8 @@ def run_merge(
     finally:
         if tracker is not None:
             tracker.finish()  # flushes what was logged, also when the run fails
-    if trackers:  # where to find the run's logs (merge_result.json and the printed summary say)
-        result.details["tracking"] = {
-            "report_to": trackers, "run_name": run_name, "project": tracking_config.tracker_project,
-            **({"tensorboard": str(Path(tracking_config.logging_dir) / run_name)} if "tensorboard" in trackers else {})}
+    if run:  # where to find the run's logs (merge_result.json and the printed summary say)
+        result.details["tracking"] = run.summary()
     if prep.adapters:
         result.model = output_model(result.model, output_config.save_as)
         result.save_as = output_config.save_as

@@ -74,21 +74,6 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_trackers(names: Sequence[str], run_name: str, project: str, logging_dir: str) -> list:
-    """accelerate `GeneralTracker`s for the search, named alike in every tracker: tensorboard writes
-    ``logging_dir/run_name/search``; wandb and trackio log run ``run_name`` in ``project``; mlflow in experiment
-    ``project`` (its store from MLFLOW_TRACKING_URI, as usual)."""
-    from accelerate import tracking
-
-    made = {
-        "tensorboard": lambda: tracking.TensorBoardTracker("search", Path(logging_dir) / run_name),
-        "wandb": lambda: tracking.WandBTracker(project, name=run_name),
-        "trackio": lambda: tracking.TrackioTracker(project, name=run_name),
-        "mlflow": lambda: tracking.MLflowTracker(experiment_name=project, run_name=run_name),
-    }
-    return [made[name]() for name in active(names)]
-
-
 class SearchTracker:
     """Logs one run's search to the accelerator's trackers: a scalar per quantity, the step as x-axis."""
 
@@ -119,24 +104,55 @@ class SearchTracker:
 
 
 @dataclass
-class TrainerTracking:
-    """The same trackers for the fine-tuning Trainer: tensorboard writes ``logging_dir/run_name/finetune``."""
+class TrackingRun:
+    """One run in the trackers (--report-to), named alike in each: the search logs to it through accelerate's
+    trackers, then the fine-tuning Trainer. TensorBoard writes ``logging_dir/run_name/{search,finetune}``; wandb and
+    trackio log run ``run_name`` in ``project``; mlflow in experiment ``project`` (its store from
+    MLFLOW_TRACKING_URI, as usual)."""
 
     names: list[str]
     run_name: str
     project: str
     logging_dir: str
 
+    @classmethod
+    def from_config(cls, config, output_dir: Optional[str]) -> Optional["TrackingRun"]:
+        """The run a `TrackingConfig` asks for (None: --report-to none)."""
+        names = active(config.report_to)
+        if not names:
+            return None
+        return cls(names, config.run_name or default_run_name(output_dir), config.tracker_project, config.logging_dir)
+
+    @property
+    def tensorboard_dir(self) -> Optional[Path]:
+        return Path(self.logging_dir) / self.run_name if "tensorboard" in self.names else None
+
+    def search_trackers(self) -> list:
+        """accelerate `GeneralTracker`s for the search (the accelerator's ``log_with``)."""
+        from accelerate import tracking
+
+        made = {
+            "tensorboard": lambda: tracking.TensorBoardTracker("search", self.tensorboard_dir),
+            "wandb": lambda: tracking.WandBTracker(self.project, name=self.run_name),
+            "trackio": lambda: tracking.TrackioTracker(self.project, name=self.run_name),
+            "mlflow": lambda: tracking.MLflowTracker(experiment_name=self.project, run_name=self.run_name),
+        }
+        return [made[name]() for name in self.names]
+
     def trainer_setup(self) -> tuple[dict, list]:
         """`TrainingArguments` fields and callbacks that send the Trainer's logs to the trackers."""
         from accelerate import PartialState
 
-        names = active(self.names)
         callbacks = []
-        if "tensorboard" in names and PartialState().is_main_process:  # else: the Trainer's temporary output_dir
+        if self.tensorboard_dir is not None and PartialState().is_main_process:  # else: the Trainer's temporary dir
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
 
-            callbacks.append(TensorBoardCallback(SummaryWriter(str(Path(self.logging_dir) / self.run_name / "finetune"))))
-        others = [n for n in names if n != "tensorboard"]
+            callbacks.append(TensorBoardCallback(SummaryWriter(str(self.tensorboard_dir / "finetune"))))
+        others = [n for n in self.names if n != "tensorboard"]
         return {"report_to": others or "none", "run_name": self.run_name, "project": self.project}, callbacks
+
+    def summary(self) -> dict:
+        """Where to find the run's logs (``details.tracking`` in merge_result.json; the printed summary)."""
+        return {"report_to": self.names, "run_name": self.run_name, "project": self.project,
+                **({"tensorboard": str(self.tensorboard_dir)} if self.tensorboard_dir is not None else {})}
