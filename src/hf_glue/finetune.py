@@ -104,13 +104,13 @@ def finetune(
 @torch.no_grad()
 def task_metrics(model, task: Task, dataset, processor, batch_size: int) -> dict[str, float]:
     """Held-out metrics of a whole model from the task's own per-batch sums: what the search reports."""
-    from .tasks.data import make_loader
+    from .tasks.data import make_loader, to_device
 
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     for batch in make_loader(dataset, batch_size, task.collator(processor), shuffle=False):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         for key, value in task.batch_stats(model(**task.model_inputs(batch)), batch).items():
             sums[key] = sums.get(key, 0.0) + float(value)
     return {k: float(v) for k, v in task.finalize(sums).items()}

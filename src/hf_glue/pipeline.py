@@ -481,7 +481,7 @@ def batch_iterator(prep: Prepared, config: GlueConfig):
     acc = prep.accelerator
     if config.parallel == "data":
         return data_mod.cycle(acc.prepare_data_loader(loader, device_placement=True))
-    return (_to_device(b, acc.device) for b in data_mod.cycle(loader))
+    return (data_mod.to_device(b, acc.device) for b in data_mod.cycle(loader))
 
 
 def eval_batches(prep: Prepared, config: GlueConfig):
@@ -489,11 +489,7 @@ def eval_batches(prep: Prepared, config: GlueConfig):
                                   shuffle=False)
     if prep.accelerator.num_processes > 1:
         return prep.accelerator.prepare_data_loader(loader, device_placement=True)
-    return (_to_device(b, prep.accelerator.device) for b in loader)
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return (data_mod.to_device(b, prep.accelerator.device) for b in loader)
 
 
 def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoint] = None, tracker=None):

@@ -203,6 +203,11 @@ def make_loader(dataset, batch_size: int, collate_fn, *, shuffle: bool, seed: in
                       drop_last=shuffle and len(dataset) >= batch_size)
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch with its tensors on ``device`` (other values as they are)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def cycle(loader) -> Iterator[dict]:
     """Endless batches: epoch after epoch (a seeded sampler reshuffles each epoch deterministically)."""
     while True:
