@@ -11,9 +11,16 @@ that mean different things per domain) and learns α on 256 target rows with the
 - ``useless-big-data-size``, ``useless-big-uniform``: experts on domains 0, 1, 2 with ``--data-sizes 200 200
   20000`` (the unrelated domain-2 expert has by far the most data); target domain 0; started from the
   data-size weights (α₀ ≈ [0.01, 0.01, 0.98]) and from uniform.
+- ``mixture-50-50-32-rows``: ``mixture-50-50`` with only 32 target training rows (the small budget of
+  docs/results.md): the search and any selection share those rows.
+- ``mixture-1-2-with-copy``: experts: domain 1, its perturbed copy, domain 2, domain 0; the target mixes domains
+  1 and 2 evenly, so the right blend splits half its mass between two near-identical experts.
+
+The last two cases were added before the defaults of the validation-selection change, so those defaults are not
+fitted to them.
 
 "Found the right blend" (FOUND), per run: the search closed at least 90% of the gap between the uniform blend
-and the best blend on the objective it minimises, the mean loss over the whole train split (256 rows):
+and the best blend on the objective it minimises, the mean loss over the whole train split (256 rows unless the case says):
     L(α̂) ≤ L* + 0.1 · (L(uniform) − L*)
 where L* is the lowest train-split loss over a dense grid on the simplex (step 1/20 for three experts, 1/10 for
 four) and α* that grid point. The train split, not the held-out one, is the judge because it isolates the search
@@ -54,6 +61,8 @@ class Case:
     target: tuple[tuple[int, float], ...]
     data_sizes: Optional[tuple[int, ...]] = None
     init: str = "uniform"
+    #: target training rows
+    rows: int = 256
 
 
 USELESS_SIZES = (200, 200, 20000)
@@ -65,6 +74,8 @@ CASES = {c.name: c for c in (
     Case("near-duplicate", ("domain-1", "domain-1-copy", "domain-2", "domain-0"), ((0, 1.0),)),
     Case("useless-big-data-size", ("domain-0", "domain-1", "domain-2"), ((0, 1.0),), USELESS_SIZES, "data-size"),
     Case("useless-big-uniform", ("domain-0", "domain-1", "domain-2"), ((0, 1.0),), USELESS_SIZES, "uniform"),
+    Case("mixture-50-50-32-rows", ("domain-0", "domain-1", "domain-2"), ((0, 0.5), (1, 0.5)), rows=32),
+    Case("mixture-1-2-with-copy", ("domain-1", "domain-1-copy", "domain-2", "domain-0"), ((1, 0.5), (2, 0.5))),
 )}
 
 
@@ -88,7 +99,7 @@ def publish_target(case: Case, root: Path, cache: Path) -> str:
     from hf_glue import testing
 
     folder = testing.write_mixture_dataset(root / "targets" / case.name, "sequence-classification",
-                                           dict(case.target))
+                                           dict(case.target), n_train=case.rows)
     repo = f"hard/target-{case.name}"
     testing.publish_to_cache(folder, repo, cache, repo_type="dataset")
     return repo
