@@ -5,7 +5,8 @@ that mean different things per domain) and learns α on 256 target rows with the
 ``--init``/``--data-sizes`` are set where the case says so), once per seed:
 
 - ``mixture-50-50`` / ``mixture-70-30``: experts on domains 0, 1, 2; the target mixes domains 0 and 1
-  (50/50, 70/30). Only a blend of experts 0 and 1 works; no single expert does.
+  (50/50, 70/30); no single expert does well (the best blends lean on experts 0 and 2: the domains share
+  cue words that mean different things, so blends do not follow the domain shares).
 - ``near-duplicate``: experts: domain 1, a perturbed copy of it (1% noise), domain 2, and the target's own
   expert (domain 0). The duplicates hold half of the uniform start; the search must still reach expert 0.
 - ``useless-big-data-size``, ``useless-big-uniform``: experts on domains 0, 1, 2 with ``--data-sizes 200 200
@@ -19,14 +20,17 @@ that mean different things per domain) and learns α on 256 target rows with the
 The last two cases were added before the defaults of the validation-selection change, so those defaults are not
 fitted to them.
 
-"Found the right blend" (FOUND), per run: the search closed at least 90% of the gap between the uniform blend
-and the best blend on the objective it minimises, the mean loss over the whole train split (256 rows unless the case says):
+"Found the right blend" (FOUND), per run: α̂ closed at least 90% of the gap between the uniform blend and the
+best blend on the objective the search minimises, the mean loss over the whole train split (256 rows unless the
+case says):
     L(α̂) ≤ L* + 0.1 · (L(uniform) − L*)
 where L* is the lowest train-split loss over a dense grid on the simplex (step 1/20 for three experts, 1/10 for
 four) and α* that grid point. The train split, not the held-out one, is the judge because it isolates the search
 from the train/held-out gap (a perfect search lands on the train optimum, which may be a few accuracy points off
-the held-out optimum); the held-out loss and accuracy of α̂ and of α* are reported beside it. A case PASSES when
-at least 9 of 10 seeds FIND the right blend. The table also shows the mean α̂ and its mean L1 distance to α*.
+the held-out optimum). A case PASSES when at least 9 of 10 seeds FIND the right blend. The table also shows the
+same judgement on the held-out split (which no variant of the search passes on the mixtures: the held-out optimum
+is not where 256 train rows point), the held-out loss and accuracy of α̂ and of the held-out grid optimum, the
+mean α̂ and its mean L1 distance to that optimum.
 
     python scripts/hard_cases.py                        # every case, seeds 0..9, the defaults
     python scripts/hard_cases.py --case near-duplicate --seeds 3
@@ -46,8 +50,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-#: the share of the uniform blend's excess train loss (over the best grid blend) a found α may leave
+#: the share of the uniform blend's excess loss (over the best grid blend) a found α may leave
 GAP_SHARE = 0.1
+#: the split a case is judged on (the table shows both)
+JUDGE = "train"
 #: seeds out of 10 a case must find
 PASS_RATE = 0.9
 
@@ -127,29 +133,32 @@ def run_case(case: Case, seeds: list[int], cache: Path, root: Path, overrides: d
     prep = prepare(ExpertsConfig(experts=[f"hard/{e}" for e in case.experts]), DataConfig(dataset=dataset), config)
     k = len(case.experts)
 
-    def held_out(alpha: tuple[float, ...]) -> dict:
-        return prep.objective.evaluate(torch.tensor([alpha], dtype=torch.float64), eval_batches(prep, config))
+    def score(alpha: tuple[float, ...], rows) -> dict:
+        loader = make_loader(rows, config.eval_batch_size, prep.task.collator(prep.processor), shuffle=False)
+        return prep.objective.evaluate(torch.tensor([alpha], dtype=torch.float64), loader)
 
-    def train_loss(alpha: tuple[float, ...]) -> float:
-        loader = make_loader(prep.train, config.eval_batch_size, prep.task.collator(prep.processor), shuffle=False)
-        return prep.objective.evaluate(torch.tensor([alpha], dtype=torch.float64), loader)["loss"]
-
-    grid = {alpha: train_loss(alpha) for alpha in simplex_grid(k, grid_step or (20 if k <= 3 else 10))}
-    best = min(grid, key=grid.get)
-    uniform = train_loss(tuple([1 / k] * k))
-    loss_bar = grid[best] + GAP_SHARE * (uniform - grid[best])
+    points = simplex_grid(k, grid_step or (20 if k <= 3 else 10))
+    uniform = tuple([1 / k] * k)
+    judges = {}
+    for judge, rows in (("train", prep.train), ("held-out", prep.eval)):
+        grid = {alpha: score(alpha, rows)["loss"] for alpha in points}
+        best = min(grid, key=grid.get)
+        bar = grid[best] + GAP_SHARE * (score(uniform, rows)["loss"] - grid[best])
+        judges[judge] = {"best_alpha": best, "best_loss": grid[best], "uniform_loss": score(uniform, rows)["loss"],
+                         "loss_bar": bar, "best_accuracy": score(best, prep.eval)["accuracy"]}
     runs = []
     for seed in seeds:
         result = learn(prep, replace(config, seed=seed))
         alpha = tuple(float(v) for v in result.alpha[0])
-        loss = train_loss(alpha)
-        runs.append({"seed": seed, "alpha": alpha, "train_loss": loss, "found": loss <= loss_bar,
-                     "held_out": result.eval, "l1": sum(abs(x - y) for x, y in zip(alpha, best)),
-                     "forward_passes": result.forward_passes})
-    found = sum(r["found"] for r in runs)
-    return {"case": case.name, "best_alpha": best, "best_loss": grid[best], "best_held_out": held_out(best),
-            "uniform_loss": uniform, "loss_bar": loss_bar, "runs": runs, "found": found,
-            "passes": found >= PASS_RATE * len(runs)}
+        losses = {"train": score(alpha, prep.train)["loss"], "held-out": result.eval["loss"]}
+        runs.append({"seed": seed, "alpha": alpha, "loss": losses,
+                     "found": {j: losses[j] <= judges[j]["loss_bar"] for j in judges},
+                     "held_out": result.eval, "forward_passes": result.forward_passes,
+                     "l1": sum(abs(x - y) for x, y in zip(alpha, judges[JUDGE]["best_alpha"])),
+                     "selection": result.details.get("selection")})
+    found = {j: sum(r["found"][j] for r in runs) for j in judges}
+    return {"case": case.name, "judges": judges, "runs": runs, "found": found,
+            "passes": found[JUDGE] >= PASS_RATE * len(runs)}
 
 
 def fmt(alpha) -> str:
@@ -157,18 +166,20 @@ def fmt(alpha) -> str:
 
 
 def markdown_table(reports: list[dict]) -> str:
-    """The results as a markdown table (case → success rate, mean α, passes)."""
-    lines = ["| case | found | mean α̂ | best grid α* | mean L1 α̂–α* | train loss: mean α̂ / α* / uniform "
-             "| held-out acc: mean α̂ / α* | forward passes | passes |", "|---|---|---|---|---|---|---|---|---|"]
+    """The results as a markdown table (case → success rate by each judge, mean α, passes by `JUDGE`)."""
+    lines = ["| case | found (held-out) | found (train) | mean α̂ | best held-out grid α* | mean L1 α̂–α* "
+             "| held-out loss: mean α̂ / α* / uniform | held-out acc: mean α̂ / α* | train loss: mean α̂ / α*_train "
+             "| forward passes | passes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        runs = r["runs"]
+        runs, held, train = r["runs"], r["judges"]["held-out"], r["judges"]["train"]
         mean_alpha = [statistics.fmean(x) for x in zip(*(run["alpha"] for run in runs))]
         lines.append(
-            f"| {r['case']} | {r['found']}/{len(runs)} | {fmt(mean_alpha)} | {fmt(r['best_alpha'])} "
-            f"| {statistics.fmean(run['l1'] for run in runs):.2f} "
-            f"| {statistics.fmean(run['train_loss'] for run in runs):.3f} / {r['best_loss']:.3f} / "
-            f"{r['uniform_loss']:.3f} | {statistics.fmean(run['held_out']['accuracy'] for run in runs):.3f} / "
-            f"{r['best_held_out']['accuracy']:.3f} | {runs[0]['forward_passes']} | {'yes' if r['passes'] else 'NO'} |")
+            f"| {r['case']} | {r['found']['held-out']}/{len(runs)} | {r['found']['train']}/{len(runs)} "
+            f"| {fmt(mean_alpha)} | {fmt(held['best_alpha'])} | {statistics.fmean(run['l1'] for run in runs):.2f} "
+            f"| {statistics.fmean(run['loss']['held-out'] for run in runs):.3f} / {held['best_loss']:.3f} / "
+            f"{held['uniform_loss']:.3f} | {statistics.fmean(run['held_out']['accuracy'] for run in runs):.3f} / "
+            f"{held['best_accuracy']:.3f} | {statistics.fmean(run['loss']['train'] for run in runs):.3f} / "
+            f"{train['best_loss']:.3f} | {runs[0]['forward_passes']} | {'yes' if r['passes'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -207,12 +218,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         start = time.perf_counter()
         report = run_case(CASES[name], list(range(args.seeds)), root / "hub", root, overrides)
         reports.append(report)
-        print(f"{name}: {report['found']}/{len(report['runs'])} found ({time.perf_counter() - start:.0f} s)",
+        print(f"{name}: {report['found'][JUDGE]}/{len(report['runs'])} found ({time.perf_counter() - start:.0f} s)",
               file=sys.stderr)
         if args.verbose:
             for run in report["runs"]:
-                print(f"  seed {run['seed']}: α={fmt(run['alpha'])} train loss={run['train_loss']:.3f} "
-                      f"{'found' if run['found'] else 'MISSED'} (bar {report['loss_bar']:.3f})", file=sys.stderr)
+                bar = report["judges"][JUDGE]["loss_bar"]
+                print(f"  seed {run['seed']}: α={fmt(run['alpha'])} {JUDGE} loss={run['loss'][JUDGE]:.3f} "
+                      f"{'found' if run['found'][JUDGE] else 'MISSED'} (bar {bar:.3f})", file=sys.stderr)
+                if run["selection"]:
+                    for c in run["selection"]["candidates"]:
+                        mark = "*" if c["name"] == run["selection"]["chosen"] else " "
+                        print(f"    {mark} {c['loss'] if c['loss'] is not None else float('nan'):.4f}  "
+                              f"{fmt(c['coefficients'].values())}  {c['name']}", file=sys.stderr)
     command = " ".join(["python scripts/hard_cases.py", f"--seeds {args.seeds}",
                         *(f"--case {c}" for c in args.case or []), *(f"--set {s}" for s in args.set)])
     print(f"`{command}`\n")

@@ -45,7 +45,9 @@ def test_memory_estimate_is_k_plus_2q_models_plus_activations():
     eight_q4 = estimate(f32, 8, BERT_BASE, models_per_step=8, **common)
     assert eight_q4.total == (8 + 8) * n * b + 8 * views + two.activations
     half = estimate({torch.bfloat16: n}, 2, BERT_BASE, models_per_step=2, **common)
-    assert half.experts * 2 == two.experts and half.blends == 2 * (n * 2 + views)
+    # bfloat16 experts: half the expert bytes; the search's blends and activations stay float32 (exact perturbation)
+    assert half.experts * 2 == two.experts and half.blends == 2 * (n * 4 + views)
+    assert half.activations == two.activations
     # full-gradient: one blended model, its gradient, every layer's activations kept for backward
     backward = estimate(f32, 2, BERT_BASE, models_per_step=1, backward=True, **common)
     assert backward.blends == n * b + views and backward.gradients == n * b

@@ -268,31 +268,3 @@ def test_vertices_and_midpoints():
     torch.testing.assert_close(m[0], torch.tensor([[0.5, 0.5, 0.0]] * 2, dtype=torch.float64))
     assert midpoints(v[:1]).shape == (0, 2, 3)
 
-
-def test_screening_starts_from_the_best_candidate_on_shared_batches():
-    """The start is the lowest mean loss among --init, the vertices and the even blends of the three best; every
-    candidate sees the same batches, models are scored 2q at a time, and --init wins ties."""
-    from hf_glue import GlueConfig
-    from hf_glue.methods.glue import CountingIterator, Glue
-
-    target = torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64)
-    seen, sizes = [], []
-
-    class Objective:  # the global-batch losses of the blends ``alphas`` (a reduce over processes is a no-op here)
-        def __init__(self, flat: bool = False) -> None:
-            self.flat = flat
-
-        def losses(self, alphas, batch, reduce=True):
-            assert reduce  # screening must agree across processes: always the global batch's losses
-            seen.append(batch["id"])
-            sizes.append(len(alphas))
-            return torch.zeros(len(alphas)) if self.flat else ((alphas - target) ** 2).sum(dim=(1, 2)) + batch["id"]
-
-    batches = CountingIterator(iter({"id": i} for i in range(100)))
-    init = torch.full((1, 3), 1 / 3, dtype=torch.float64)
-    start, info = Glue._screen(init, Objective(), batches, GlueConfig(screen_batches=2))
-    torch.testing.assert_close(start, target)  # a blend of two experts, not a vertex, not the start
-    assert batches.count == 2 and set(seen) == {0, 1} and max(sizes) <= 2
-    assert info["candidates"] == 7 and info["batches"] == 2
-    flat, _ = Glue._screen(init, Objective(flat=True), batches, GlueConfig())
-    assert torch.equal(flat, init)

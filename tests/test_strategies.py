@@ -102,7 +102,7 @@ def _config_only_experts(tmp_path, config: dict, k: int = 4) -> list[str]:
 
 def test_estimate_of_four_7b_experts_matches_the_arithmetic(tmp_path):
     """K = 4 Llama-7B experts in bfloat16 (N·b = 13.5 GB each) under --max-memory 80GiB: the replicated search,
-    (K + 2q)·N·b = 75 GiB, leaves no headroom and is passed over for on-the-fly (K·N·b) on one GPU and for the
+    K·N·b + 2q float32 blends = 100 GiB, does not fit and is passed over for on-the-fly (K·N·b) on one GPU and for the
     sharded search ((K + 2q)·N·b / P at most) on 8."""
     from hf_glue.config import EstimateConfig
     from hf_glue.plan import estimate_merge
@@ -117,8 +117,9 @@ def test_estimate_of_four_7b_experts_matches_the_arithmetic(tmp_path):
     def near(got, want):
         return abs(got - want) <= 0.1 * want
 
-    assert near(s["replicated"]["total"], (k + 2 * q) * n * b) and not s["replicated"]["fits"]
-    assert near(s["on-the-fly"]["total"], k * n * b) and s["on-the-fly"]["fits"]
+    # the search's blends are float32 (b' = 4): 2q of them in the replicated search; on the fly one layer's
+    assert near(s["replicated"]["total"], (k * b + 2 * q * 4) * n) and not s["replicated"]["fits"]
+    assert k * n * b < s["on-the-fly"]["total"] <= 1.15 * k * n * b and s["on-the-fly"]["fits"]
     # offloaded: the device holds the K rows of one tensor (the largest: 32000 × 4096 embeddings) at a time
     assert s["offload-cpu"]["host"] == k * n * b and s["offload-cpu"]["experts"] == k * 32000 * 4096 * b
     assert s["offload-disk"]["total"] == s["offload-cpu"]["total"] < 0.15 * k * n * b
@@ -126,8 +127,9 @@ def test_estimate_of_four_7b_experts_matches_the_arithmetic(tmp_path):
     assert "sharded" not in s and one["chosen"] == "on-the-fly"
     eight = estimate_merge(experts, EstimateConfig(device="cuda", num_processes=8))
     sharded = eight["strategies"]["sharded"]
-    assert sharded["experts"] == -(-k * n * b // 8) and sharded["total"] <= (k + 2 * q) * n * b / 8 * 1.1
-    assert sharded["moved"] == 2 * q * n * b * 7 // 8  # all-gathers: each process receives 7/8 of each model
+    # K·N·b/P of experts, the model's own float32 shard (N·4/P) and the gathered float32 blocks
+    assert sharded["experts"] == -(-k * n * b // 8) and sharded["total"] <= (k * b + 2 * 4) * n / 8 * 1.1
+    assert sharded["moved"] == 2 * q * n * 4 * 7 // 8  # all-gathers: each process receives 7/8 of each model
     assert eight["chosen"] == "sharded"
     bigger = estimate_merge(ExpertsConfig(experts=ids, dtype="bfloat16", max_memory="200GiB"),
                             EstimateConfig(device="cuda"))
@@ -183,10 +185,16 @@ def test_merge_picks_on_the_fly_when_the_replicated_search_does_not_fit(cls_expe
     a = json.loads((tmp_path / "auto" / "merge_result.json").read_text())
     b = json.loads((tmp_path / "whole" / "merge_result.json").read_text())
     assert a["details"]["memory"]["strategy"] == "on-the-fly" and b["details"]["memory"]["strategy"] == "replicated"
+    # the two engines run the same blends through different kernels (one product per segment vs per tensor, views
+    # vs hooks): the forward passes agree to float32 rounding, not bit for bit (the old code too, once a search
+    # starts off a vertex), so the searches agree to that rounding
+    assert a["details"]["selection"]["chosen"] == b["details"]["selection"]["chosen"]
     for name in a["coefficients"]:
-        assert a["coefficients"][name] == pytest.approx(b["coefficients"][name], abs=1e-9)
+        assert a["coefficients"][name] == pytest.approx(b["coefficients"][name], abs=1e-6)
     x, y = load_file(tmp_path / "auto" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
-    assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
     refused = run_cli(*common, "--blend", "materialized", "--max-memory", str(budget), "--output-dir",
                       str(tmp_path / "refused"))
     assert_refused(refused, ["needs about", "(replicated)", "--blend on-the-fly"], tmp_path / "refused")
@@ -241,7 +249,7 @@ def _blend_both_ways(model_class, config, inputs: dict) -> tuple[torch.Tensor, t
     with torch.no_grad():
         expected = reference(**inputs).logits
         engine = OnTheFlyMatrix(matrix, template, torch.device("cpu"))
-        armed = engine.models(alpha.unsqueeze(0), exact=True)
+        armed = engine.models(alpha.unsqueeze(0))
         next(armed)  # the hooks hold θ(α) until the generator moves on
         got = template(**inputs).logits
         armed.close()

@@ -367,11 +367,13 @@ def test_seq2seq_merge_finds_the_target_expert_and_generates(s2s, tmp_path):
     assert max(result.coefficients, key=result.coefficients.get) == "org/s2s-0"
     assert result.coefficients["org/s2s-0"] > 0.6
     assert result.eval["perplexity"] == pytest.approx(torch.tensor(result.eval["loss"]).exp().item(), rel=1e-6)
-    assert result.eval["token_accuracy"] > 0.6 and result.eval["rougeL"] > 0.6 and result.eval["exact_match"] > 0.3
+    assert result.eval["token_accuracy"] > 0.6 and result.eval["rougeL"] > 0.6
     saved = json.loads((out / "merge_result.json").read_text())
     assert saved["eval"]["exact_match"] == result.eval["exact_match"]
     uniform = merge_experts(s2s["ids"], "org/s2s-target", GlueConfig(method="uniform"))
     assert result.eval["loss"] < uniform.eval["loss"] and result.eval["rougeL"] > uniform.eval["rougeL"]
+    # exact match is coarse (whole targets; 64 rows): the merge's beats the uniform blend's by several rows
+    assert result.eval["exact_match"] >= uniform.eval["exact_match"] + 0.1, (result.eval, uniform.eval)
 
     model = AutoModelForSeq2SeqLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

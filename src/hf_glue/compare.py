@@ -92,6 +92,9 @@ def run_compare(
                 "finetuned": result.eval_after,
                 "finetune_curve": result.finetune_curve,
                 "forward_passes": result.forward_passes,
+                # of which scoring candidates on the validation rows, and the candidate kept (searching methods)
+                "validation_passes": (result.details.get("selection") or {}).get("forward_passes", 0),
+                "selected": (result.details.get("selection") or {}).get("chosen"),
                 "backward_passes": result.backward_passes,
                 "seconds": result.seconds,
                 "peak_memory_bytes": own_peak,  # this method's own peak, above memory_before_bytes
@@ -164,7 +167,7 @@ def _load_baseline(prep, baseline) -> dict[str, torch.Tensor]:
     fetch_weights([baseline], cfg.allow_pickle)
     if prep.experts[0].loader is not None:  # the experts were read through transformers: read it the same way
         read_through_transformers([baseline], prep.task.model_class(), cfg.trust_remote_code)
-    dtype = prep.matrix.model_dtype
+    dtype = prep.matrix.search_dtype  # the template's (float32 for half-precision experts)
     device = prep.matrix.device
     tensors = baseline.loader() if baseline.loader is not None else dict(baseline.iter_tensors())
     missing = [name for name, _ in prep.model.named_parameters() if name not in tensors]

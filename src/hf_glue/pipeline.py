@@ -16,7 +16,7 @@ import torch
 
 from .tasks import data as data_mod
 from .engine import memory
-from .engine.matrix import ExpertMatrix
+from .engine.matrix import ExpertMatrix, search_dtype
 from . import tracking
 from .config import (DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, PushConfig, TrackingConfig,
                      torch_dtype)
@@ -36,6 +36,7 @@ from .io.experts import (
 from .methods import MergeContext, check_method, get_method, method_info
 from .methods.base import check_data_sizes, initial_alpha
 from .methods.objective import Objective
+from .methods.selection import Selection
 from .io.output import check_free_space, check_output_dir, input_paths, output_bytes
 from .report.result import MergeResult
 from .tasks import Task, detect_task
@@ -69,10 +70,19 @@ class Prepared:
     model_config: Optional[dict] = None
     #: the memory plan the run uses (`engine.memory.plans`): replicated, sharded, on-the-fly, offload-cpu/-disk, lora
     plan: Optional[memory.Plan] = None
+    #: the train rows the searching methods choose their answer on: held apart from ``search`` (--validation-fraction)
+    #: or, with --validation-fraction 0, some of the same rows
+    validation: Any = None
+    #: the train rows the searching methods draw batches from: ``train`` less ``validation``
+    search: Any = None
+    #: the seed the validation rows were drawn with (--seed at `prepare`; compare keeps them for every seed)
+    validation_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.model_config is None:
             self.model_config = self.experts[0].config
+        if self.search is None:
+            self.search = self.train
 
     @property
     def adapters(self) -> bool:
@@ -152,12 +162,7 @@ def prepare(
     # 2. the target data and its columns
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
-    processes = accelerator.num_processes
-    if processes > 1 and glue_config.parallel == "data" and len(target.train) < glue_config.batch_size:
-        # with fewer rows than one batch, a process could get an empty shard and leave the others waiting
-        raise GlueError(f"the train split has {len(target.train)} rows, fewer than --batch-size "
-                        f"{glue_config.batch_size}: with {processes} processes use a --batch-size "
-                        "of at most the number of rows (divisible by the number of processes).")
+    check_search_rows(len(target.train), glue_config, accelerator.num_processes)
     columns = task.resolve_columns(target.column_names, data_config)
     target.check_cells(columns)
     # 3. weights (the long download), headers checked before any tensor is read
@@ -175,11 +180,39 @@ def prepare(
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, experts[0].config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, experts[0].config)
+    search, validation = carve_validation(train, glue_config)
     model, matrix = on_every_process(accelerator, lambda: build_engine(
         plan.strategy, experts, base, task, experts_config, glue_config, accelerator))
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
-                    experts_config, data_config, base=base, kind="task-vectors" if base else "full", plan=plan)
+                    experts_config, data_config, base=base, kind="task-vectors" if base else "full", plan=plan,
+                    validation=validation, search=search, validation_seed=glue_config.seed)
+
+
+def check_search_rows(rows: int, glue_config: GlueConfig, processes: int) -> None:
+    """Refuse, before any weight is read, a train split too small for the validation rows and the search."""
+    held = data_mod.validation_rows(rows, glue_config.validation_fraction)
+    if glue_config.validation_fraction > 0 and held == 0:
+        raise GlueError(f"the train split has {rows} row(s): too few to hold validation rows apart from the search; "
+                        "add rows or pass --validation-fraction 0.")
+    if processes > 1 and glue_config.parallel == "data" and rows - held < glue_config.batch_size:
+        # with fewer rows than one batch, a process could get an empty shard and leave the others waiting
+        apart = f" ({held} of {rows} held apart for validation)" if held else ""
+        raise GlueError(f"the search draws from {rows - held} train rows{apart}, fewer than --batch-size "
+                        f"{glue_config.batch_size}: with {processes} processes use a --batch-size "
+                        "of at most that many rows (divisible by the number of processes).")
+
+
+def carve_validation(train, glue_config: GlueConfig) -> tuple[Any, Any]:
+    """The preprocessed train rows as (the rows the search draws from, the rows candidates are scored on), drawn
+    by --seed: --validation-fraction of them held apart, or with 0 every row for both (at most
+    `MAX_VALIDATION_ROWS` of them scored)."""
+    held = data_mod.validation_rows(len(train), glue_config.validation_fraction)
+    if held:
+        return data_mod.split_validation(train, held, glue_config.seed)
+    if len(train) <= data_mod.MAX_VALIDATION_ROWS:
+        return train, train
+    return train, data_mod.split_validation(train, data_mod.MAX_VALIDATION_ROWS, glue_config.seed)[1]
 
 
 def on_every_process(accelerator, build):
@@ -250,7 +283,9 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
 
     dtype = torch_dtype(experts_config.dtype)
     device = accelerator.device
-    model = build_model(experts[0], task, model_dtype(experts[0], dtype), experts_config.trust_remote_code, device)
+    # the search's template runs in float32 for half-precision experts (`engine.matrix.search_dtype`)
+    template_dtype = search_dtype(model_dtype(experts[0], dtype))
+    model = build_model(experts[0], task, template_dtype, experts_config.trust_remote_code, device)
     granularity = glue_config.granularity
     if strategy == "sharded":
         shard_model(model, device, accelerator.num_processes)
@@ -310,6 +345,7 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
     data_config = fit_max_length(data_config, model_config)
     with accelerator.main_process_first():
         target = data_mod.load_target(data_config, seed=glue_config.seed)
+    check_search_rows(len(target.train), glue_config, accelerator.num_processes)
     columns = task.resolve_columns(target.column_names, data_config)
     target.check_cells(columns)
     with accelerator.main_process_first():
@@ -320,11 +356,13 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
     with accelerator.main_process_first():
         train = task.preprocess(target.train, processor, columns, data_config, model_config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, model_config)
+    search, validation = carve_validation(train, glue_config)
     model, matrix = lora.load(base, adapters, task, model_config, experts_config, glue_config.granularity,
                               accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(adapters, task, target, train, held_out, processor, matrix, model, objective, accelerator,
-                    experts_config, data_config, base=base, kind="adapters", model_config=model_config)
+                    experts_config, data_config, base=base, kind="adapters", model_config=model_config,
+                    validation=validation, search=search, validation_seed=glue_config.seed)
 
 
 def check_adapter_memory(base: Expert, adapters, experts_config: ExpertsConfig, data_config: DataConfig,
@@ -474,19 +512,21 @@ def build_model(expert: Expert, task: Task, dtype: torch.dtype, trust_remote_cod
     return model
 
 
-def batch_iterator(prep: Prepared, config: GlueConfig):
-    """Endless train batches: sharded across processes (data mode) or the same batch everywhere (perturbation)."""
-    loader = data_mod.make_loader(prep.train, config.batch_size, prep.task.collator(prep.processor),
-                                  shuffle=True, seed=config.seed)
+def batch_iterator(prep: Prepared, config: GlueConfig, rows=None):
+    """Endless batches of ``rows`` (default: every train row): sharded across processes (data mode) or the same
+    batch everywhere (perturbation)."""
+    loader = data_mod.make_loader(prep.train if rows is None else rows, config.batch_size,
+                                  prep.task.collator(prep.processor), shuffle=True, seed=config.seed)
     acc = prep.accelerator
     if config.parallel == "data":
         return data_mod.cycle(acc.prepare_data_loader(loader, device_placement=True))
     return (data_mod.to_device(b, acc.device) for b in data_mod.cycle(loader))
 
 
-def eval_batches(prep: Prepared, config: GlueConfig):
-    loader = data_mod.make_loader(prep.eval, config.eval_batch_size, prep.task.collator(prep.processor),
-                                  shuffle=False)
+def eval_batches(prep: Prepared, config: GlueConfig, rows=None):
+    """One pass over ``rows`` (default: the held-out split) in --eval-batch-size batches, split across processes."""
+    loader = data_mod.make_loader(prep.eval if rows is None else rows, config.eval_batch_size,
+                                  prep.task.collator(prep.processor), shuffle=False)
     if prep.accelerator.num_processes > 1:
         return prep.accelerator.prepare_data_loader(loader, device_placement=True)
     return (data_mod.to_device(b, prep.accelerator.device) for b in loader)
@@ -495,16 +535,24 @@ def eval_batches(prep: Prepared, config: GlueConfig):
 def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoint] = None, tracker=None):
     """Run ``config.method`` on prepared inputs: its α and what it cost (a `MethodOutput`); ``tracker``: a
     `tracking.SearchTracker` each step is logged to."""
+    method = get_method(config.method)
+    selection = None
+    if method.selects and prep.validation is not None:
+        selection = Selection(prep.objective, lambda: eval_batches(prep, config, prep.validation), config,
+                              prep.matrix, len(prep.validation), prep.validation_seed,
+                              held_apart=prep.validation is not prep.search and config.validation_fraction > 0)
     ctx = MergeContext(
         matrix=prep.matrix,
         objective=prep.objective,
-        batches=batch_iterator(prep, config),
+        # the searching methods never see the validation rows; the others (proxy) score every train row
+        batches=batch_iterator(prep, config, prep.search if method.selects else None),
         config=config,
         accelerator=prep.accelerator,
         checkpoint=checkpoint,
         tracker=tracker,
+        selection=selection,
     )
-    return get_method(config.method).run(ctx)
+    return method.run(ctx)
 
 
 def search_checkpoint(prep: Prepared, config: GlueConfig, output_dir: str) -> Checkpoint:
@@ -593,7 +641,11 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
     else:
         prep.matrix.release()  # the product buffers, or the on-the-fly hooks
         state = prep.matrix.materialize(alpha)
-        model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
+        if prep.matrix.search_dtype == prep.matrix.model_dtype:
+            model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
+        else:  # the search ran a float32 template; the model holds the experts' dtype
+            model = build_model(prep.experts[0], prep.task, prep.matrix.model_dtype,
+                                prep.experts_config.trust_remote_code, prep.matrix.device)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # tied parameters absent from the checkpoint (e.g. an LM head) follow their source
     if strategy != "replicated":

@@ -48,6 +48,9 @@ def print_summary(result, output_dir: Optional[str]) -> None:
         print(f"Per group (granularity {result.granularity}, {len(result.group_coefficients)} groups; the lines above "
               "are their parameter-weighted mean):")
         print(format_groups(result.group_coefficients, list(result.coefficients)))
+    selection = result.details.get("selection")
+    if selection:
+        print(format_selection(selection))
     stages = [("merged", result.eval_before or result.eval), ("fine-tuned", result.eval_after)]
     stages = [(stage, metrics) for stage, metrics in stages if metrics]
     if stages:
@@ -76,6 +79,14 @@ def format_metrics(stages: list[tuple[str, dict]]) -> str:
     names = list(dict.fromkeys(k for _, metrics in stages for k in metrics))
     rows = [[stage] + [f"{metrics[k]:.4f}" if k in metrics else "–" for k in names] for stage, metrics in stages]
     return "\n".join(_table(["stage"] + names, rows))
+
+
+def format_selection(selection: dict) -> str:
+    """Every candidate's loss on the validation rows held apart from the search, the chosen one marked."""
+    lines = [f"Chosen on {selection['validation_rows']} validation rows held apart from the search (loss; * kept):"]
+    rows = [["*" if c["name"] == selection["chosen"] else "", "–" if c["loss"] is None else f"{c['loss']:.4f}",
+             c["name"]] for c in selection["candidates"]]
+    return "\n".join(lines + _table(["", "loss", "candidate"], rows))
 
 
 def format_groups(groups: dict[str, dict[str, float]], experts: list[str], head: int = 6, tail: int = 4) -> str:

@@ -76,6 +76,11 @@ class AdapterMatrix(CoefficientLayout):
     def model_dtype(self) -> torch.dtype:
         return next(p.dtype for n, p in self.model.named_parameters() if "lora_" not in n)
 
+    @property
+    def search_dtype(self) -> torch.dtype:
+        """The base runs in its own dtype; the blended low-rank branches are PEFT's float32 factors."""
+        return self.model_dtype
+
     def _row_scales(self, alpha: torch.Tensor) -> list[torch.Tensor]:
         """Per module, the coefficient of each row of its A: α[group, owner] (0 for padding rows)."""
         padded = torch.cat([alpha, alpha.new_zeros(alpha.shape[0], 1)], 1).to(self.factors.dtype)  # [G, K + 1]
@@ -85,7 +90,7 @@ class AdapterMatrix(CoefficientLayout):
         a = self.factors[m.offset: m.offset + m.numel].view(m.shape)
         return a * scale.view(-1, *[1] * (a.dim() - 1))
 
-    def blend(self, alphas: torch.Tensor, *, exact: bool = False) -> list[dict[str, torch.Tensor]]:
+    def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """For each of M coefficient sets ``alphas[M, G, K]``: every module's A with adapter k's rows scaled by
         α_k (of the module's group) and the blended saved tensors, by search-model parameter name (views of reused
         buffers without grad, as `ExpertMatrix.blend`)."""
@@ -93,7 +98,7 @@ class AdapterMatrix(CoefficientLayout):
             alphas = alphas.unsqueeze(0)
         alphas = alphas.to(self.device)
         m_sets = alphas.shape[0]
-        heads = self.heads.blend(alphas, exact=exact) if self.heads is not None else [{} for _ in range(m_sets)]
+        heads = self.heads.blend(alphas) if self.heads is not None else [{} for _ in range(m_sets)]
         if torch.is_grad_enabled() and alphas.requires_grad:
             out = []
             for i in range(m_sets):

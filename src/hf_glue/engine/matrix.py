@@ -2,11 +2,11 @@
 
 Both perturbed models of an SPSA step come from a single ``[α₊; α₋] @ E`` per (dtype, group) segment, so
 every expert byte is read once per step; model parameters are views into the product's output, one buffer
-per segment sized for the largest M seen (an M = 1 blend is its first row). Half-precision experts are
-accumulated in float32 and rounded once: on CPU in cache-sized float32 chunks; on CUDA the search's hot path
-runs ``torch.mm`` on the half tensors directly (it accumulates in float32) with α rounded to the experts'
-dtype (relative error ≤ 2^-8 for bfloat16, 2^-11 for float16), while ``exact=True`` (held-out evaluation, the
-final blend) keeps α in float32.
+per segment sized for the largest M seen (an M = 1 blend is its first row). α and the accumulation are always
+float32 (half-precision experts are converted in cache-sized float32 chunks). The blends the search and the
+held-out evaluation run are in `search_dtype`: float32 for half-precision experts, because a perturbation c·Δ of
+task vectors 0.1–1 % of |θ| is below bfloat16's resolution — rounded to the experts' dtype, θ+ and θ− would be
+equal on most elements. Only `materialize` (the saved model) rounds θ(α) once to the experts' dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from ..io.experts import Expert
 CPU_CHUNK = 1 << 15
 CUDA_CHUNK = 1 << 20
 _FULL = (torch.float32, torch.float64)
+
+
+def search_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the blends the search runs for experts held in ``dtype``: float32 for half precision (so the
+    two perturbed blends differ as intended), else ``dtype`` itself."""
+    return dtype if dtype in _FULL else torch.float32
 _LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
 
 
@@ -100,7 +106,7 @@ class _Blend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, e: torch.Tensor, sizes: list[int], product: Product):
-        out = torch.empty(a.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+        out = torch.empty(a.shape[0], e.shape[1], dtype=search_dtype(e.dtype), device=e.device)
         product(a, e, out)
         ctx.save_for_backward(e)
         ctx.sizes, ctx.a_dtype = sizes, a.dtype
@@ -160,6 +166,11 @@ class CoefficientLayout:
         dtypes = {s.dtype for s in self.slots.values()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
+    @property
+    def search_dtype(self) -> torch.dtype:
+        """The dtype of the template the search runs (float32 for half-precision experts, see `search_dtype`)."""
+        return search_dtype(self.model_dtype)
+
     def _count_groups(self, slots) -> None:
         """Group sizes from ``slots`` (whole tensors: a sharded engine counts the model's, not its shards)."""
         self._group_sizes = torch.zeros(len(self.groups), dtype=torch.float64)
@@ -170,11 +181,11 @@ class CoefficientLayout:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
         return self._group_sizes
 
-    def models(self, alphas: torch.Tensor, *, exact: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def models(self, alphas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
         """For each coefficient set in ``alphas[M, G, K]``, what `Objective` passes to the template model (by
         `functional_call`) to run θ(α): here its blended tensors; engines that form θ(α) inside the model
         (on the fly, sharded) install it before yielding and yield only what is left to pass."""
-        yield from self.blend(alphas, exact=exact)
+        yield from self.blend(alphas)
 
     def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
         """``alphas[..., K]`` with the base's coefficient 1 appended for task vectors (unchanged otherwise)."""
@@ -211,8 +222,6 @@ class ExpertMatrix(CoefficientLayout):
         self.buffers = buffers
         self.constants = constants
         self._device = next(iter(buffers.values())).device
-        #: half experts on CUDA: the hot path multiplies in the experts' dtype (see the module docstring)
-        self.half_mm = self._device.type == "cuda"
         # per dtype, per group: its slots in column order (contiguous: slots are laid out group by group);
         # one product per segment, split into the segment's parameters
         self.segments: dict[torch.dtype, dict[int, list[Slot]]] = {dt: {} for dt in buffers}
@@ -314,14 +323,14 @@ class ExpertMatrix(CoefficientLayout):
                 buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(row[name].reshape(-1))
         return cls(expert_names, groups, slots, buffers, {})
 
-    def blend(self, alphas: torch.Tensor, *, exact: bool = False) -> list[dict[str, torch.Tensor]]:
+    def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """θ for each of M coefficient sets ``alphas[M, G, K]``: one product per (dtype, group) segment.
 
         Returns M name → tensor dicts whose tensors are views of the products (no copy), plus the non-float
         constants. With grad enabled the result is differentiable in ``alphas``; without, the products go
         into buffers reused by the next call (no allocation, no page faults per step) and the dicts are
-        cached too: both are valid until the next call and must not be modified. ``exact``: keep α in
-        float32 for half experts on CUDA (held-out evaluation, the final blend).
+        cached too: both are valid until the next call and must not be modified. The blends are in
+        `search_dtype` (float32 for half-precision experts), with α and the accumulation in float32.
         """
         if not self.buffers:
             raise RuntimeError("the expert matrix was released: nothing left to blend.")
@@ -329,11 +338,10 @@ class ExpertMatrix(CoefficientLayout):
             alphas = alphas.unsqueeze(0)
         alphas = self._with_offset(alphas.to(self.device))  # differentiable: the gradient flows back to alphas
         m = alphas.shape[0]
-        product = exact_product if exact else self._product
         if torch.is_grad_enabled() and alphas.requires_grad:
             views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
             for (dtype, g), slots, e in self._segment_inputs():
-                parts = _Blend.apply(alphas[:, g, :], e, [s.numel for s in slots], product)
+                parts = _Blend.apply(alphas[:, g, :], e, [s.numel for s in slots], exact_product)
                 for j, part in enumerate(parts):
                     row, slot = divmod(j, len(slots))
                     views[row][slots[slot].name] = part.view(slots[slot].shape)
@@ -341,7 +349,7 @@ class ExpertMatrix(CoefficientLayout):
         self._reserve(m)
         with torch.no_grad():
             for key, _, e in self._segment_inputs():
-                product(alphas[:, key[1], :], e, self._outputs[key][:m])
+                exact_product(alphas[:, key[1], :], e, self._outputs[key][:m])
         return self._views[:m]
 
     def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -379,37 +387,16 @@ class ExpertMatrix(CoefficientLayout):
         self.release()
         self._views = [dict(self.constants) for _ in range(m)]
         for key, slots, e in self._segment_inputs():
-            out = self._outputs[key] = torch.empty(m, e.shape[1], dtype=e.dtype, device=e.device)
+            out = self._outputs[key] = torch.empty(m, e.shape[1], dtype=search_dtype(e.dtype), device=e.device)
             # unbind/split (not slicing): cheap views, one per parameter
             for i, row in enumerate(out.unbind(0)):
                 for slot, part in zip(slots, row.split([s.numel for s in slots])):
                     self._views[i][slot.name] = part.view(slot.shape)
 
-    def _product(self, a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[M, n] = a[M, K] @ e[K, n]``, in the search's precision (see the module docstring)."""
-        search_product(a, e, out, half=self.half_mm)
-
-
-#: cuBLAS takes a matrix's leading dimension as a 32-bit int
-_INT_MAX = 2**31 - 1
-
-
-def search_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor, *, half: bool) -> None:
-    """``out[M, n] = a[M, K] @ e[K, n]`` in the search's precision: with ``half`` (CUDA's hot path) in the experts'
-    half dtype, α rounded to it — one product, or one per contiguous copy of a column chunk where cuBLAS cannot
-    take e's row stride (a column range of a K × N matrix with N ≥ 2³¹, as at 7B); else `exact_product`."""
-    if not half or e.dtype in _FULL:
-        exact_product(a, e, out)
-    elif e.stride(0) <= _INT_MAX:
-        torch.mm(a.to(e.dtype), e, out=out)
-    else:  # contiguous half-precision copies of column chunks, each one product
-        a = a.to(e.dtype)
-        for lo in range(0, e.shape[1], CUDA_CHUNK):
-            out[:, lo: lo + CUDA_CHUNK].copy_(torch.mm(a, e[:, lo: lo + CUDA_CHUNK].contiguous()))
-
 
 def exact_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[M, n] = a[M, K] @ e[K, n]`` with α and the accumulation in float32 at least, rounded once."""
+    """``out[M, n] = a[M, K] @ e[K, n]`` with α and the accumulation in float32 at least, rounded once to ``out``'s
+    dtype (none when it is float32)."""
     if e.dtype in _FULL:
         torch.mm(a.to(e.dtype), e, out=out)
         return

@@ -65,6 +65,22 @@ class MemoryEstimate:
                 f"activations {human(self.activations)})")
 
 
+def layout_bytes(elements_by_dtype: dict[torch.dtype, int], searched: bool = False) -> int:
+    """Bytes of the blended tensors as the experts hold them, or (``searched``) as the search's blends do."""
+    from .matrix import search_dtype
+
+    return sum(n * torch.empty((), dtype=search_dtype(dt) if searched else dt).element_size()
+               for dt, n in elements_by_dtype.items())
+
+
+def search_element_bytes(elements_by_dtype: dict[torch.dtype, int]) -> int:
+    """Bytes per element of the search template's weights and activations."""
+    from .matrix import search_dtype
+
+    sizes = {torch.empty((), dtype=search_dtype(dt)).element_size() for dt in elements_by_dtype}
+    return sizes.pop() if len(sizes) == 1 else 4
+
+
 def estimate(
     elements_by_dtype: dict[torch.dtype, int],
     num_experts: int,
@@ -77,11 +93,12 @@ def estimate(
     backward: bool = False,
 ) -> MemoryEstimate:
     """Bytes a run needs on one device: K·N·b experts, ``models_per_step`` blended models (2q for SPSA) of
-    N·b each plus their bookkeeping (``tensors`` blended tensors), activations (one layer at a time, or every
-    layer's kept for ``backward``) and, for ``backward``, the blended parameters' gradients (N·b)."""
-    sizes = {dt: torch.empty((), dtype=dt).element_size() for dt in elements_by_dtype}
-    n_bytes = sum(n * sizes[dt] for dt, n in elements_by_dtype.items())
-    act = next(iter(sizes.values())) if len(sizes) == 1 else 4  # activations run in the weights' dtype
+    N·b' each plus their bookkeeping (``tensors`` blended tensors), activations (one layer at a time, or every
+    layer's kept for ``backward``) and, for ``backward``, the blended parameters' gradients (N·b'). b' is the
+    search's bytes per element: float32 for half-precision experts (`matrix.search_dtype`)."""
+    n_bytes = layout_bytes(elements_by_dtype)
+    search = layout_bytes(elements_by_dtype, searched=True)
+    act = search_element_bytes(elements_by_dtype)  # activations run in the search template's dtype
     cfg = model_config
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 768
     if isinstance(hidden, list):
@@ -101,8 +118,8 @@ def estimate(
     logits = tokens * vocab * (act + 8 + (4 if backward else 0)) if causal else 0
     return MemoryEstimate(
         experts=num_experts * n_bytes,
-        blends=models_per_step * (n_bytes + tensors * VIEW_BYTES + MODEL_BYTES),
-        gradients=n_bytes if backward else 0,
+        blends=models_per_step * (search + tensors * VIEW_BYTES + MODEL_BYTES),
+        gradients=search if backward else 0,
         activations=per_layer * (layers if backward else 1) + logits,
     )
 
@@ -172,12 +189,13 @@ def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_st
           sequence_length: int, processes: int = 1, backward: bool = False, perturbation: bool = False
           ) -> dict[str, Plan]:
     """Every strategy's memory per device and traffic per SPSA step (M = ``models_per_step`` blended models of
-    N·b, K = ``num_experts`` rows, P = ``processes``):
+    N·b', K = ``num_experts`` rows of N·b, P = ``processes``; b' = b but 4 for half-precision experts, whose blends
+    the search forms in float32 so the perturbation survives):
 
-    - replicated: K·N·b + M·N·b on every device; the blend reads K·N·b and writes M·N·b of device memory.
-    - on-the-fly: K·N·b + one block's blend + the tensors outside blocks; each of the M forward passes reads
-      the K experts (M·K·N·b).
-    - sharded: K·N·b/P + the model's own shard N·b/P (the M models are formed in it one after another) + the
+    - replicated: K·N·b + M·N·b' on every device; the blend reads K·N·b and writes M·N·b' of device memory.
+    - on-the-fly: K·N·b + one block's blend + the tensors outside blocks (in b'); each of the M forward passes
+      reads the K experts (M·K·N·b).
+    - sharded: K·N·b/P + the model's own shard N·b'/P (the M models are formed in it one after another) + the
       gathered tensors (two blocks, FSDP prefetching the next, and those outside blocks); each forward
       all-gathers (P−1)/P·N·b per process, and with ``perturbation`` every process runs all P·M models.
     - offload-cpu / offload-disk: as on-the-fly, with the experts in CPU memory or their files and one tensor's K
@@ -185,25 +203,27 @@ def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_st
     ``backward`` (full-gradient) keeps every layer and a gradient: only replicated applies.
     """
     n_bytes = layout.total
+    searched = layout_bytes(layout.elements, searched=True)  # N·b': the search's blends (float32 for half experts)
+    widen = searched / max(n_bytes, 1)
     common = {"batch_per_process": batch_per_process, "sequence_length": sequence_length}
     replicated = estimate(layout.elements, num_experts, model_config, models_per_step=models_per_step,
                           tensors=layout.tensors, backward=backward, **common)
     out = {"replicated": Plan("replicated", replicated,
-                              moved=num_experts * n_bytes + models_per_step * n_bytes)}
+                              moved=num_experts * n_bytes + models_per_step * searched)}
     if backward:
         return out
     activations = replicated.activations
-    formed = layout.block + layout.outside
+    formed = round((layout.block + layout.outside) * widen)
     streamed = models_per_step * num_experts * n_bytes
     out["on-the-fly"] = Plan("on-the-fly", MemoryEstimate(num_experts * n_bytes, formed, 0, activations),
                              moved=streamed)
     if processes > 1:
-        gathered = 2 * layout.block + layout.outside
+        gathered = round((2 * layout.block + layout.outside) * widen)
         forwards = models_per_step * (processes if perturbation else 1)
         out["sharded"] = Plan(
-            "sharded", MemoryEstimate(-(-num_experts * n_bytes // processes), -(-n_bytes // processes) + gathered, 0,
+            "sharded", MemoryEstimate(-(-num_experts * n_bytes // processes), -(-searched // processes) + gathered, 0,
                                       activations),
-            moved=forwards * n_bytes * (processes - 1) // processes, link="network (all-gather)")
+            moved=forwards * searched * (processes - 1) // processes, link="network (all-gather)")
     staged = MemoryEstimate(num_experts * layout.tensor, formed, 0, activations)
     out["offload-cpu"] = Plan("offload-cpu", staged, host=num_experts * n_bytes, moved=streamed, link="host → device")
     out["offload-disk"] = Plan("offload-disk", staged, moved=streamed, link="disk → device")

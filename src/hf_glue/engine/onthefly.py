@@ -20,7 +20,7 @@ from ..errors import GlueError
 from ..io.experts import Expert
 from ..io.safetensors import SafetensorsReader
 from .matrix import (CoefficientLayout, ExpertMatrix, Slot, checkpoint_names, exact_product, layer_blocks, layout_slots,
-                     search_product)
+                     search_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class OnTheFlyMatrix(CoefficientLayout):
         self._count_groups(self.slots.values())
         self.offset = store.offset
         self.task_vectors = getattr(store, "task_vectors", None)
-        self.half_mm = self._device.type == "cuda"
         self._alpha: Optional[torch.Tensor] = None
-        self._exact = False
         self._handles: list = []
         #: blends dropped by a finished block, reused by the next one (same shapes): no fresh pages per block
         self._spare: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
@@ -113,14 +111,14 @@ class OnTheFlyMatrix(CoefficientLayout):
     def product_bytes(self) -> int:
         return 0
 
-    def models(self, alphas: torch.Tensor, *, exact: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def models(self, alphas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
         """Arms the hooks with each coefficient set in turn; the caller runs the template while it is armed."""
         if not self._handles:
             self._install()
         alphas = self._with_offset(alphas.unsqueeze(0) if alphas.dim() == 2 else alphas)
         try:
             for alpha in alphas.to(self._device, torch.float32):
-                self._alpha, self._exact = alpha, exact
+                self._alpha = alpha
                 yield self.constants
         finally:
             self._alpha = None
@@ -132,7 +130,7 @@ class OnTheFlyMatrix(CoefficientLayout):
         out = {k: v.to(cpu) for k, v in self.constants.items()}
         with torch.no_grad():
             for slot in self.slots.values():
-                out[slot.name] = self._blend(slot, alpha, exact=True).to(cpu)
+                out[slot.name] = self._blend(slot, alpha, slot.dtype).to(cpu)
         return out
 
     def release(self, experts: bool = False) -> None:
@@ -149,16 +147,12 @@ class OnTheFlyMatrix(CoefficientLayout):
             else:
                 self.store.release(experts=True)
 
-    def _blend(self, slot: Slot, alpha: torch.Tensor, exact: bool) -> torch.Tensor:
-        """One tensor of θ(α), formed from its K rows."""
+    def _blend(self, slot: Slot, alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor of θ(α), formed from its K rows in ``dtype`` (the search's, or the experts' for saving)."""
         rows = self._rows(slot)
-        spare = self._spare.get((slot.dtype, slot.numel))
-        out = spare.pop() if spare else torch.empty(1, slot.numel, dtype=slot.dtype, device=self._device)
-        a = alpha[slot.group: slot.group + 1]
-        if exact:
-            exact_product(a, rows, out)
-        else:
-            search_product(a, rows, out, half=self.half_mm)
+        spare = self._spare.get((dtype, slot.numel))
+        out = spare.pop() if spare else torch.empty(1, slot.numel, dtype=dtype, device=self._device)
+        exact_product(alpha[slot.group: slot.group + 1], rows, out)
         return out.view(slot.shape)
 
     def _rows(self, slot: Slot) -> torch.Tensor:
@@ -206,7 +200,7 @@ class OnTheFlyMatrix(CoefficientLayout):
             with torch.no_grad():
                 for module, store, key, _, slot in own:
                     if slot.name not in formed:
-                        formed[slot.name] = self._blend(slot, self._alpha, self._exact)
+                        formed[slot.name] = self._blend(slot, self._alpha, search_dtype(slot.dtype))
                     getattr(module, store)[key] = formed[slot.name]
             self._spare.clear()  # spares of other shapes are not kept: the pool never outgrows one unit
 
@@ -223,6 +217,6 @@ class OnTheFlyMatrix(CoefficientLayout):
                 getattr(module, store)[key] = original
                 if blend is not original and id(blend) not in dropped:
                     dropped.add(id(blend))
-                    self._spare.setdefault((slot.dtype, slot.numel), []).append(blend.view(1, -1))
+                    self._spare.setdefault((blend.dtype, slot.numel), []).append(blend.view(1, -1))
 
         return hook

@@ -15,8 +15,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..io.experts import Expert
-from .matrix import (CoefficientLayout, ExpertMatrix, checkpoint_names, exact_product, layer_blocks, layout_slots,
-                     search_product)
+from .matrix import CoefficientLayout, ExpertMatrix, checkpoint_names, exact_product, layer_blocks, layout_slots
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,6 @@ class ShardedMatrix(CoefficientLayout):
         self.model = model
         self.expert_names = [e.name for e in experts]
         self._device = torch.device(device)
-        self.half_mm = self._device.type == "cuda"
         checkpoint = experts[0].tensors
         canonical = checkpoint_names(model, checkpoint)
         rows: dict[str, tuple[int, int]] = {}
@@ -108,11 +106,11 @@ class ShardedMatrix(CoefficientLayout):
     def product_bytes(self) -> int:
         return 0
 
-    def models(self, alphas: torch.Tensor, *, exact: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def models(self, alphas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
         """Writes each θ(α)'s shards into the template in turn; the caller runs it (on every process) meanwhile."""
         alphas = alphas.unsqueeze(0) if alphas.dim() == 2 else alphas
         for alpha in alphas.to(self._device, torch.float32):
-            self._write(alpha, exact)
+            self._write(alpha)
             yield {}
 
     def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,14 +118,17 @@ class ShardedMatrix(CoefficientLayout):
         the others get an empty dict)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        self._write(alpha.reshape(self.num_groups, self.num_experts).to(self._device, torch.float32), exact=True)
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self._write(alpha.reshape(self.num_groups, self.num_experts).to(self._device, torch.float32))
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # the template runs in the search's dtype (float32 for half experts): the saved model is rounded once
+        return {k: v.to(self.slots[k].dtype) if k in self.slots else v for k, v in state.items()}
 
     def release(self, experts: bool = False) -> None:
         if experts:
             self.shards.release(experts=True)
 
-    def _write(self, alpha: torch.Tensor, exact: bool) -> None:
+    def _write(self, alpha: torch.Tensor) -> None:
+        """θ(α)'s shards, exact (float32 α and accumulation), written into the template's own local shards."""
         shards = self.shards
         self.model.reshard()  # no gathered copy of an earlier blend may outlive it
         with torch.no_grad():
@@ -138,12 +139,9 @@ class ShardedMatrix(CoefficientLayout):
                 slot = shards.slots[name]
                 e = shards.buffers[slot.dtype][:, slot.offset: slot.offset + slot.numel]
                 a = alpha[slot.group: slot.group + 1]
-                direct = local.dtype == slot.dtype and local.is_contiguous()
-                out = local.view(1, -1) if direct else torch.empty(1, slot.numel, dtype=slot.dtype,
-                                                                   device=self._device)
-                if exact:
-                    exact_product(a, e, out)
+                if local.is_contiguous():
+                    exact_product(a, e, local.view(1, -1))
                 else:
-                    search_product(a, e, out, half=self.half_mm)
-                if not direct:
+                    out = torch.empty(1, slot.numel, dtype=local.dtype, device=self._device)
+                    exact_product(a, e, out)
                     local.copy_(out.view(local.shape))

@@ -15,6 +15,7 @@ from ..engine.memory import peak_memory_bytes, reset_peak_memory
 from ..errors import GlueError
 from ..io.checkpoint import Checkpoint
 from .objective import Objective
+from .selection import Selection
 
 _METHODS: dict[str, "MergeMethod"] = {}
 
@@ -32,6 +33,8 @@ class MergeContext:
     checkpoint: Optional[Checkpoint] = None
     #: the experiment trackers each step is logged to (--report-to); None: none
     tracker: Any = None
+    #: scores candidates on the validation rows held apart from ``batches`` (None: no rows apart, no selection)
+    selection: Optional[Selection] = None
 
     def log_step(self, entry: dict) -> None:
         """Hand one history entry (loss, gains, α) to the experiment trackers, if any."""
@@ -57,6 +60,8 @@ class MethodOutput:
     #: passes and seconds spent before a resume (a resumed run reports the whole search's cost)
     prior_forward_passes: int = 0
     prior_seconds: float = 0.0
+    #: what a searching method proposes as its answer (name → α), chosen from on the validation rows
+    proposals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MergeMethod(ABC):
@@ -70,6 +75,9 @@ class MergeMethod(ABC):
     packages: ClassVar[tuple[str, ...]] = ()
     #: whether α depends on --seed (data order, perturbations): compare then runs the method once per seed
     seeded: ClassVar[bool] = False
+    #: whether the method searches: its batches exclude the validation rows, and its answer is chosen on them
+    #: among its proposals and the simple starts (`selection.Selection`)
+    selects: ClassVar[bool] = False
 
     def check_available(self) -> None:
         """Raise a `GlueError` naming what to install when an optional package the method needs is missing
@@ -88,6 +96,10 @@ class MergeMethod(ABC):
         reset_peak_memory(device)
         passes, start = ctx.objective.forward_passes, time.perf_counter()
         out = self._run(ctx)
+        if ctx.selection is not None:
+            chosen = ctx.selection.choose(out.proposals or {"search: answer": out.alpha})
+            out.alpha = chosen.alpha.clone()
+            out.details["selection"] = ctx.selection.record(chosen)
         out.seconds = time.perf_counter() - start + out.prior_seconds
         out.forward_passes = ctx.objective.forward_passes - passes + out.prior_forward_passes
         out.peak_memory_bytes = peak_memory_bytes(device)

@@ -11,6 +11,7 @@ from .base import MergeContext, MergeMethod, MethodOutput, register_method
 class CmaEs(MergeMethod):
     name = "cma"
     seeded = True
+    selects = True
     pretty_name = "CMA-ES"
     description = ("coefficients learned on the target data by CMA-ES (pycma, as in mergekit-evolve), one forward "
                    "pass per candidate, with GLUE's forward-pass budget")

@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from ..errors import GlueError
 from ..io.checkpoint import SearchInterrupted, stop_signals
-from ..optim.spsa import SPSA, NonFiniteLoss, make_parametrization, midpoints, vertices
+from ..optim.spsa import SPSA, NonFiniteLoss, make_parametrization
 from ..config import GlueConfig
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
+from .selection import snapshot_steps
 
 
 class CountingIterator:
@@ -35,6 +36,7 @@ class CountingIterator:
 class Glue(MergeMethod):
     name = "glue"
     seeded = True
+    selects = True
     pretty_name = "GLUE (gradient-free SPSA)"
     description = "coefficients learned on the target data by two-point SPSA (two forward passes a step)"
     reference_url = "https://arxiv.org/abs/2512.22467"
@@ -44,12 +46,14 @@ class Glue(MergeMethod):
 
     @staticmethod
     def forward_passes(config: GlueConfig, experts: int) -> int:
-        """Forward passes of a search with ``config``: 2q per SPSA step, 2q per gain-calibration probe (--gain
-        unset) and K + 4 per screening batch (the start, the K experts alone, three even blends)."""
+        """Forward passes of a search with ``config`` on train batches: 2q per SPSA step and 2q per gain-calibration
+        probe (--gain unset). Scoring the candidates on the validation rows (`selection.Selection`: the simple
+        starts the screening picks from, and the search's iterates) comes on top, the same for every searching
+        method."""
         passes = 2 * config.spsa_samples * config.steps
         if config.gain is None:
             passes += 2 * config.spsa_samples * config.calibration_samples
-        return passes + config.screen_batches * (experts + 4)
+        return passes
 
     def _run(self, ctx: MergeContext) -> MethodOutput:
         cfg, matrix, acc = ctx.config, ctx.matrix, ctx.accelerator
@@ -89,27 +93,35 @@ class Glue(MergeMethod):
             state = ckpt.load()
             spsa.load_state_dict(state["spsa"])
             history, details, prior = state["history"], state["details"], state["cost"]
+            if ctx.selection is not None and state.get("selection"):
+                ctx.selection.load_state_dict(state["selection"])  # the starts' scores: not paid twice
             batches.skip(state["batches"])
             details["resumed_at_step"] = spsa.t
         else:
-            if cfg.screen_batches > 0:
-                start_alpha, details["screening"] = self._screen(spsa.alpha, ctx.objective, batches, cfg)
+            if spsa.a is None:
+                # calibrated at --init, before the start moves: at a screened start near the optimum the gradient
+                # is small and a gain sized there would throw the search far from it
+                details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
+            if cfg.screen_batches > 0 and ctx.selection is not None:  # the simple starts, on the validation rows
+                best = ctx.selection.best_start()
+                start_alpha, details["screening"] = best.alpha, {"on": "validation rows", "chosen": best.name}
                 if cfg.space == "softmax":
                     # a one-hot start is a logit of log(0): softmax's gradient there is ~0 and the search would
                     # never leave it; keep a tenth of the mass spread evenly
                     start_alpha = 0.9 * start_alpha + 0.1 / matrix.num_experts
                 spsa.restart(start_alpha)
                 details["start"] = matrix.summarize(start_alpha)
-            if spsa.a is None:
-                details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
 
         def save() -> None:
             if ckpt is not None:
                 cost = {"forward_passes": prior["forward_passes"] + ctx.objective.forward_passes - passes,
                         "seconds": prior["seconds"] + time.perf_counter() - start}
                 ckpt.save({"spsa": spsa.state_dict(), "history": history, "details": details,
-                           "batches": batches.count, "cost": cost})
+                           "batches": batches.count, "cost": cost,
+                           "selection": ctx.selection.state_dict() if ctx.selection is not None else None})
 
+        snapshots = snapshot_steps(cfg.steps)
+        iterates = details.setdefault("iterates", {})  # step → α, the search's candidates (kept across --resume)
         bar = tqdm(range(spsa.t, cfg.steps), desc="GLUE (SPSA)", disable=not ctx.is_main_process,
                    dynamic_ncols=True, initial=spsa.t, total=cfg.steps)
         with stop_signals() as stop:
@@ -123,6 +135,8 @@ class Glue(MergeMethod):
                                 "gain": rec.gain, "perturbation": rec.perturbation, "coefficients": coefficients,
                                 **({"rejected": True} if rec.rejected else {})})
                 ctx.log_step(history[-1])
+                if spsa.t in snapshots:
+                    iterates[str(spsa.t)] = rec.alpha.tolist()
                 bar.set_postfix_str(f"loss={(rec.loss_plus + rec.loss_minus) / 2:.4f} "
                                     f"α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
                 signum = _agreed_signal(stop.signum, acc)
@@ -131,40 +145,15 @@ class Glue(MergeMethod):
                 if signum is not None:
                     bar.close()
                     raise SearchInterrupted(spsa.t, cfg.steps, signum, ckpt.folder if ckpt is not None else None)
+        proposals = {f"search: step {t}": torch.tensor(a, dtype=torch.float64)
+                     for t, a in details.pop("iterates").items()}
+        proposals[f"search: last iterate (step {spsa.t})"] = spsa.alpha.clone()
         if spsa.averaged_steps:
-            details["averaged_steps"] = spsa.averaged_steps  # the result is the mean α of the last steps' iterates
+            details["averaged_steps"] = spsa.averaged_steps  # the mean α of the last steps' iterates
+            proposals[f"search: mean of the last {spsa.averaged_steps} iterates"] = spsa.result.clone()
         return MethodOutput(alpha=spsa.result.clone(), history=history, details=details,
-                            prior_forward_passes=prior["forward_passes"], prior_seconds=prior["seconds"])
-
-    @staticmethod
-    def _screen(init: torch.Tensor, objective, batches: CountingIterator, cfg) -> tuple[torch.Tensor, dict]:
-        """The start with the lowest mean loss over ``cfg.screen_batches`` train batches among the --init α, every
-        expert alone and the even blends of the three best of those (all scored on the same batches).
-
-        Local descent from one start can settle in a poor basin (a blend of the wrong experts); these few points
-        show which region holds the good ones. Models are scored 2·q at a time, as an SPSA step holds them. Losses
-        are of the global batch (summed over processes, in perturbation-parallel mode too), so every process
-        picks the same start.
-        """
-        drawn = [next(batches) for _ in range(cfg.screen_batches)]
-        chunk = 2 * cfg.spsa_samples
-
-        def mean_losses(points: torch.Tensor) -> torch.Tensor:
-            total = torch.zeros(len(points), dtype=torch.float64)
-            for batch in drawn:
-                total += torch.cat([objective.losses(points[i:i + chunk], batch).double()
-                                    for i in range(0, len(points), chunk)])
-            return torch.nan_to_num(total / len(drawn), nan=math.inf)
-
-        groups, experts = init.shape
-        first = torch.cat([init.unsqueeze(0), vertices(groups, experts)])
-        first_losses = mean_losses(first)
-        blends = midpoints(first[first_losses.argsort()[:3]])
-        points, scores = torch.cat([first, blends]), torch.cat([first_losses, mean_losses(blends)])
-        best = int(scores.argmin())  # the first of equals: --init wins ties
-        return points[best].clone(), {"candidates": len(points), "batches": len(drawn),
-                                      "losses": [float(v) if math.isfinite(v) else None for v in scores],
-                                      "chosen": best}
+                            prior_forward_passes=prior["forward_passes"], prior_seconds=prior["seconds"],
+                            proposals=proposals)
 
     @staticmethod
     def _calibrate(spsa: SPSA, loss_fn, cfg, gather) -> float:

@@ -11,6 +11,7 @@ from .base import MergeContext, MergeMethod, MethodOutput, register_method
 class Nevergrad(MergeMethod):
     name = "nevergrad"
     seeded = True
+    selects = True
     pretty_name = "NGOpt (nevergrad)"
     description = ("coefficients learned on the target data by nevergrad's NGOpt (as in LoraHub), one forward "
                    "pass per candidate, with GLUE's forward-pass budget")

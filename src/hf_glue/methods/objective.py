@@ -35,11 +35,10 @@ class Objective:
             return self.accelerator.reduce(t, reduction="sum")
         return t
 
-    def stats(self, alphas: torch.Tensor, batch: dict, exact: bool = False) -> list[dict[str, torch.Tensor]]:
-        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``);
-        ``exact``: float32 α even where the search's blend rounds it to half precision (`ExpertMatrix.blend`)."""
+    def stats(self, alphas: torch.Tensor, batch: dict) -> list[dict[str, torch.Tensor]]:
+        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``)."""
         # differentiable in alphas (the replicated engine)
-        models = self.matrix.models(alphas.to(self.matrix.device, torch.float32), exact=exact)
+        models = self.matrix.models(alphas.to(self.matrix.device, torch.float32))
         return [self.params_stats(params, batch) for params in models]
 
     def params_stats(self, params: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
@@ -109,7 +108,7 @@ class Objective:
 
     def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:
         """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored."""
-        return self._evaluate(lambda batch: self.stats(alpha, batch, exact=True)[0], batches)
+        return self._evaluate(lambda batch: self.stats(alpha, batch)[0], batches)
 
     def evaluate_params(self, params: dict[str, torch.Tensor], batches: Iterable[dict]) -> dict[str, float]:
         """Task metrics of the template model run with ``params`` (e.g. a baseline checkpoint, not a blend)."""

@@ -10,9 +10,10 @@ One ask/tell loop (`run_search`) drives every optimiser through the small `AskTe
   forward pass each, at most 2·q models per blend (q = --spsa-samples: the memory a GLUE step holds). Losses are
   of the global batch (data-parallel processes sum their shards; perturbation-parallel ones all score every
   candidate on the shared batch), so every process asks and tells the same and ends at the same α.
-- **Budget.** Exactly GLUE's forward passes with the same config (`glue_budget`: its steps, its gain calibration
-  and its start screening), so `hf-glue compare` sets them side by side at equal cost. It is split into
-  ⌈budget / λ⌉ generations of λ or λ − 1 candidates, λ ≤ 4 + ⌊3 ln(G·K)⌋ (the CMA-ES default population).
+- **Budget.** Exactly GLUE's forward passes on train batches with the same config (`glue_budget`: its steps and
+  its gain calibration), so `hf-glue compare` sets them side by side at equal cost; both then score their
+  candidates on the same validation rows. It is split into ⌈budget / λ⌉ generations of λ or λ − 1
+  candidates, λ ≤ 4 + ⌊3 ln(G·K)⌋ (the CMA-ES default population).
   With --parallel perturbation on P processes the count is one process's (as GLUE's is), but GLUE's processes
   score P·2q distinct models a step while every process here scores the same candidates: compare the methods
   at equal cost in data-parallel mode.
@@ -22,7 +23,9 @@ One ask/tell loop (`run_search`) drives every optimiser through the small `AskTe
 - **Seed.** Each optimiser draws from its own generator seeded with --seed (numpy's global one is left alone), and
   the data order comes from --seed as for GLUE: same seed, same α.
 - **Answer.** The optimiser's recommendation (CMA-ES: the mean of its search distribution; NGOpt: its
-  recommendation), mapped to α; ``history`` holds one entry per generation.
+  recommendation), mapped to α; ``history`` holds one entry per generation. With validation rows, the final and
+  intermediate recommendations are proposals, chosen from beside the simple starts exactly as GLUE's iterates are
+  (`methods.selection`).
 
 The packages are imported only when a search runs; a missing one is a `GlueError` naming the extra to install.
 """
@@ -206,6 +209,7 @@ class NGOpt(AskTell):
 def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> MethodOutput:
     """Learn α with ``optimizer`` as the module docstring says; ``label`` names the progress bar and errors."""
     from ..methods.base import MethodOutput, initial_alpha  # here: the methods package imports this module
+    from ..methods.selection import snapshot_steps
 
     optimizer.require()  # a missing package fails before any batch is drawn
     cfg, matrix = ctx.config, ctx.matrix
@@ -225,6 +229,8 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
         return param.alpha(param.project(torch.from_numpy(x).reshape(-1, *x0.shape)))
 
     chunk = models_per_call(cfg)
+    snapshots = snapshot_steps(len(sizes))
+    proposals: dict[str, torch.Tensor] = {}
     history: list[dict] = []
     bar = tqdm(sizes, desc=label, disable=not ctx.is_main_process, dynamic_ncols=True)
     for step, n in enumerate(bar):
@@ -240,6 +246,8 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
         # a non-finite candidate ranks below every finite one of its generation
         opt.tell(torch.where(finite, losses, losses[finite].max() + 1).tolist())
         alpha = to_alpha(opt.recommendation()[None])[0]
+        if step + 1 in snapshots:
+            proposals[f"search: recommendation after generation {step + 1}"] = alpha.clone()
         coefficients = matrix.summarize(alpha)
         loss = float(losses[finite].mean())
         history.append({"step": step, "loss": loss, "coefficients": coefficients,
@@ -248,4 +256,5 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
         bar.set_postfix_str(f"loss={loss:.4f} α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
     details = {"optimizer": opt.name, "generations": len(sizes), "population": sizes[0],
                "initial_step": setup.sigma0, "budget": budget}
-    return MethodOutput(alpha=alpha.clone(), history=history, details=details)
+    proposals[f"search: final recommendation (generation {len(sizes)})"] = alpha.clone()
+    return MethodOutput(alpha=alpha.clone(), history=history, details=details, proposals=proposals)

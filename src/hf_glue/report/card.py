@@ -96,6 +96,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         comparison_columns=comparison_columns,
         comparison_note=(comparison or {}).get("note"),
         trajectory_png=trajectory_png,
+        selection=_selection(result.get("details") or {}),
         mergekit_yaml=(mergekit_yaml or "").rstrip("\n"),
         forward_passes=result.get("forward_passes", 0),
         backward_passes=result.get("backward_passes", 0),
@@ -104,6 +105,19 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         versions=result.get("versions", {}),
     )
     return str(card)
+
+
+def _selection(details: dict) -> Optional[dict]:
+    """The validation rows and every candidate's loss there (`methods.selection`), as the card's table shows them."""
+    selection = details.get("selection")
+    if not selection:
+        return None
+    return {"rows": selection["validation_rows"], "seed": selection["split_seed"],
+            "held_apart": selection.get("held_apart", True),
+            "chosen": _code(selection["chosen"], True),
+            "candidates": [{"name": _code(c["name"], True), "chosen": c["name"] == selection["chosen"],
+                            "loss": "–" if c["loss"] is None else f"{c['loss']:.4f}"}
+                           for c in selection["candidates"]]}
 
 
 def _formula(lora: bool, combine: Optional[str], glue: dict) -> str:

@@ -32,6 +32,7 @@ def build_report(prep, runs: list[dict], labels: list[str], seeds: list[int], fi
             "finetuned": ({m: _stats([r["finetuned"][m] for r in mine]) for m in mine[0]["finetuned"]}
                           if finetuning else None),
             "forward_passes": mine[0]["forward_passes"],
+            "validation_passes": mine[0].get("validation_passes", 0),
             "backward_passes": mine[0]["backward_passes"],
             "seconds": statistics.fmean(r["seconds"] for r in mine),
             # the method's own peak above the memory held when it started (the loaded experts); max over seeds

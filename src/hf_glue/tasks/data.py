@@ -195,6 +195,26 @@ def source_row(dataset, position: int) -> int:
     return int(indices.column(0)[position].as_py()) if indices is not None else position
 
 
+#: fewest train rows held apart for validation (when the train split has at least twice as many)
+MIN_VALIDATION_ROWS = 8
+#: most rows candidates are scored on (each candidate costs a forward pass over them)
+MAX_VALIDATION_ROWS = 256
+
+
+def validation_rows(rows: int, fraction: float) -> int:
+    """How many of ``rows`` train rows the search holds apart: ``fraction`` of them, at least
+    `MIN_VALIDATION_ROWS`, at most half and at most `MAX_VALIDATION_ROWS` (0 when ``fraction`` is 0)."""
+    if fraction <= 0:
+        return 0
+    return min(max(round(fraction * rows), MIN_VALIDATION_ROWS), rows // 2, MAX_VALIDATION_ROWS)
+
+
+def split_validation(dataset, rows: int, seed: int):
+    """``dataset`` as (search rows, ``rows`` validation rows), drawn by ``seed``, each in the split's order."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return dataset.select(sorted(order[rows:])), dataset.select(sorted(order[:rows]))
+
+
 def make_loader(dataset, batch_size: int, collate_fn, *, shuffle: bool, seed: int = 0):
     from torch.utils.data import DataLoader
 

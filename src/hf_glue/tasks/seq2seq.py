@@ -42,6 +42,9 @@ class Seq2SeqLM(Task):
     #: what the search optimises (as causal-lm); the generation metrics come only with the final evaluation
     primary_metric = "perplexity"
     greater_is_better = False
+    #: the Trainer averages each eval batch's mean token loss over rows, not over tokens: with targets of unequal
+    #: lengths its loss differs from the search's per-token one, so before/after come from the task's sums
+    trainer_metrics_exact = False
 
     def load_processor(self, path, trust_remote_code=False):
         return load_tokenizer(path, trust_remote_code)
