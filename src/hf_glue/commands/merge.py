@@ -83,7 +83,8 @@ def format_metrics(stages: list[tuple[str, dict]]) -> str:
 
 def format_selection(selection: dict) -> str:
     """Every candidate's loss on the validation rows held apart from the search, the chosen one marked."""
-    lines = [f"Chosen on {selection['validation_rows']} validation rows held apart from the search (loss; * kept):"]
+    where = "held apart from the search" if selection.get("held_apart", True) else "the search also used"
+    lines = [f"Chosen on {selection['validation_rows']} train rows {where} (loss; * kept):"]
     rows = [["*" if c["name"] == selection["chosen"] else "", "–" if c["loss"] is None else f"{c['loss']:.4f}",
              c["name"]] for c in selection["candidates"]]
     return "\n".join(lines + _table(["", "loss", "candidate"], rows))
