@@ -30,7 +30,7 @@ from the train/held-out gap (a perfect search lands on the train optimum, which 
 the held-out optimum). A case PASSES when at least 9 of 10 seeds FIND the right blend. The table also shows the
 same judgement on the held-out split (which no variant of the search passes on the mixtures: the held-out optimum
 is not where 256 train rows point), the held-out loss and accuracy of α̂ and of the held-out grid optimum, the
-mean α̂ and its mean L1 distance to that optimum.
+mean α̂ and its mean L1 distance to α*, and the mean forward passes (the search's and the candidates' scoring).
 
     python scripts/hard_cases.py                        # every case, seeds 0..9, the defaults
     python scripts/hard_cases.py --case near-duplicate --seeds 3
@@ -167,19 +167,21 @@ def fmt(alpha) -> str:
 
 def markdown_table(reports: list[dict]) -> str:
     """The results as a markdown table (case → success rate by each judge, mean α, passes by `JUDGE`)."""
-    lines = ["| case | found (held-out) | found (train) | mean α̂ | best held-out grid α* | mean L1 α̂–α* "
-             "| held-out loss: mean α̂ / α* / uniform | held-out acc: mean α̂ / α* | train loss: mean α̂ / α*_train "
-             "| forward passes | passes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | found (train) | found (held-out) | mean α̂ | best train grid α* | mean L1 α̂–α* "
+             "| train loss: mean α̂ / α* / uniform | held-out loss: mean α̂ / held-out optimum / uniform "
+             "| held-out acc: mean α̂ / held-out optimum | forward passes | passes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         runs, held, train = r["runs"], r["judges"]["held-out"], r["judges"]["train"]
         mean_alpha = [statistics.fmean(x) for x in zip(*(run["alpha"] for run in runs))]
         lines.append(
-            f"| {r['case']} | {r['found']['held-out']}/{len(runs)} | {r['found']['train']}/{len(runs)} "
-            f"| {fmt(mean_alpha)} | {fmt(held['best_alpha'])} | {statistics.fmean(run['l1'] for run in runs):.2f} "
-            f"| {statistics.fmean(run['loss']['held-out'] for run in runs):.3f} / {held['best_loss']:.3f} / "
-            f"{held['uniform_loss']:.3f} | {statistics.fmean(run['held_out']['accuracy'] for run in runs):.3f} / "
-            f"{held['best_accuracy']:.3f} | {statistics.fmean(run['loss']['train'] for run in runs):.3f} / "
-            f"{train['best_loss']:.3f} | {runs[0]['forward_passes']} | {'yes' if r['passes'] else 'NO'} |")
+            f"| {r['case']} | {r['found']['train']}/{len(runs)} | {r['found']['held-out']}/{len(runs)} "
+            f"| {fmt(mean_alpha)} | {fmt(train['best_alpha'])} | {statistics.fmean(run['l1'] for run in runs):.2f} "
+            f"| {statistics.fmean(run['loss']['train'] for run in runs):.3f} / {train['best_loss']:.3f} / "
+            f"{train['uniform_loss']:.3f} | {statistics.fmean(run['loss']['held-out'] for run in runs):.3f} / "
+            f"{held['best_loss']:.3f} / {held['uniform_loss']:.3f} "
+            f"| {statistics.fmean(run['held_out']['accuracy'] for run in runs):.3f} / {held['best_accuracy']:.3f} "
+            f"| {statistics.fmean(run['forward_passes'] for run in runs):.0f} | {'yes' if r['passes'] else 'NO'} |")
     return "\n".join(lines)
 
 

@@ -318,6 +318,16 @@ def test_half_precision_adapters_blend(lora_experts, tmp_path):
     assert half.eval["loss"] == pytest.approx(full.eval["loss"], rel=2e-2)
 
 
+def test_adapters_over_a_bfloat16_base_keep_its_dtype(lora_experts):
+    """--dtype bfloat16 loads the base in bfloat16: the adapters' blended heads (modules_to_save) stay in the base's
+    dtype, so the search runs (half-precision full experts blend in float32; a PEFT base runs in its own)."""
+    from hf_glue import ExpertsConfig, GlueConfig, merge_experts
+
+    result = merge_experts(lora_experts["ids"], lora_experts["dataset"], GlueConfig(steps=4),
+                           experts_config=ExpertsConfig(cpu=True, dtype="bfloat16"))
+    assert result.forward_passes > 0 and torch.isfinite(torch.tensor(result.eval["loss"]))
+
+
 def test_box_without_task_vectors_is_refused():
     from hf_glue import GlueConfig
     from hf_glue.errors import GlueError

@@ -188,11 +188,19 @@ def test_half_precision_perturbation_is_the_intended_one(engine, dtype, share, d
     d = spsa.perturbation(0)
     alphas = torch.stack([spsa.alpha + 0.05 * d, spsa.alpha - 0.05 * d]).float()
 
+    class Probe(torch.nn.Module):  # a template whose forward returns the weight the engine put in it
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(len(rows[0]["w"]), device="meta"))
+
+        def forward(self) -> torch.Tensor:
+            return self.w.detach().clone()
+
     def blends(m: ExpertMatrix, a: torch.Tensor) -> list[torch.Tensor]:
         if engine == "replicated":
             return [b["w"].double().cpu() for b in m.blend(a)]
-        on_the_fly = OnTheFlyMatrix(m, torch.nn.Module(), torch.device(device))
-        return [on_the_fly._blend(m.slots["w"], alpha, torch.float32).double().cpu() for alpha in a.to(device)]
+        probe = Probe()
+        return [probe().double().cpu() for _ in OnTheFlyMatrix(m, probe, torch.device(device)).models(a)]
 
     plus, minus = blends(matrix, alphas)
     e = torch.stack([r["w"].double() for r in rows])

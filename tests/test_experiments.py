@@ -31,3 +31,22 @@ def test_quick_experiment_runs_end_to_end(setup, tmp_path):
     assert abs(sum(glue["coefficients"][0].values()) - 1.0) < 1e-6
     table = (tmp_path / "report" / f"{setup}.md").read_text()
     assert "| GLUE (model) |" in table and f"run.py {setup} --quick" in table
+
+
+def test_report_only_regenerates_the_tables_from_kept_results(tmp_path):
+    """The compare.json files kept with --results-dir (as docs/results/<setup>/ commits them) are all --report-only
+    needs: the tables it writes equal the run's."""
+    env = {**os.environ, **TEST_ENV}
+    env.pop("HF_HUB_CACHE")
+    kept = tmp_path / "results"
+    run = [sys.executable, str(RUN), "label-skew", "--quick", "--workdir", str(tmp_path / "work"), "--results-dir",
+           str(kept)]
+    proc = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("compare.json")) == \
+        ["small/seed0/model/compare.json"]
+    table = (kept / "label-skew.md").read_text()
+    (tmp_path / "work" / "runs").rename(tmp_path / "gone")  # nothing but the kept files
+    again = subprocess.run([*run, "--report-only"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (kept / "label-skew.md").read_text() == table and "| GLUE (model) |" in table

@@ -151,3 +151,72 @@ def test_non_finite_candidates_are_never_chosen():
     record = out.details["selection"]
     assert next(c for c in record["candidates"] if c["name"] == "expert: e1")["loss"] is None
     assert record["chosen"] != "expert: e1"
+
+
+def test_an_init_blend_without_a_finite_loss_is_calibrated_at_the_start():
+    """The gain is sized at --init unless the --init blend has no finite loss there (e.g. uniform blends overflow):
+    then it is sized at the screened start, and the search runs."""
+    class _Overflow(_Bowl):
+        def loss(self, alphas, noise):
+            out = super().loss(alphas, noise)
+            a = alphas.reshape(-1, len(self.optimum)).double()
+            return torch.where((a > 0.2).all(-1), torch.full_like(out, math.nan), out)
+
+    bowl = _Overflow([1.0, 0.0, 0.0], sigma=0.01)
+    out = _run(bowl, GlueConfig(steps=20, seed=0))
+    assert math.isfinite(out.details["calibrated_gain"]) and out.details["screening"]["chosen"] == "expert: e0"
+    assert out.details["selection"]["chosen"] != "uniform"
+
+
+def test_validation_rows_are_held_apart_from_the_search(cls_experts):
+    """--validation-fraction 0.25 of 256 train rows: 64 rows, disjoint from the 192 the search draws from, drawn by
+    --seed; the record says so. The default (0) scores the candidates on the search's own rows."""
+    from hf_glue.config import DataConfig, ExpertsConfig
+    from hf_glue.pipeline import batch_iterator, prepare, run_method
+
+    config = GlueConfig(validation_fraction=0.25, steps=4, seed=3)
+    prep = prepare(ExpertsConfig(experts=cls_experts["ids"]), DataConfig(dataset="org/target"), config)
+    held, search = prep.validation._indices.column(0).to_pylist(), prep.search._indices.column(0).to_pylist()
+    assert len(held) == 64 and len(search) == 192 and sorted(held + search) == list(range(256))
+    batches = batch_iterator(prep, config, prep.search)  # what the searching methods draw from
+    seen = set()
+    for _ in range(12):  # two epochs of 6 batches of 32
+        batch = next(batches)
+        seen |= {tuple(row[mask.bool()].tolist()) for row, mask in zip(batch["input_ids"], batch["attention_mask"])}
+    assert seen == {tuple(r["input_ids"]) for r in prep.search}
+    assert not seen & {tuple(r["input_ids"]) for r in prep.validation}
+    record = run_method(prep, config).details["selection"]
+    assert record["held_apart"] and record["validation_rows"] == 64 and record["split_seed"] == 3
+    default = prepare(ExpertsConfig(experts=cls_experts["ids"]), DataConfig(dataset="org/target"), GlueConfig())
+    assert default.validation is default.search is default.train
+    assert not run_method(default, GlueConfig(steps=4)).details["selection"]["held_apart"]
+
+
+@pytest.mark.parametrize("rows, fraction, processes, message", [
+    (1, 0.25, 1, "too few to hold validation rows apart"),
+    (4, 0.0, 8, "fewer than the 8 processes"),
+])
+def test_too_few_rows_to_score_the_candidates_are_refused(rows, fraction, processes, message):
+    from hf_glue.errors import GlueError
+    from hf_glue.pipeline import check_search_rows
+
+    with pytest.raises(GlueError, match=message):
+        check_search_rows(rows, GlueConfig(validation_fraction=fraction, batch_size=4, parallel="perturbation"),
+                          processes)
+
+
+def test_reported_metrics_are_the_saved_weights(cls_experts):
+    """bfloat16 experts: the search blends in float32, but the held-out metrics (and every candidate's score) are
+    of the weights the saved model holds, rounded once to bfloat16 (run in float32 here, as the search runs)."""
+    from hf_glue import ExpertsConfig, merge_experts
+    from hf_glue.config import DataConfig
+    from hf_glue.finetune import task_metrics
+    from hf_glue.pipeline import prepare
+
+    config = GlueConfig(method="weights", weights=[0.5, 0.3, 0.2])
+    experts = ExpertsConfig(experts=cls_experts["ids"], dtype="bfloat16")
+    result = merge_experts(cls_experts["ids"], "org/target", config, experts_config=experts)
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    prep = prepare(experts, DataConfig(dataset="org/target"), config)
+    saved = task_metrics(result.model.float(), prep.task, prep.eval, prep.processor, config.eval_batch_size)
+    assert saved["loss"] == pytest.approx(result.eval["loss"], rel=1e-6, abs=1e-7)

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -91,7 +92,6 @@ def build(setup: Setup, workdir: Path, quick: bool) -> dict:
 def copy_processor(base: Path, folder: Path) -> None:
     """The base's tokenizer / image-processor files, byte for byte (a re-saved tokenizer records the truncation
     it was last used with, and hf-glue rightly refuses experts whose tokenizer files differ)."""
-    import shutil
 
     for f in base.iterdir():
         if f.is_file() and f.name not in ("config.json", "model.safetensors", "generation_config.json"):
@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--combine ties/dare/dare-ties: the fraction of each task vector kept (default 0.5).")
     parser.add_argument("--budgets", nargs="+", default=None,
                         help="Only these budgets of the setup, by name (e.g. small; default: all).")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="Keep each compare.json here (RESULTS_DIR/<budget>/seed<S>/<granularity>/, small "
+                             "files to commit, e.g. docs/results/<setup>) and the tables as RESULTS_DIR/<setup>.md; "
+                             "with --report-only, read the compare outputs from here instead of WORKDIR/runs.")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
     workdir = (args.workdir or Path("experiments") / (args.setup + ("-quick" if args.quick else ""))).resolve()
@@ -189,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
     outputs = []
     if args.report_only:
+        runs_dir = args.results_dir or workdir / "runs"
         outputs = [(budget, seed, folder) for budget in setup.budgets for seed in seeds
-                   for folder in sorted((workdir / "runs" / budget.name / f"seed{seed}").glob("*"))
+                   for folder in sorted((runs_dir / budget.name / f"seed{seed}").glob("*"))
                    if (folder / "compare.json").is_file()]
         if not outputs:
-            raise SystemExit(f"no compare outputs under {workdir / 'runs'} for seeds {seeds}.")
+            raise SystemExit(f"no compare outputs under {runs_dir} for seeds {seeds}.")
         seeds = sorted({seed for _, seed, _ in outputs})
     ids = {} if args.report_only else build(setup, workdir, args.quick)
     for budget in [] if args.report_only else setup.budgets:
@@ -205,14 +210,26 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick:  # --quick: the users' path once; block granularity has its own tests
                 outputs.append((budget, seed, compare(setup, ids, dataset, budget, seed, runs / "block", workdir,
                                                       ["glue"], "block", args.quick)))
+    if args.results_dir and not args.report_only:
+        outputs = [(budget, seed, keep(folder, args.results_dir / budget.name / f"seed{seed}" / folder.name))
+                   for budget, seed, folder in outputs]
     text = report.write(setup, outputs, seeds, workdir / "report", command=" ".join(
         ["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
         + ["--seeds", *map(str, seeds)] + (["--methods", *args.methods] if args.methods else [])))
+    if args.results_dir:
+        (args.results_dir / f"{setup.name}.md").write_text(text + "\n")
     print(text)
     if args.quick:
         print("--quick: a few rows and steps, a smoke test of the whole path; its figures say nothing about the "
               "methods (see docs/results.md for the full runs).")
     return 0
+
+
+def keep(folder: Path, dest: Path) -> Path:
+    """Copy a compare output's compare.json (what the tables are made of) to ``dest``; returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder / "compare.json", dest / "compare.json")
+    return dest
 
 
 def main_combine(args, setup: Setup, seeds: list[int], workdir: Path) -> int:

@@ -167,7 +167,9 @@ def _load_baseline(prep, baseline) -> dict[str, torch.Tensor]:
     fetch_weights([baseline], cfg.allow_pickle)
     if prep.experts[0].loader is not None:  # the experts were read through transformers: read it the same way
         read_through_transformers([baseline], prep.task.model_class(), cfg.trust_remote_code)
-    dtype = prep.matrix.search_dtype  # the template's (float32 for half-precision experts)
+    # the template's dtype (float32 for half-precision experts): the baseline is scored as a blend is (one model
+    # at a time beside the experts; compare's baselines run on the replicated engine)
+    dtype = prep.matrix.search_dtype
     device = prep.matrix.device
     tensors = baseline.loader() if baseline.loader is not None else dict(baseline.iter_tensors())
     missing = [name for name, _ in prep.model.named_parameters() if name not in tensors]
@@ -189,9 +191,17 @@ def _baseline_run(prep, glue_config: GlueConfig, finetune_config: FinetuneConfig
     merged.pop("samples", None)
     result = MergeResult(method=name, task=prep.task.name, granularity="model", experts=[], dataset={},
                          coefficients={}, alpha=torch.zeros(0), eval=merged)
-    if finetune_config.finetune_epochs > 0:
-        result.model = copy.deepcopy(prep.model)
-        result.model.load_state_dict({k: v.clone() for k, v in params.items()}, strict=False, assign=True)
+    if finetune_config.finetune_epochs > 0:  # in the experts' dtype, as the blends are fine-tuned
+        dtype = prep.matrix.model_dtype
+        if dtype == prep.matrix.search_dtype:
+            result.model = copy.deepcopy(prep.model)
+        else:
+            from .pipeline import build_model
+
+            result.model = build_model(prep.experts[0], prep.task, dtype, prep.experts_config.trust_remote_code,
+                                       prep.matrix.device)
+        result.model.load_state_dict({k: v.to(dtype, copy=True) if v.is_floating_point() else v.clone()
+                                      for k, v in params.items()}, strict=False, assign=True)
         result.model.tie_weights()
         finetune_result(prep, result, finetune_config, seed, before=merged)
     return {"method": f"model: {name}", "seed": seed, "coefficients": {}, "merged": merged,

@@ -223,17 +223,18 @@ class GlueConfig:
                   "the search's iterates, so it is never worse there than any simple start. This share of the "
                   "train rows is held apart from the search for it (at least 8 rows, at most half and 256; the "
                   "eval split is never used); 0 (default): the search uses every train row and the candidates are "
-                  "scored on them too (at most 256), which did better on the committed hard cases (docs/results.md)."},
+                  "scored on them too (at most 256). Which serves better is measured in docs/results.md."},
     )
     screen_batches: int = field(
         default=2,
-        metadata={"help": "glue: start from the best simple start on the validation rows (0: start at --init). "
-                  "It keeps the search out of a poor basin near --init."},
+        metadata={"help": "glue: any positive value starts SPSA from the simple start with the lowest loss on the "
+                  "validation rows (scored once, for the answer's choice too); 0: start at --init. It keeps the "
+                  "search out of a poor basin near --init."},
     )
     average_last: float = field(
         default=0.5,
-        metadata={"help": "glue: return the average α of this final fraction of the steps (Polyak–Ruppert "
-                  "averaging, no extra forward passes; 0: the last iterate)."},
+        metadata={"help": "glue: the average α of this final fraction of the steps (Polyak–Ruppert averaging, no "
+                  "extra forward passes) is one of the candidates the answer is chosen from (0: none)."},
     )
     proxy: Literal["loss", "accuracy", "logme"] = field(
         default="loss",

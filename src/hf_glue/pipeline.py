@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -195,6 +195,10 @@ def check_search_rows(rows: int, glue_config: GlueConfig, processes: int) -> Non
     if glue_config.validation_fraction > 0 and held == 0:
         raise GlueError(f"the train split has {rows} row(s): too few to hold validation rows apart from the search; "
                         "add rows or pass --validation-fraction 0.")
+    scored = held or min(rows, data_mod.MAX_VALIDATION_ROWS)
+    if scored < processes:
+        raise GlueError(f"the candidates would be scored on {scored} train row(s), fewer than the {processes} "
+                        "processes (each needs one): add rows, raise --validation-fraction or use fewer processes.")
     if processes > 1 and glue_config.parallel == "data" and rows - held < glue_config.batch_size:
         # with fewer rows than one batch, a process could get an empty shard and leave the others waiting
         apart = f" ({held} of {rows} held apart for validation)" if held else ""
@@ -395,6 +399,7 @@ def memory_plans(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         processes=processes,
         backward=glue_config.method == "full-gradient",
         perturbation=glue_config.parallel == "perturbation",
+        widened=blends,  # full experts' blends are float32 for half precision; a PEFT base runs in its own dtype
     )
     if not blends:
         lora = plans.pop("replicated")
@@ -532,13 +537,21 @@ def eval_batches(prep: Prepared, config: GlueConfig, rows=None):
     return (data_mod.to_device(b, prep.accelerator.device) for b in loader)
 
 
+def validation_batches(prep: Prepared, config: GlueConfig):
+    """One pass over the validation rows in batches whose first gives every process rows (a sharded run's forward
+    passes are collective: a process that never had a batch would leave the others waiting)."""
+    processes, rows = prep.accelerator.num_processes, len(prep.validation)
+    size = min(config.eval_batch_size, max(processes, rows - rows % processes))
+    return eval_batches(prep, replace(config, eval_batch_size=size), prep.validation)
+
+
 def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoint] = None, tracker=None):
     """Run ``config.method`` on prepared inputs: its α and what it cost (a `MethodOutput`); ``tracker``: a
     `tracking.SearchTracker` each step is logged to."""
     method = get_method(config.method)
     selection = None
     if method.selects and prep.validation is not None:
-        selection = Selection(prep.objective, lambda: eval_batches(prep, config, prep.validation), config,
+        selection = Selection(prep.objective, lambda: validation_batches(prep, config), config,
                               prep.matrix, len(prep.validation), prep.validation_seed,
                               held_apart=prep.validation is not prep.search and config.validation_fraction > 0)
     ctx = MergeContext(

@@ -90,7 +90,7 @@ class AdapterMatrix(CoefficientLayout):
         a = self.factors[m.offset: m.offset + m.numel].view(m.shape)
         return a * scale.view(-1, *[1] * (a.dim() - 1))
 
-    def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def blend(self, alphas: torch.Tensor, *, rounded: bool = False) -> list[dict[str, torch.Tensor]]:
         """For each of M coefficient sets ``alphas[M, G, K]``: every module's A with adapter k's rows scaled by
         α_k (of the module's group) and the blended saved tensors, by search-model parameter name (views of reused
         buffers without grad, as `ExpertMatrix.blend`)."""
@@ -98,7 +98,7 @@ class AdapterMatrix(CoefficientLayout):
             alphas = alphas.unsqueeze(0)
         alphas = alphas.to(self.device)
         m_sets = alphas.shape[0]
-        heads = self.heads.blend(alphas) if self.heads is not None else [{} for _ in range(m_sets)]
+        heads = self.heads.blend(alphas, rounded=rounded) if self.heads is not None else [{} for _ in range(m_sets)]
         if torch.is_grad_enabled() and alphas.requires_grad:
             out = []
             for i in range(m_sets):
@@ -280,4 +280,5 @@ def build_search_model(base: torch.nn.Module, adapters: Sequence[Adapter], granu
                               .to(dtype=base_state[n].dtype) for n in head_names})
         heads = ExpertMatrix.from_rows([a.name for a in adapters], head_rows, groups,
                                        {f"{PEFT_PREFIX}{n}": index[group_names[n]] for n in head_names}, device)
+        heads.keep_dtype = True  # the PEFT base runs in its own dtype: its heads' blends must match it
     return model, AdapterMatrix([a.name for a in adapters], groups, factors, modules, heads, model)

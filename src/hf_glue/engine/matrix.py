@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -93,9 +93,6 @@ class Slot:
         return math.prod(self.shape)
 
 
-Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
 class _Blend(torch.autograd.Function):
     """``a[M, K] @ e[K, n]`` returned as one output per (row, tensor); the gradient is w.r.t. ``a`` only.
 
@@ -105,9 +102,9 @@ class _Blend(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, e: torch.Tensor, sizes: list[int], product: Product):
-        out = torch.empty(a.shape[0], e.shape[1], dtype=search_dtype(e.dtype), device=e.device)
-        product(a, e, out)
+    def forward(ctx, a: torch.Tensor, e: torch.Tensor, sizes: list[int], dtype: torch.dtype):
+        out = torch.empty(a.shape[0], e.shape[1], dtype=dtype, device=e.device)
+        exact_product(a, e, out)
         ctx.save_for_backward(e)
         ctx.sizes, ctx.a_dtype = sizes, a.dtype
         ctx.set_materialize_grads(False)  # unused parameters: no zero-filled gradient
@@ -181,11 +178,13 @@ class CoefficientLayout:
         """Number of blended elements per group (weights the per-expert summary of per-group α)."""
         return self._group_sizes
 
-    def models(self, alphas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    def models(self, alphas: torch.Tensor, *, rounded: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """For each coefficient set in ``alphas[M, G, K]``, what `Objective` passes to the template model (by
         `functional_call`) to run θ(α): here its blended tensors; engines that form θ(α) inside the model
-        (on the fly, sharded) install it before yielding and yield only what is left to pass."""
-        yield from self.blend(alphas)
+        (on the fly, sharded) install it before yielding and yield only what is left to pass. ``rounded``: the
+        weights the saved model holds (rounded once to the experts' dtype), for scoring a candidate answer; else
+        the search's exact blends."""
+        yield from self.blend(alphas, rounded=rounded)
 
     def _with_offset(self, alphas: torch.Tensor) -> torch.Tensor:
         """``alphas[..., K]`` with the base's coefficient 1 appended for task vectors (unchanged otherwise)."""
@@ -236,6 +235,11 @@ class ExpertMatrix(CoefficientLayout):
         self.offset = False
         #: task vectors: how they were processed (method, density, election weights, seed), for the result
         self.task_vectors: Optional[dict] = None
+        #: blend in the stored dtype instead of `search_dtype` (the heads of adapters over a half-precision base)
+        self.keep_dtype = False
+
+    def _out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype if self.keep_dtype else search_dtype(dtype)
 
     def expert_bytes(self) -> int:
         """Bytes of the expert rows this process holds (all of them, or its shards)."""
@@ -323,14 +327,15 @@ class ExpertMatrix(CoefficientLayout):
                 buffers[slot.dtype][k, slot.offset: slot.offset + slot.numel].copy_(row[name].reshape(-1))
         return cls(expert_names, groups, slots, buffers, {})
 
-    def blend(self, alphas: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def blend(self, alphas: torch.Tensor, *, rounded: bool = False) -> list[dict[str, torch.Tensor]]:
         """θ for each of M coefficient sets ``alphas[M, G, K]``: one product per (dtype, group) segment.
 
         Returns M name → tensor dicts whose tensors are views of the products (no copy), plus the non-float
         constants. With grad enabled the result is differentiable in ``alphas``; without, the products go
         into buffers reused by the next call (no allocation, no page faults per step) and the dicts are
         cached too: both are valid until the next call and must not be modified. The blends are in
-        `search_dtype` (float32 for half-precision experts), with α and the accumulation in float32.
+        `search_dtype` (float32 for half-precision experts), with α and the accumulation in float32; ``rounded``:
+        rounded to the experts' dtype (and held in the search's), the saved model's weights.
         """
         if not self.buffers:
             raise RuntimeError("the expert matrix was released: nothing left to blend.")
@@ -341,7 +346,7 @@ class ExpertMatrix(CoefficientLayout):
         if torch.is_grad_enabled() and alphas.requires_grad:
             views: list[dict[str, torch.Tensor]] = [dict(self.constants) for _ in range(m)]
             for (dtype, g), slots, e in self._segment_inputs():
-                parts = _Blend.apply(alphas[:, g, :], e, [s.numel for s in slots], exact_product)
+                parts = _Blend.apply(alphas[:, g, :], e, [s.numel for s in slots], self._out_dtype(dtype))
                 for j, part in enumerate(parts):
                     row, slot = divmod(j, len(slots))
                     views[row][slots[slot].name] = part.view(slots[slot].shape)
@@ -349,7 +354,10 @@ class ExpertMatrix(CoefficientLayout):
         self._reserve(m)
         with torch.no_grad():
             for key, _, e in self._segment_inputs():
-                exact_product(alphas[:, key[1], :], e, self._outputs[key][:m])
+                out = self._outputs[key][:m]
+                exact_product(alphas[:, key[1], :], e, out)
+                if rounded and out.dtype != e.dtype:
+                    round_to(out, e.dtype)
         return self._views[:m]
 
     def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -387,11 +395,19 @@ class ExpertMatrix(CoefficientLayout):
         self.release()
         self._views = [dict(self.constants) for _ in range(m)]
         for key, slots, e in self._segment_inputs():
-            out = self._outputs[key] = torch.empty(m, e.shape[1], dtype=search_dtype(e.dtype), device=e.device)
+            out = self._outputs[key] = torch.empty(m, e.shape[1], dtype=self._out_dtype(e.dtype), device=e.device)
             # unbind/split (not slicing): cheap views, one per parameter
             for i, row in enumerate(out.unbind(0)):
                 for slot, part in zip(slots, row.split([s.numel for s in slots])):
                     self._views[i][slot.name] = part.view(slot.shape)
+
+
+def round_to(t: torch.Tensor, dtype: torch.dtype, chunk: int = CUDA_CHUNK) -> None:
+    """Round ``t`` in place to the values ``dtype`` holds (chunk by chunk: no full-size temporary)."""
+    flat = t.view(-1)
+    for lo in range(0, flat.numel(), chunk):
+        part = flat[lo: lo + chunk]
+        part.copy_(part.to(dtype))
 
 
 def exact_product(a: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> None:

@@ -73,11 +73,12 @@ def layout_bytes(elements_by_dtype: dict[torch.dtype, int], searched: bool = Fal
                for dt, n in elements_by_dtype.items())
 
 
-def search_element_bytes(elements_by_dtype: dict[torch.dtype, int]) -> int:
-    """Bytes per element of the search template's weights and activations."""
+def search_element_bytes(elements_by_dtype: dict[torch.dtype, int], widened: bool = True) -> int:
+    """Bytes per element of the search template's weights and activations (``widened``: float32 for half
+    precision)."""
     from .matrix import search_dtype
 
-    sizes = {torch.empty((), dtype=search_dtype(dt)).element_size() for dt in elements_by_dtype}
+    sizes = {torch.empty((), dtype=search_dtype(dt) if widened else dt).element_size() for dt in elements_by_dtype}
     return sizes.pop() if len(sizes) == 1 else 4
 
 
@@ -91,14 +92,16 @@ def estimate(
     sequence_length: int,
     tensors: int = 0,
     backward: bool = False,
+    widened: bool = True,
 ) -> MemoryEstimate:
     """Bytes a run needs on one device: K·N·b experts, ``models_per_step`` blended models (2q for SPSA) of
     N·b' each plus their bookkeeping (``tensors`` blended tensors), activations (one layer at a time, or every
     layer's kept for ``backward``) and, for ``backward``, the blended parameters' gradients (N·b'). b' is the
-    search's bytes per element: float32 for half-precision experts (`matrix.search_dtype`)."""
+    search's bytes per element: float32 for half-precision experts (`matrix.search_dtype`), unless ``widened`` is
+    False (a PEFT base runs in its own dtype)."""
     n_bytes = layout_bytes(elements_by_dtype)
-    search = layout_bytes(elements_by_dtype, searched=True)
-    act = search_element_bytes(elements_by_dtype)  # activations run in the search template's dtype
+    search = layout_bytes(elements_by_dtype, searched=widened)
+    act = search_element_bytes(elements_by_dtype, widened)  # activations run in the search template's dtype
     cfg = model_config
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 768
     if isinstance(hidden, list):
@@ -186,8 +189,8 @@ class Layout:
 
 
 def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_step: int, batch_per_process: int,
-          sequence_length: int, processes: int = 1, backward: bool = False, perturbation: bool = False
-          ) -> dict[str, Plan]:
+          sequence_length: int, processes: int = 1, backward: bool = False, perturbation: bool = False,
+          widened: bool = True) -> dict[str, Plan]:
     """Every strategy's memory per device and traffic per SPSA step (M = ``models_per_step`` blended models of
     N·b', K = ``num_experts`` rows of N·b, P = ``processes``; b' = b but 4 for half-precision experts, whose blends
     the search forms in float32 so the perturbation survives):
@@ -203,11 +206,11 @@ def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_st
     ``backward`` (full-gradient) keeps every layer and a gradient: only replicated applies.
     """
     n_bytes = layout.total
-    searched = layout_bytes(layout.elements, searched=True)  # N·b': the search's blends (float32 for half experts)
+    searched = layout_bytes(layout.elements, searched=widened)  # N·b': the search's blends (float32 for half)
     widen = searched / max(n_bytes, 1)
     common = {"batch_per_process": batch_per_process, "sequence_length": sequence_length}
     replicated = estimate(layout.elements, num_experts, model_config, models_per_step=models_per_step,
-                          tensors=layout.tensors, backward=backward, **common)
+                          tensors=layout.tensors, backward=backward, widened=widened, **common)
     out = {"replicated": Plan("replicated", replicated,
                               moved=num_experts * n_bytes + models_per_step * searched)}
     if backward:

@@ -20,7 +20,7 @@ from ..errors import GlueError
 from ..io.experts import Expert
 from ..io.safetensors import SafetensorsReader
 from .matrix import (CoefficientLayout, ExpertMatrix, Slot, checkpoint_names, exact_product, layer_blocks, layout_slots,
-                     search_dtype)
+                     round_to, search_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class OnTheFlyMatrix(CoefficientLayout):
         self.offset = store.offset
         self.task_vectors = getattr(store, "task_vectors", None)
         self._alpha: Optional[torch.Tensor] = None
+        self._rounded = False
         self._handles: list = []
         #: blends dropped by a finished block, reused by the next one (same shapes): no fresh pages per block
         self._spare: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
@@ -111,14 +112,15 @@ class OnTheFlyMatrix(CoefficientLayout):
     def product_bytes(self) -> int:
         return 0
 
-    def models(self, alphas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-        """Arms the hooks with each coefficient set in turn; the caller runs the template while it is armed."""
+    def models(self, alphas: torch.Tensor, *, rounded: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Arms the hooks with each coefficient set in turn; the caller runs the template while it is armed.
+        ``rounded``: the saved model's weights (`ExpertMatrix.models`)."""
         if not self._handles:
             self._install()
         alphas = self._with_offset(alphas.unsqueeze(0) if alphas.dim() == 2 else alphas)
         try:
             for alpha in alphas.to(self._device, torch.float32):
-                self._alpha = alpha
+                self._alpha, self._rounded = alpha, rounded
                 yield self.constants
         finally:
             self._alpha = None
@@ -200,7 +202,10 @@ class OnTheFlyMatrix(CoefficientLayout):
             with torch.no_grad():
                 for module, store, key, _, slot in own:
                     if slot.name not in formed:
-                        formed[slot.name] = self._blend(slot, self._alpha, search_dtype(slot.dtype))
+                        blend = self._blend(slot, self._alpha, search_dtype(slot.dtype))
+                        if self._rounded and blend.dtype != slot.dtype:
+                            round_to(blend, slot.dtype)
+                        formed[slot.name] = blend
                     getattr(module, store)[key] = formed[slot.name]
             self._spare.clear()  # spares of other shapes are not kept: the pool never outgrows one unit
 

@@ -15,7 +15,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..io.experts import Expert
-from .matrix import CoefficientLayout, ExpertMatrix, checkpoint_names, exact_product, layer_blocks, layout_slots
+from .matrix import (CoefficientLayout, ExpertMatrix, checkpoint_names, exact_product, layer_blocks, layout_slots,
+                     round_to)
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +107,12 @@ class ShardedMatrix(CoefficientLayout):
     def product_bytes(self) -> int:
         return 0
 
-    def models(self, alphas: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
-        """Writes each θ(α)'s shards into the template in turn; the caller runs it (on every process) meanwhile."""
+    def models(self, alphas: torch.Tensor, *, rounded: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Writes each θ(α)'s shards into the template in turn; the caller runs it (on every process) meanwhile.
+        ``rounded``: the saved model's weights (`ExpertMatrix.models`)."""
         alphas = alphas.unsqueeze(0) if alphas.dim() == 2 else alphas
         for alpha in alphas.to(self._device, torch.float32):
-            self._write(alpha)
+            self._write(alpha, rounded)
             yield {}
 
     def materialize(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,15 +122,21 @@ class ShardedMatrix(CoefficientLayout):
 
         self._write(alpha.reshape(self.num_groups, self.num_experts).to(self._device, torch.float32))
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # the template runs in the search's dtype (float32 for half experts): the saved model is rounded once
-        return {k: v.to(self.slots[k].dtype) if k in self.slots else v for k, v in state.items()}
+        # the template runs in the search's dtype (float32 for half experts): the saved model is rounded once,
+        # tensor by tensor in place (each float32 copy is freed as its rounded one is made)
+        dtype = self.model_dtype
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                state[key] = tensor.to(self.slots[key].dtype if key in self.slots else dtype)
+        return state
 
     def release(self, experts: bool = False) -> None:
         if experts:
             self.shards.release(experts=True)
 
-    def _write(self, alpha: torch.Tensor) -> None:
-        """θ(α)'s shards, exact (float32 α and accumulation), written into the template's own local shards."""
+    def _write(self, alpha: torch.Tensor, rounded: bool = False) -> None:
+        """θ(α)'s shards, exact (float32 α and accumulation), written into the template's own local shards;
+        ``rounded``: rounded to the experts' dtype, as the saved model holds them."""
         shards = self.shards
         self.model.reshard()  # no gathered copy of an earlier blend may outlive it
         with torch.no_grad():
@@ -145,3 +153,5 @@ class ShardedMatrix(CoefficientLayout):
                     out = torch.empty(1, slot.numel, dtype=local.dtype, device=self._device)
                     exact_product(a, e, out)
                     local.copy_(out.view(local.shape))
+                if rounded and local.dtype != slot.dtype:
+                    round_to(local, slot.dtype)

@@ -98,10 +98,17 @@ class Glue(MergeMethod):
             batches.skip(state["batches"])
             details["resumed_at_step"] = spsa.t
         else:
-            if spsa.a is None:
-                # calibrated at --init, before the start moves: at a screened start near the optimum the gradient
-                # is small and a gain sized there would throw the search far from it
-                details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
+            # the gain is sized at --init, before the start moves: at a screened start near the optimum the gradient
+            # is mostly noise and a gain sized there threw the search far from it. Softmax is sized where it starts
+            # (its logit gradients shrink near a vertex, so a gain sized at uniform would barely move it), and so is
+            # a search whose --init blend has no finite loss
+            at_start = spsa.a is None and cfg.space == "softmax"
+            if spsa.a is None and not at_start:
+                try:
+                    details["calibrated_gain"] = spsa.calibrate(loss_fn, cfg.first_move, cfg.calibration_samples,
+                                                                gather=gather)
+                except NonFiniteLoss:
+                    at_start = True
             if cfg.screen_batches > 0 and ctx.selection is not None:  # the simple starts, on the validation rows
                 best = ctx.selection.best_start()
                 start_alpha, details["screening"] = best.alpha, {"on": "validation rows", "chosen": best.name}
@@ -111,6 +118,8 @@ class Glue(MergeMethod):
                     start_alpha = 0.9 * start_alpha + 0.1 / matrix.num_experts
                 spsa.restart(start_alpha)
                 details["start"] = matrix.summarize(start_alpha)
+            if at_start:
+                details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
 
         def save() -> None:
             if ckpt is not None:

@@ -35,10 +35,11 @@ class Objective:
             return self.accelerator.reduce(t, reduction="sum")
         return t
 
-    def stats(self, alphas: torch.Tensor, batch: dict) -> list[dict[str, torch.Tensor]]:
-        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``)."""
+    def stats(self, alphas: torch.Tensor, batch: dict, rounded: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Local (this process) batch sums for each coefficient set in ``alphas[M, G, K]`` (or one ``[G, K]``);
+        ``rounded``: of the weights the saved model holds (rounded to the experts' dtype), not the search's."""
         # differentiable in alphas (the replicated engine)
-        models = self.matrix.models(alphas.to(self.matrix.device, torch.float32))
+        models = self.matrix.models(alphas.to(self.matrix.device, torch.float32), rounded=rounded)
         return [self.params_stats(params, batch) for params in models]
 
     def params_stats(self, params: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
@@ -107,8 +108,9 @@ class Objective:
         return features.reshape(features.shape[0], -1).cpu(), labels.cpu()
 
     def evaluate(self, alpha: torch.Tensor, batches: Iterable[dict]) -> dict[str, float]:
-        """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored."""
-        return self._evaluate(lambda batch: self.stats(alpha, batch)[0], batches)
+        """Task metrics of θ(α) over all batches (e.g. the held-out split), plus ``samples``: the rows scored. The
+        weights are the saved model's (rounded to the experts' dtype); half-precision experts run in float32."""
+        return self._evaluate(lambda batch: self.stats(alpha, batch, rounded=True)[0], batches)
 
     def evaluate_params(self, params: dict[str, torch.Tensor], batches: Iterable[dict]) -> dict[str, float]:
         """Task metrics of the template model run with ``params`` (e.g. a baseline checkpoint, not a blend)."""

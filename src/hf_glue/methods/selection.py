@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ..config import GlueConfig
-from ..optim.spsa import midpoints, vertices
+from ..optim.spsa import make_parametrization, midpoints, vertices
 
 #: the search's candidates are taken at these fractions of its steps (with the last and the averaged iterate)
 SNAPSHOT_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
@@ -53,6 +53,8 @@ class Selection:
         the seed that drew them and whether the search never sees them (recorded)."""
         self.objective, self.batches, self.config, self.layout = objective, batches, config, layout
         self.rows, self.split_seed, self.held_apart = rows, split_seed, held_apart
+        #: the search's feasible set: a simple start outside --bounds (box) is scored where the search could be
+        self.project = make_parametrization(config.space, config.bounds).project
         self.scored: list[Candidate] = []
         self.forward_passes = 0
         self.seconds = 0.0
@@ -82,18 +84,23 @@ class Selection:
             from .base import initial_alpha  # base imports this module
 
             groups, experts = self.layout.num_groups, self.layout.num_experts
-            first = [self.score("uniform", initial_alpha(GlueConfig(init="uniform"), groups, experts), "start")]
+            uniform = initial_alpha(GlueConfig(init="uniform"), groups, experts)
+            first = [self.score("uniform", self.project(uniform), "start")]
             if self.config.data_sizes:
                 sizes = GlueConfig(init="data-size", data_sizes=list(self.config.data_sizes))
-                first.append(self.score("data-size", initial_alpha(sizes, groups, experts), "start"))
+                first.append(self.score("data-size", self.project(initial_alpha(sizes, groups, experts)), "start"))
             names = self.layout.expert_names
-            alone = [self.score(f"expert: {names[k]}", v, "start") for k, v in enumerate(vertices(groups, experts))]
+            # task vectors (--combine): a one-hot λ is the base plus that expert's processed task vector
+            what = "task vector" if getattr(self.layout, "offset", False) else "expert"
+            alone = [self.score(f"{what}: {names[k]}", self.project(v), "start")
+                     for k, v in enumerate(vertices(groups, experts))]
             # two experts that fail alone may blend best (a target spanning both domains): every pair of the best
             # PAIRED experts alone
             best = sorted(alone, key=lambda c: c.loss)[:PAIRED]
             blends = midpoints(torch.stack([c.alpha for c in best]))
-            pairs = [(a.name, b.name) for i, a in enumerate(best) for b in best[i + 1:]]
-            mids = [self.score(f"even blend: {a[len('expert: '):]} + {b[len('expert: '):]}", blend, "start")
+            pairs = [(a.name.split(": ", 1)[1], b.name.split(": ", 1)[1]) for i, a in enumerate(best)
+                     for b in best[i + 1:]]
+            mids = [self.score(f"even blend: {a} + {b}", self.project(blend), "start")
                     for (a, b), blend in zip(pairs, blends)]
             self._starts = first + alone + mids
         return self._starts
