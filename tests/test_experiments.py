@@ -50,3 +50,22 @@ def test_report_only_regenerates_the_tables_from_kept_results(tmp_path):
     again = subprocess.run([*run, "--report-only"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (kept / "label-skew.md").read_text() == table and "| GLUE (model) |" in table
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+@pytest.mark.parametrize("setup", sorted(p.parent.name for p in RESULTS.glob("*/*.md") if p.stem == p.parent.name))
+def test_committed_results_regenerate_their_tables(setup, tmp_path):
+    """docs/results/<setup>/ holds the raw compare.json of every run behind its table: --report-only rebuilds the
+    committed table from them, to the character."""
+    import shutil
+
+    kept = tmp_path / setup
+    shutil.copytree(RESULTS / setup, kept)
+    env = {**os.environ, **TEST_ENV}
+    env.pop("HF_HUB_CACHE")
+    proc = subprocess.run([sys.executable, str(RUN), setup, "--report-only", "--results-dir", str(kept), "--workdir",
+                           str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (kept / f"{setup}.md").read_text() == (RESULTS / setup / f"{setup}.md").read_text()

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         + ["--seeds", *map(str, seeds)] + (["--methods", *args.methods] if args.methods else [])))
     if args.results_dir:
         (args.results_dir / f"{setup.name}.md").write_text(text + "\n")
+        plot = workdir / "report" / f"{setup.name}-time-to-accuracy.png"
+        if plot.is_file():  # the tables link it by this name
+            shutil.copy2(plot, args.results_dir / plot.name)
     print(text)
     if args.quick:
         print("--quick: a few rows and steps, a smoke test of the whole path; its figures say nothing about the "
