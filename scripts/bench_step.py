@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from hf_glue.engine.matrix import ExpertMatrix
+from hf_glue.engine.matrix import ExpertMatrix, search_dtype
 from hf_glue.engine.memory import estimate, peak_memory_bytes, reset_peak_memory
 from hf_glue.io.experts import TensorInfo
 from hf_glue.methods.full_gradient import loss_and_grad
@@ -46,7 +46,7 @@ class SyntheticExpert:
                  base: Optional[dict[str, torch.Tensor]] = None) -> None:
         self.name, self.tensors, self.seed, self.base = name, tensors, seed, base
 
-    def iter_tensors(self, names=None):
+    def iter_tensors(self, names=None, rows=None):  # rows: a process's shards (not used: one process here)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for n, info in self.tensors.items():
             if names is not None and n not in names:
@@ -70,15 +70,16 @@ def build(model_name: str, device: str, dtype: torch.dtype, real: bool = True):
             AutoModelForSequenceClassification
     else:
         config, task, auto = GPT2Config(), get_task("causal-lm"), AutoModelForCausalLM
-    with init_empty_weights(include_buffers=False):
-        template = auto.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # the search runs float32 blends of half experts
+        template = auto.from_config(config, dtype=search_dtype(dtype))
     config.architectures = [type(template).__name__]
     template.tie_weights()
     template.eval()
     for module in template.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             setattr(module, name, buffer.to(device))
-    tensors = {n: TensorInfo(n, tuple(p.shape), p.dtype, None) for n, p in template.named_parameters()}
+    tensors = {n: TensorInfo(n, tuple(p.shape), dtype if p.is_floating_point() else p.dtype, None)
+               for n, p in template.named_parameters()}
     if not real:
         return task, config, template, tensors, None, None
     model = auto.from_config(config, dtype=dtype).to(device).eval()
