@@ -227,9 +227,10 @@ class GlueConfig:
     )
     screen_batches: int = field(
         default=2,
-        metadata={"help": "glue: any positive value starts SPSA from the simple start with the lowest loss on the "
-                  "validation rows (scored once, for the answer's choice too); 0: start at --init. It keeps the "
-                  "search out of a poor basin near --init."},
+        metadata={"help": "glue: an on/off switch kept under its old name (it counted train batches before the "
+                  "validation rows existed): any positive value starts SPSA from the simple start with the lowest "
+                  "loss on the validation rows (scored once, for the answer's choice too); 0: start at --init. It "
+                  "keeps the search out of a poor basin near --init."},
     )
     average_last: float = field(
         default=0.5,
