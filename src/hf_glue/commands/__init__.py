@@ -71,8 +71,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     name = argv[0]
     hub.new_run()
+    finished = False
     try:
-        return command(name).run(argv[1:], parsers[name])
+        code = command(name).run(argv[1:], parsers[name])
+        finished = True
+        return code
     except GlueError as err:
         print(f"hf-glue {name}: error: {err}", file=sys.stderr)
         return 1
@@ -86,15 +89,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hf-glue {name}: interrupted; nothing was written.", file=sys.stderr)
         return 130
     finally:
-        close_process_group()
+        close_process_group(synchronize=finished)
 
 
-def close_process_group() -> None:
+def close_process_group(synchronize: bool = False) -> None:
     """Shut down torch.distributed (where a multi-process run started it) before the interpreter exits: left
-    to exit handlers, gloo's threads can abort the process after its work is done."""
+    to exit handlers, gloo's threads can abort the process after its work is done. ``synchronize`` (every process
+    finished the command): meet first, so that no process tears its connections down while another still uses
+    them (a process aborted that way under load, once, after its work was done)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
