@@ -65,7 +65,9 @@ def test_committed_results_regenerate_their_tables(setup, tmp_path):
     shutil.copytree(RESULTS / setup, kept)
     env = {**os.environ, **TEST_ENV}
     env.pop("HF_HUB_CACHE")
-    proc = subprocess.run([sys.executable, str(RUN), setup, "--report-only", "--results-dir", str(kept), "--workdir",
-                           str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=600)
+    table = (RESULTS / setup / f"{setup}.md").read_text()
+    command = table.split("Command: `python scripts/experiments/run.py ", 1)[1].split("`", 1)[0].split()
+    proc = subprocess.run([sys.executable, str(RUN), *command, "--report-only", "--results-dir", str(kept),
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (kept / f"{setup}.md").read_text() == (RESULTS / setup / f"{setup}.md").read_text()
