@@ -47,7 +47,7 @@ def test_finds_the_target_expert_on_glues_budget(prep, method, parametrization):
     assert max(coefficients, key=coefficients.get) == "org/expert-0", coefficients
     # 2 passes a step, 2 per calibration probe; scoring on the validation rows on top, as for GLUE
     budget = 2 * 10 + 2 * config.calibration_samples
-    assert glue_budget(config, 3) == budget and out.backward_passes == 0
+    assert glue_budget(config) == budget and out.backward_passes == 0
     assert out.forward_passes == budget + out.details["selection"]["forward_passes"]
     assert len(out.history) == out.details["generations"] == len(generation_sizes(budget, out.details["population"]))
     assert [h["step"] for h in out.history] == list(range(len(out.history)))
@@ -68,7 +68,7 @@ def test_block_granularity_stays_on_the_simplex(cls_experts, method):
     assert groups > 2 and result.alpha.shape == (groups, 3)
     assert (result.alpha >= 0).all()
     torch.testing.assert_close(result.alpha.sum(-1), torch.ones(groups, dtype=result.alpha.dtype))
-    budget = glue_budget(GlueConfig(steps=3), 3)
+    budget = glue_budget(GlueConfig(steps=3))
     assert result.forward_passes == budget + result.details["selection"]["forward_passes"]
     # generations of at most CMA-ES's default population for G·K coordinates
     assert result.details["population"] == generation_sizes(budget, 4 + int(3 * math.log(groups * 3)))[0]
@@ -89,7 +89,7 @@ def test_result_and_card_record_the_method(cls_experts, method, tmp_path):
     pretty = {"cma": "CMA-ES", "nevergrad": "NGOpt (nevergrad)"}[method]
     assert result["method"] == method and result["method_info"]["pretty_name"] == pretty
     assert result["method_info"]["reference"].startswith("https://arxiv.org/abs/")
-    assert result["forward_passes"] == glue_budget(GlueConfig(steps=3), 3) + \
+    assert result["forward_passes"] == glue_budget(GlueConfig(steps=3)) + \
         result["details"]["selection"]["forward_passes"]
     chosen = result["details"]["selection"]["chosen"]
     assert f"Chosen: **`{chosen}`**" in (out / "README.md").read_text()

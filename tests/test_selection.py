@@ -123,7 +123,7 @@ def test_glue_starts_from_the_best_simple_start_on_the_validation_rows():
     config = GlueConfig(steps=20, seed=0)
     out = _run(bowl, config)
     assert out.details["screening"] == {"on": "validation rows", "chosen": "even blend: e0 + e2"}
-    assert out.forward_passes == get_method("glue").forward_passes(config, 3) + \
+    assert out.forward_passes == get_method("glue").forward_passes(config) + \
         out.details["selection"]["forward_passes"]
 
 

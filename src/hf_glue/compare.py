@@ -182,8 +182,6 @@ def _load_baseline(prep, baseline) -> dict[str, torch.Tensor]:
 def _baseline_run(prep, glue_config: GlueConfig, finetune_config: FinetuneConfig, name: str,
                   params: dict[str, torch.Tensor], seed: int) -> dict:
     """A baseline checkpoint scored (and fine-tuned) exactly as a blend is: no search, no coefficients."""
-    import copy
-
     from .pipeline import eval_batches, finetune_result
     from .report.result import MergeResult
 
@@ -192,14 +190,10 @@ def _baseline_run(prep, glue_config: GlueConfig, finetune_config: FinetuneConfig
     result = MergeResult(method=name, task=prep.task.name, granularity="model", experts=[], dataset={},
                          coefficients={}, alpha=torch.zeros(0), eval=merged)
     if finetune_config.finetune_epochs > 0:  # in the experts' dtype, as the blends are fine-tuned
-        dtype = prep.matrix.model_dtype
-        if dtype == prep.matrix.search_dtype:
-            result.model = copy.deepcopy(prep.model)
-        else:
-            from .pipeline import build_model
+        from .pipeline import empty_model
 
-            result.model = build_model(prep.experts[0], prep.task, dtype, prep.experts_config.trust_remote_code,
-                                       prep.matrix.device)
+        dtype = prep.matrix.model_dtype
+        result.model = empty_model(prep)
         result.model.load_state_dict({k: v.to(dtype, copy=True) if v.is_floating_point() else v.clone()
                                       for k, v in params.items()}, strict=False, assign=True)
         result.model.tie_weights()

@@ -553,7 +553,7 @@ def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoi
     if method.selects and prep.validation is not None:
         selection = Selection(prep.objective, lambda: validation_batches(prep, config), config,
                               prep.matrix, len(prep.validation), prep.validation_seed,
-                              held_apart=prep.validation is not prep.search and config.validation_fraction > 0)
+                              held_apart=config.validation_fraction > 0)
     ctx = MergeContext(
         matrix=prep.matrix,
         objective=prep.objective,
@@ -638,8 +638,6 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
     experts: a `PeftModel` whose one adapter is the blend (``consume``: built from the search model's own base
     weights, which leaves nothing to search with; else from a copy).
     """
-    import copy
-
     if prep.adapters:
         base = prep.base.repo
         return prep.matrix.to_adapter_model(alpha, {"base_model_name_or_path": base.repo_id,
@@ -654,16 +652,24 @@ def blended_model(prep: Prepared, alpha: torch.Tensor, consume: bool = False) ->
     else:
         prep.matrix.release()  # the product buffers, or the on-the-fly hooks
         state = prep.matrix.materialize(alpha)
-        if prep.matrix.search_dtype == prep.matrix.model_dtype:
-            model = copy.deepcopy(prep.model)  # meta parameters: copies the buffers only
-        else:  # the search ran a float32 template; the model holds the experts' dtype
-            model = build_model(prep.experts[0], prep.task, prep.matrix.model_dtype,
-                                prep.experts_config.trust_remote_code, prep.matrix.device)
+        model = empty_model(prep)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # tied parameters absent from the checkpoint (e.g. an LM head) follow their source
     if strategy != "replicated":
         model.to("cpu")  # built beside the experts, which may fill the device: fine-tuning moves it back
     return model
+
+
+def empty_model(prep: Prepared) -> torch.nn.Module:
+    """A model of the experts' class in their dtype with its parameters on the meta device, to be given weights: a
+    copy of the search's template (its buffers only), or a new one where the template runs in float32 for
+    half-precision experts."""
+    import copy
+
+    if prep.matrix.search_dtype == prep.matrix.model_dtype:
+        return copy.deepcopy(prep.model)
+    return build_model(prep.experts[0], prep.task, prep.matrix.model_dtype, prep.experts_config.trust_remote_code,
+                       prep.matrix.device)
 
 
 def generation_eval(prep: Prepared, model, batch_size: int) -> dict[str, float]:

@@ -65,11 +65,11 @@ class MemoryEstimate:
                 f"activations {human(self.activations)})")
 
 
-def layout_bytes(elements_by_dtype: dict[torch.dtype, int], searched: bool = False) -> int:
-    """Bytes of the blended tensors as the experts hold them, or (``searched``) as the search's blends do."""
+def layout_bytes(elements_by_dtype: dict[torch.dtype, int], widened: bool = False) -> int:
+    """Bytes of the blended tensors as the experts hold them, or (``widened``) as the search's blends do."""
     from .matrix import search_dtype
 
-    return sum(n * torch.empty((), dtype=search_dtype(dt) if searched else dt).element_size()
+    return sum(n * torch.empty((), dtype=search_dtype(dt) if widened else dt).element_size()
                for dt, n in elements_by_dtype.items())
 
 
@@ -100,7 +100,7 @@ def estimate(
     search's bytes per element: float32 for half-precision experts (`matrix.search_dtype`), unless ``widened`` is
     False (a PEFT base runs in its own dtype)."""
     n_bytes = layout_bytes(elements_by_dtype)
-    search = layout_bytes(elements_by_dtype, searched=widened)
+    search = layout_bytes(elements_by_dtype, widened)
     act = search_element_bytes(elements_by_dtype, widened)  # activations run in the search template's dtype
     cfg = model_config
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 768
@@ -206,7 +206,7 @@ def plans(layout: Layout, num_experts: int, model_config: dict, *, models_per_st
     ``backward`` (full-gradient) keeps every layer and a gradient: only replicated applies.
     """
     n_bytes = layout.total
-    searched = layout_bytes(layout.elements, searched=widened)  # N·b': the search's blends (float32 for half)
+    searched = layout_bytes(layout.elements, widened)  # N·b': the search's blends (float32 for half)
     widen = searched / max(n_bytes, 1)
     common = {"batch_per_process": batch_per_process, "sequence_length": sequence_length}
     replicated = estimate(layout.elements, num_experts, model_config, models_per_step=models_per_step,

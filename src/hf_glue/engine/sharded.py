@@ -124,10 +124,9 @@ class ShardedMatrix(CoefficientLayout):
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # the template runs in the search's dtype (float32 for half experts): the saved model is rounded once,
         # tensor by tensor in place (each float32 copy is freed as its rounded one is made)
-        dtype = self.model_dtype
         for key, tensor in state.items():
-            if tensor.is_floating_point() and tensor.dtype != dtype:
-                state[key] = tensor.to(self.slots[key].dtype if key in self.slots else dtype)
+            if tensor.is_floating_point():
+                state[key] = tensor.to(self.slots[key].dtype if key in self.slots else self.model_dtype)
         return state
 
     def release(self, experts: bool = False) -> None:

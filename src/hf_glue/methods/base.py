@@ -33,7 +33,7 @@ class MergeContext:
     checkpoint: Optional[Checkpoint] = None
     #: the experiment trackers each step is logged to (--report-to); None: none
     tracker: Any = None
-    #: scores candidates on the validation rows held apart from ``batches`` (None: no rows apart, no selection)
+    #: scores the candidates on the validation rows and chooses the answer (None: the method's own answer stands)
     selection: Optional[Selection] = None
 
     def log_step(self, entry: dict) -> None:

@@ -45,7 +45,7 @@ class Glue(MergeMethod):
         return 2 * config.spsa_samples
 
     @staticmethod
-    def forward_passes(config: GlueConfig, experts: int) -> int:
+    def forward_passes(config: GlueConfig) -> int:
         """Forward passes of a search with ``config`` on train batches: 2q per SPSA step and 2q per gain-calibration
         probe (--gain unset). Scoring the candidates on the validation rows (`selection.Selection`: the simple
         starts the screening picks from, and the search's iterates) comes on top, the same for every searching

@@ -52,11 +52,11 @@ if TYPE_CHECKING:
     from ..methods.base import MergeContext, MethodOutput
 
 
-def glue_budget(config: GlueConfig, experts: int) -> int:
-    """GLUE's forward passes with ``config`` and ``experts`` experts: the budget every black-box search gets."""
+def glue_budget(config: GlueConfig) -> int:
+    """GLUE's forward passes on train batches with ``config``: the budget every black-box search gets."""
     from ..methods.glue import Glue
 
-    return Glue.forward_passes(config, experts)
+    return Glue.forward_passes(config)
 
 
 def default_population(dimension: int) -> int:
@@ -215,7 +215,7 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
     cfg, matrix = ctx.config, ctx.matrix
     param = make_parametrization(cfg.space, cfg.bounds)
     x0 = param.init(initial_alpha(cfg, matrix.num_groups, matrix.num_experts))
-    budget = glue_budget(cfg, matrix.num_experts)
+    budget = glue_budget(cfg)
     population = min(default_population(x0.numel()), budget)
     if budget < optimizer.min_generation:
         raise GlueError(f"{label} needs at least {optimizer.min_generation} forward passes; GLUE's budget with these "
