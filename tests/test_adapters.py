@@ -291,6 +291,9 @@ def test_module_granularity_groups_adapters_by_module_type(lora_experts):
                    GlueConfig(granularity="module"))
     assert set(prep.matrix.groups) == {"attention.self.query", "attention.self.value", "attention.output.dense",
                                        "intermediate.dense", "output.dense", "head"}
+    auto = prepare(ExpertsConfig(experts=lora_experts["ids"], cpu=True), DataConfig(dataset=lora_experts["dataset"]),
+                   GlueConfig(granularity="auto"))
+    assert auto.matrix.groups == prep.matrix.groups  # auto refines adapters per module type
     # α of one module type moves only that type's branches: the blends differ exactly there
     alpha = torch.full((2, len(prep.matrix.groups), 3), 1 / 3, dtype=torch.float64)
     alpha[1, prep.matrix.groups.index("attention.self.query")] = torch.tensor([1.0, 0.0, 0.0])

@@ -96,6 +96,25 @@ def test_block_granularity_records_group_coefficients(cls_experts, tmp_path):
     assert result.alpha.shape == (len(groups), 3)
 
 
+def test_auto_granularity_saves_the_granularity_it_chose(cls_experts, tmp_path):
+    """--granularity auto on real experts: the engine holds blocks; the saved result names the granularity of the
+    chosen α (model when every block has the same coefficients) and its blocks' coefficients when it is block."""
+    result = merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=20, granularity="auto"),
+                           output_dir=str(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "merge_result.json").read_text())
+    phases = saved["details"]["phases"]
+    assert [p["steps"] for p in phases] == [10, 10] and phases[0]["groups"] == 1 and phases[1]["groups"] > 1
+    per_block = bool((result.alpha != result.alpha[:1]).any())
+    assert saved["granularity"] == ("block" if per_block else "model") == result.granularity
+    assert ("group_coefficients" in saved) == per_block
+    chosen = saved["details"]["selection"]["chosen"]
+    assert per_block == chosen.startswith("search, per group")
+    assert saved["config"]["glue"]["granularity"] == "auto"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`--granularity auto`: the first 10 steps searched one α shared by the whole model" in card
+    assert f"the granularity saved (`{saved['granularity']}`)" in card
+
+
 def test_local_folders_and_softmax_parametrization(cls_experts):
     folders = [str(p) for p in cls_experts["paths"]]
     result = merge_experts(folders, str(cls_experts["data_dir"]),
@@ -117,3 +136,36 @@ def test_revision_pins_and_is_recorded(cls_experts):
     result = merge_experts(["org/expert-0", f"org/expert-1@{sha}"], "org/target", GlueConfig(method="uniform"))
     assert result.experts[1] == {"name": f"org/expert-1@{sha}", "id": "org/expert-1", "revision": sha}
     assert f"org/expert-1@{sha}" in result.coefficients
+
+
+def test_select_probe_trains_the_best_candidates_and_keeps_the_best_after(cls_experts, tmp_path):
+    """--select probe: the best-scored candidates are each trained a few AdamW steps on the same batches; the answer
+    is the one with the lowest validation loss after them, and the passes are counted in the method's cost."""
+    config = GlueConfig(steps=10, select="probe", probe_steps=3, probe_candidates=2, probe_learning_rate=1e-3)
+    by_loss = merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=10))
+    result = merge_experts(cls_experts["ids"], "org/target", config, output_dir=str(tmp_path / "out"))
+    probe = result.details["probe"]
+    assert probe["steps"] == 3 and probe["learning_rate"] == 1e-3 and len(probe["candidates"]) == 2
+    ranked = sorted((c for c in by_loss.details["selection"]["candidates"]), key=lambda c: c["loss"])
+    assert [c["name"] for c in probe["candidates"]][0] == ranked[0]["name"] == probe["by_loss"]
+    after = {c["name"]: c["loss_after"] for c in probe["candidates"]}
+    assert probe["chosen"] == min(after, key=after.get) == result.details["selection"]["chosen"]
+    assert all(c["loss_after"] < c["loss_before"] for c in probe["candidates"])  # training on the target helps
+    chosen = next(c for c in result.details["selection"]["candidates"] if c["name"] == probe["chosen"])
+    assert result.coefficients == pytest.approx(chosen["coefficients"])
+    assert result.backward_passes == 2 * 3
+    assert result.forward_passes == by_loss.forward_passes + probe["forward_passes"]
+    saved = json.loads((tmp_path / "out" / "merge_result.json").read_text())
+    assert saved["details"]["selection"]["select"] == "probe"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`--select probe`: the 2 candidates with the lowest validation loss were each trained\n3 AdamW steps" in card
+    assert "| Candidate | Validation loss | After 3 steps |" in card
+
+
+def test_select_probe_refuses_a_sharded_or_streamed_search(cls_experts, tmp_path):
+    from hf_glue.config import ExpertsConfig
+    from hf_glue.errors import GlueError
+
+    with pytest.raises(GlueError, match="--select probe trains each candidate from its whole blend"):
+        merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=2, select="probe"),
+                      experts_config=ExpertsConfig(experts=cls_experts["ids"], blend="on-the-fly"))

@@ -3,7 +3,7 @@ built wheel and in an editable install (pyproject.toml's package-dir, setup.py's
 
 Each test builds from a clean copy of the project's packaging inputs (never a stale build/ folder, nothing
 written into the checkout), installs into a throw-away venv that sees this Python's packages
-(--system-site-packages; offline: --no-index, --no-build-isolation) and renders a card there, from the example
+(its site directories; offline: --no-index, --no-build-isolation) and renders a card there, from the example
 merge_result.json, with the `hf-glue card` command. About 15-25 s each on 2 cores.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -59,9 +60,17 @@ def _run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _venv(tmp: Path) -> Path:
+    """A throw-away venv that sees this Python's packages: its site directories are added (their .pth files run,
+    as --system-site-packages would do for a base interpreter; from inside a venv that flag would expose the base
+    interpreter's packages instead, without torch). pip too is this Python's."""
     venv = tmp / "venv"
-    _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv)  # pip: this Python's
-    return venv / "bin" / "python"
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)
+    python = venv / "bin" / "python"
+    own = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
+    user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    outer = [p for p in [*site.getsitepackages(), *user] if Path(p).is_dir()]
+    (own / "outer-site.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
+    return python
 
 
 def _render(python: Path, tmp: Path, drop: bool) -> list[str]:

@@ -220,3 +220,106 @@ def test_reported_metrics_are_the_saved_weights(cls_experts):
     prep = prepare(experts, DataConfig(dataset="org/target"), config)
     saved = task_metrics(result.model.float(), prep.task, prep.eval, prep.processor, config.eval_batch_size)
     assert saved["loss"] == pytest.approx(result.eval["loss"], rel=1e-6, abs=1e-7)
+
+
+class _Blocks(_Layout):
+    """Two coefficient groups (blocks) of equal size."""
+
+    def __init__(self, experts: int = 3) -> None:
+        super().__init__(experts)
+        self.groups = ["block.0", "block.1"]
+        self._group_sizes = torch.ones(2, dtype=torch.float64)
+
+
+class _BlockBowl(_Bowl):
+    """The bowl per group: L(α) = Σ_g |α_g − α*_g|² + noise, for α of shape [n, 2, K]."""
+
+    def __init__(self, optimum, sigma: float = 0.05, validation_noise=None) -> None:
+        super().__init__(optimum, sigma, [0.0] * len(optimum[0]) if validation_noise is None else validation_noise)
+
+    def batches(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield {"noise": self.sigma * torch.randn(self.optimum.shape[-1], generator=gen, dtype=torch.float64)}
+
+    def loss(self, alphas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = alphas.reshape(-1, *self.optimum.shape).double()
+        self.forward_passes += len(a)
+        return ((a - self.optimum) ** 2).sum((-2, -1)) + (a.sum(-2) @ noise) / 2
+
+
+def _run_blocks(bowl: _BlockBowl, config: GlueConfig, checkpoint=None):
+    layout = _Blocks(bowl.optimum.shape[-1])
+    chooser = Selection(bowl, lambda: [{"noise": bowl.validation_noise}], config, layout, rows=64, split_seed=0)
+    ctx = MergeContext(matrix=layout, objective=bowl, batches=bowl.batches(config.seed), config=config,
+                       selection=chooser, checkpoint=checkpoint)
+    return get_method(config.method).run(ctx)
+
+
+def test_auto_granularity_searches_model_wide_then_per_group():
+    """--granularity auto: half the steps with one α shared by every group, then per group from the best candidate
+    so far; where the groups want different blends the per-group answer wins on the validation rows."""
+    from hf_glue.methods.glue import search_phases
+
+    assert [(p.groups, p.steps) for p in search_phases(GlueConfig(granularity="auto", steps=101), 6)] == \
+        [(1, 51), (6, 50)]
+    assert [(p.groups, p.steps) for p in search_phases(GlueConfig(granularity="block"), 6)] == [(6, 100)]
+    bowl = _BlockBowl([[0.8, 0.2, 0.0], [0.0, 0.2, 0.8]], sigma=0.0)
+    config = GlueConfig(granularity="auto", steps=80, seed=0)
+    out = _run_blocks(bowl, config)
+    record = out.details["selection"]
+    names = [c["name"] for c in record["candidates"]]
+    assert any(", model-wide: step" in n for n in names) and any(", per group: step" in n for n in names)
+    assert [(p["groups"], p["steps"]) for p in out.details["phases"]] == [(1, 40), (2, 40)]
+    assert out.details["phases"][1]["start"] in names  # the per-group phase starts at a scored candidate
+    model_wide = min(c["loss"] for c in record["candidates"] if "per group" not in c["name"])
+    assert record["chosen"].startswith("search, per group") and min(
+        c["loss"] for c in record["candidates"]) < model_wide - 0.1
+    assert not torch.equal(out.alpha[0], out.alpha[1])
+    assert out.forward_passes == get_method("glue").forward_passes(config) + record["forward_passes"]
+
+
+def test_auto_granularity_keeps_a_model_wide_answer_when_blocks_add_nothing():
+    """Where every group wants the same blend and the validation rows are noisy, a per-group candidate must beat
+    the model-wide ones on those rows to be chosen: the answer is never worse there than the model-wide search's."""
+    bowl = _BlockBowl([[0.6, 0.4, 0.0], [0.6, 0.4, 0.0]], sigma=0.2, validation_noise=[0.05, -0.05, 0.02])
+    out = _run_blocks(bowl, GlueConfig(granularity="auto", steps=40, seed=1))
+    losses = [c["loss"] for c in out.details["selection"]["candidates"]]
+    chosen = next(c["loss"] for c in out.details["selection"]["candidates"]
+                  if c["name"] == out.details["selection"]["chosen"])
+    assert chosen == min(losses)
+
+
+def test_auto_granularity_resumes_to_the_uninterrupted_answer(tmp_path):
+    """Interrupted inside the per-group phase, --resume ends where the uninterrupted search ends."""
+    import os
+    import signal
+
+    from hf_glue.io.checkpoint import Checkpoint, SearchInterrupted
+
+    config = GlueConfig(granularity="auto", steps=30, seed=2, checkpoint_every=3)
+    straight = _run_blocks(_BlockBowl([[0.8, 0.2, 0.0], [0.0, 0.2, 0.8]]), config)
+
+    class _Stopping(_BlockBowl):
+        def losses(self, alphas, batch, reduce=True):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 25:  # calibration (4 probes) + 15 model-wide steps + 6 per-group steps
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().losses(alphas, batch, reduce)
+
+    ckpt = Checkpoint(tmp_path / "state", {"case": "auto"}, config.checkpoint_every)
+    with pytest.raises(SearchInterrupted):
+        _run_blocks(_Stopping([[0.8, 0.2, 0.0], [0.0, 0.2, 0.8]]), config, checkpoint=ckpt)
+    resumed = _run_blocks(_BlockBowl([[0.8, 0.2, 0.0], [0.0, 0.2, 0.8]]), replace(config, resume=True),
+                          checkpoint=ckpt)
+    assert resumed.details["resumed_at_step"] > 15
+    assert torch.equal(resumed.alpha, straight.alpha)
+    assert [h["loss_plus"] for h in resumed.history] == [h["loss_plus"] for h in straight.history]
+
+
+@pytest.mark.parametrize("method", ["cma", "nevergrad", "full-gradient"])
+def test_auto_granularity_is_refused_for_the_other_searches(method):
+    from hf_glue.errors import GlueError
+
+    with pytest.raises(GlueError, match="--granularity auto is GLUE's"):
+        GlueConfig(method=method, granularity="auto")

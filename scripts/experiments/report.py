@@ -8,7 +8,7 @@ from pathlib import Path
 
 METRIC = "accuracy"
 ORDER = ["base model", "best single expert", "uniform", "data-size", "proxy", "full-gradient", "cma", "nevergrad",
-         "GLUE (model)", "GLUE (block)"]
+         "GLUE (model)", "GLUE (block)", "GLUE (auto)", "GLUE (probe)", "GLUE (bf16)"]
 
 
 def _label(method: str, granularity: str, experts_prefix: str) -> str:

@@ -9,7 +9,9 @@
    reordered, when the budget is the whole train split) are
    published as a dataset, and `hf-glue compare` runs every method on it — the users' own path — once at model
    granularity (with the base as a --baselines start and every expert alone) and once for GLUE at block
-   granularity. Built models and finished compare outputs are reused when the command is run again.
+   granularity (``--runs`` picks the compares: ``auto``, ``probe`` and ``bf16`` add GLUE alone with
+   ``--granularity auto``, ``--select probe`` or bfloat16 experts). Built models and finished compare outputs are
+   reused when the command is run again.
 3. report.py turns the compare.json files into the tables and the time-to-accuracy plot (WORKDIR/report/).
 
 With ``--combine ties|dare|dare-ties|task-arithmetic`` (one or more) the experts are merged as task vectors over the
@@ -98,6 +100,18 @@ def copy_processor(base: Path, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
+#: the compares run.py can run per seed and budget (the folder name under runs/<budget>/seed<S>/), with the options
+#: that set each one apart: model runs every method (with the base and every expert alone), the others GLUE alone
+RUNS = {
+    "model": ["--granularity", "model"],
+    "block": ["--granularity", "block"],
+    "auto": ["--granularity", "auto"],
+    "probe": ["--granularity", "model", "--select", "probe"],
+    "bf16": ["--granularity", "model", "--dtype", "bfloat16"],
+}
+DEFAULT_RUNS = ("model", "block")
+
+
 def target(setup: Setup, budget: Budget, seed: int, workdir: Path) -> str:
     """Publish the seed's target sample for a budget (train: ``budget.rows`` rows; test: fixed) as a dataset."""
     from hf_glue.testing import publish_to_cache
@@ -113,7 +127,7 @@ def target(setup: Setup, budget: Budget, seed: int, workdir: Path) -> str:
 
 
 def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, out: Path, workdir: Path,
-            methods: list[str], granularity: str, quick: bool, combine: str | None = None,
+            methods: list[str], run: str, quick: bool, combine: str | None = None,
             density: float = 0.5) -> Path:
     """One `hf-glue compare` run (skipped when its compare.json exists); returns its output folder.
 
@@ -122,7 +136,7 @@ def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, ou
         return out
     epochs = 0 if combine else budget.epochs
     args = ["--experts", *ids["experts"], "--dataset", dataset, "--data-sizes", *map(str, setup.data_sizes),
-            "--methods", *methods, "--granularity", granularity, "--seeds", str(seed),
+            "--methods", *methods, *RUNS[run], "--seeds", str(seed),
             "--batch-size", str(min(setup.batch_size, budget.rows)), "--finetune-epochs", str(epochs),
             "--learning-rate", str(setup.finetune_lr), "--cpu", "--output-dir", str(out), *setup.extra_args]
     if quick:
@@ -130,17 +144,17 @@ def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, ou
     if combine:
         # --seed too: compare draws the DARE mask once, from --seed, for all its --seeds; so each seed its own mask
         args += ["--base-model", ids["base"], "--combine", combine, "--density", f"{density:g}", "--seed", str(seed)]
-    elif granularity == "model":
+    elif run == "model":
         args += ["--baselines", ids["base"]]
     else:
         args += ["--no-include-experts"]
     if budget.eval_steps and epochs:
-        training_args = out.parent / f"training-args-{granularity}.json"
+        training_args = out.parent / f"training-args-{run}.json"
         training_args.parent.mkdir(parents=True, exist_ok=True)
         training_args.write_text(json.dumps({"eval_strategy": "steps", "eval_steps": budget.eval_steps}))
         args += ["--training-args", str(training_args)]
     command = [sys.executable, "-m", "hf_glue", "compare", *args]
-    print(f"[{setup.name}] {budget.name} seed {seed} {granularity}{' ' + combine if combine else ''}: hf-glue compare {' '.join(args)}", flush=True)
+    print(f"[{setup.name}] {budget.name} seed {seed} {run}{' ' + combine if combine else ''}: hf-glue compare {' '.join(args)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(command, env=hub_env(workdir), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -172,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="--combine ties/dare/dare-ties: the fraction of each task vector kept (default 0.5).")
     parser.add_argument("--budgets", nargs="+", default=None,
                         help="Only these budgets of the setup, by name (e.g. small; default: all).")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(DEFAULT_RUNS),
+                        help="The compares per seed and budget: model (every method, every expert alone and the "
+                             "base, at model granularity), then GLUE alone: block (--granularity block), auto "
+                             "(--granularity auto), probe (--select probe), bf16 (the experts in bfloat16); default: "
+                             "model block.")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="Keep each compare.json here (RESULTS_DIR/<budget>/seed<S>/<granularity>/, small "
                              "files to commit, e.g. docs/results/<setup>) and the tables as RESULTS_DIR/<setup>.md; "
@@ -205,17 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             dataset = target(setup, budget, seed, workdir)
             runs = workdir / "runs" / budget.name / f"seed{seed}"
-            outputs.append((budget, seed, compare(setup, ids, dataset, budget, seed, runs / "model", workdir,
-                                                  methods, "model", args.quick)))
-            if not args.quick:  # --quick: the users' path once; block granularity has its own tests
-                outputs.append((budget, seed, compare(setup, ids, dataset, budget, seed, runs / "block", workdir,
-                                                      ["glue"], "block", args.quick)))
+            for name in ["model"] if args.quick else args.runs:  # --quick: the users' path once
+                outputs.append((budget, seed, compare(setup, ids, dataset, budget, seed, runs / name, workdir,
+                                                      methods if name == "model" else ["glue"], name, args.quick)))
     if args.results_dir and not args.report_only:
         outputs = [(budget, seed, keep(folder, args.results_dir / budget.name / f"seed{seed}" / folder.name))
                    for budget, seed, folder in outputs]
+    # the compares the table holds (with --report-only: every one found)
+    kinds = [g for g in RUNS if any(f.name == g for _, _, f in outputs)]
     text = report.write(setup, outputs, seeds, workdir / "report", command=" ".join(
         ["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
-        + ["--seeds", *map(str, seeds)] + (["--methods", *args.methods] if args.methods else [])))
+        + ["--seeds", *map(str, seeds)] + (["--methods", *args.methods] if args.methods else [])
+        + (["--runs", *kinds] if kinds != list(DEFAULT_RUNS) and not args.quick else [])))
     if args.results_dir:
         (args.results_dir / f"{setup.name}.md").write_text(text + "\n")
         plot = workdir / "report" / f"{setup.name}-time-to-accuracy.png"

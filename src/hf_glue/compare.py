@@ -25,6 +25,7 @@ DEFAULT_METHODS = CompareConfig().methods
 def _methods(glue: GlueConfig, compare: CompareConfig) -> list[str]:
     for name in compare.methods:
         check_method(name)  # unknown, or an optional package missing: before anything is loaded
+        replace(glue, method=name)  # a method the other options refuse (e.g. cma with --granularity auto)
     methods = list(dict.fromkeys(compare.methods))
     if "data-size" in methods and not glue.data_sizes:
         if compare.methods != DEFAULT_METHODS:
@@ -43,8 +44,9 @@ def run_compare(
 ) -> dict:
     """Run the comparison, print the table, write ``compare.json`` and ``compare.png``; returns the report."""
     from .finetune import read_training_args
-    from .pipeline import blended_model, finetune_result, prepare, run_method, to_result
+    from .pipeline import blended_model, finetune_result, prepare, run_method, to_result, with_probe_rate
 
+    glue_config = with_probe_rate(glue_config, finetune_config)
     methods = _methods(glue_config, compare_config)
     read_training_args(finetune_config.training_args)
     out_dir = Path(compare_config.output_dir)
@@ -70,7 +72,7 @@ def run_compare(
     masked = (getattr(prep.matrix, "task_vectors", None) or {}).get("method") in ("dare", "dare-ties")
     for seed in compare_config.seeds:
         if masked:
-            _redraw_mask(prep, glue_config.granularity, seed)
+            _redraw_mask(prep, glue_config.engine_granularity(), seed)
         for label, what in entries:
             seeded = masked or finetuning or (isinstance(what, str) and get_method(what).seeded)
             if not seeded and seed != compare_config.seeds[0]:

@@ -63,6 +63,9 @@ BOUNDS: dict[str, Bound] = {
     "stability": _NON_NEGATIVE,  # A < 0 makes (t + 1 + A) negative: the gain sequence is not defined
     "spsa_samples": _COUNT,
     "screen_batches": Bound(0, MAX_STEPS),
+    "probe_steps": Bound(1, MAX_STEPS),
+    "probe_candidates": _COUNT,
+    "probe_learning_rate": _POSITIVE,
     "average_last": Bound(0, 1),
     "proxy_batches": _COUNT,
     "adam_lr": _POSITIVE,
@@ -150,6 +153,10 @@ def _scalar(what: str, value: Any, kind: type, bound: Optional[Bound]) -> Any:
     return value
 
 
+#: searching methods that cannot take --granularity auto (it is GLUE's two-phase search)
+AUTO_REFUSED = ("cma", "nevergrad", "full-gradient")
+
+
 @dataclass
 class GlueConfig:
     """How the coefficients α are learned (the method and its optimiser)."""
@@ -170,10 +177,12 @@ class GlueConfig:
         metadata={"help": "simplex: SPSA on α with projection onto the simplex (used unless --combine); softmax: "
                   "SPSA on logits; box: each coefficient in --bounds, clipped (used with --combine)."},
     )
-    granularity: Literal["model", "block", "module", "tensor"] = field(
+    granularity: Literal["model", "block", "module", "tensor", "auto"] = field(
         default="model",
         metadata={"help": "One α per expert (model, the paper's), per transformer block (block), per module type "
-                  "(module: e.g. every layer's query together), or per tensor."},
+                  "(module: e.g. every layer's query together), or per tensor. auto (glue): half the steps at model "
+                  "granularity, then the rest per block (per module for LoRA adapters) from the best α so far; the "
+                  "answer, model-wide or per block, is the one with the lowest validation loss."},
     )
     combine: Optional[Literal["task-arithmetic", "ties", "dare", "dare-ties"]] = field(
         default=None,
@@ -225,6 +234,19 @@ class GlueConfig:
                   "eval split is never used); 0 (default): the search uses every train row and the candidates are "
                   "scored on them too (at most 256). Which serves better is measured in docs/results.md."},
     )
+    select: Literal["loss", "probe"] = field(
+        default="loss",
+        metadata={"help": "glue, cma, nevergrad: how the answer is chosen among the candidates. loss (default): the "
+                  "lowest validation loss; probe: for a start to fine-tune, the --probe-candidates with the lowest "
+                  "validation loss are each trained --probe-steps AdamW steps (at --probe-learning-rate) and the "
+                  "lowest validation loss after them wins (one process, experts held whole: --blend "
+                  "materialized, no --shard)."},
+    )
+    probe_steps: int = field(default=16, metadata={"help": "--select probe: training steps from each candidate."})
+    probe_candidates: int = field(default=3, metadata={"help": "--select probe: how many of the best candidates."})
+    probe_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "--select probe: AdamW learning rate (default: the fine-tuning --learning-rate)."}
+    )
     screen_batches: int = field(
         default=2,
         metadata={"help": "glue: an on/off switch kept under its old name (it counted train batches before the "
@@ -274,9 +296,18 @@ class GlueConfig:
             raise GlueError(f"--validation-fraction must be in [0, 1); got {self.validation_fraction}.")
         if not 0.0 < self.density <= 1.0:
             raise GlueError(f"--density must be in (0, 1]; got {self.density}.")
+        if self.granularity == "auto" and self.method in AUTO_REFUSED:
+            raise GlueError(f"--granularity auto is GLUE's coarse-to-fine search; method {self.method} needs a fixed "
+                            "granularity: pass --granularity model or block.")
         if self.parametrization == "box" and not self.combine:
             raise GlueError("--parametrization box is for task vectors (--combine ... with --base-model): without "
                             "them, coefficients outside the simplex would scale the experts' weights themselves.")
+
+    def engine_granularity(self, adapters: bool = False) -> str:
+        """The granularity the blending engine is built at: auto's finer level is block (module for adapters)."""
+        if self.granularity != "auto":
+            return self.granularity
+        return "module" if adapters else "block"
 
     @property
     def space(self) -> str:

@@ -116,6 +116,9 @@ def prepare(
     accelerator = accelerator or make_accelerator(experts_config.cpu)
     if glue_config.data_sizes is not None or glue_config.init == "data-size":
         check_data_sizes(glue_config, len(experts_config.experts))
+    if glue_config.select == "probe" and accelerator.num_processes > 1:
+        raise GlueError(f"--select probe trains candidates on one process; this run has {accelerator.num_processes}: "
+                        "run it as one process, or choose by --select loss.")
     for flag, size in (("--batch-size", glue_config.batch_size), ("--eval-batch-size", glue_config.eval_batch_size)):
         if size % accelerator.num_processes:
             raise GlueError(f"{flag} {size} must be divisible by the number of processes "
@@ -249,6 +252,9 @@ def excluded_strategies(experts: list[Expert], experts_config: ExpertsConfig, gl
         for name in memory.STRATEGIES[1:]:
             out[name] = "compare's --baselines, full-gradient and DARE masks redrawn per seed need the replicated " \
                         "engine"
+    if glue_config.select == "probe":
+        for name in memory.STRATEGIES[1:]:
+            out[name] = "--select probe trains each candidate from its whole blend"
     if finetune:
         out["sharded"] = "the blend is fine-tuned after the search on one device (fine-tune a sharded model with " \
                          "your own FSDP Trainer setup from the saved blend)"
@@ -290,7 +296,7 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
     # the search's template runs in float32 for half-precision experts (`engine.matrix.search_dtype`)
     template_dtype = search_dtype(model_dtype(experts[0], dtype))
     model = build_model(experts[0], task, template_dtype, experts_config.trust_remote_code, device)
-    granularity = glue_config.granularity
+    granularity = glue_config.engine_granularity()
     if strategy == "sharded":
         shard_model(model, device, accelerator.num_processes)
         return model, ShardedMatrix(experts, model, granularity, dtype, device, accelerator.process_index,
@@ -361,7 +367,8 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
         train = task.preprocess(target.train, processor, columns, data_config, model_config)
         held_out = task.preprocess(target.eval, processor, columns, data_config, model_config)
     search, validation = carve_validation(train, glue_config)
-    model, matrix = lora.load(base, adapters, task, model_config, experts_config, glue_config.granularity,
+    model, matrix = lora.load(base, adapters, task, model_config, experts_config,
+                              glue_config.engine_granularity(adapters=True),
                               accelerator.device)
     objective = Objective(matrix, model, task, accelerator)
     return Prepared(adapters, task, target, train, held_out, processor, matrix, model, objective, accelerator,
@@ -565,7 +572,37 @@ def run_method(prep: Prepared, config: GlueConfig, checkpoint: Optional[Checkpoi
         tracker=tracker,
         selection=selection,
     )
-    return method.run(ctx)
+    out = method.run(ctx)
+    if config.select == "probe" and selection is not None:
+        probe_answer(prep, config, selection, out)
+    return out
+
+
+def with_probe_rate(config: GlueConfig, finetune: FinetuneConfig) -> GlueConfig:
+    """--select probe trains at the fine-tuning --learning-rate unless --probe-learning-rate says otherwise."""
+    if config.select == "probe" and config.probe_learning_rate is None:
+        return replace(config, probe_learning_rate=finetune.learning_rate)
+    return config
+
+
+def probe_answer(prep: Prepared, config: GlueConfig, selection: Selection, out) -> None:
+    """--select probe: replace the answer by the probe's choice among the best candidates (`methods.probe`), and
+    count its passes and seconds in the method's cost."""
+    import itertools
+
+    from .methods.probe import probe
+
+    train = list(itertools.islice(batch_iterator(prep, config, prep.search), config.probe_steps))
+    learning_rate = config.probe_learning_rate or FinetuneConfig().learning_rate
+    chosen, record = probe(selection, prep.objective, train, lambda: validation_batches(prep, config),
+                           config.probe_candidates, learning_rate)
+    record["by_loss"] = out.details["selection"]["chosen"]
+    out.details["selection"].update(select="probe", chosen=chosen.name)
+    out.details["probe"] = record
+    out.alpha = chosen.alpha.clone()
+    out.forward_passes += record["forward_passes"]
+    out.backward_passes += record["backward_passes"]
+    out.seconds += record["seconds"]
 
 
 def search_checkpoint(prep: Prepared, config: GlueConfig, output_dir: str) -> Checkpoint:
@@ -583,6 +620,15 @@ def search_checkpoint(prep: Prepared, config: GlueConfig, output_dir: str) -> Ch
                       write=prep.accelerator.is_main_process)
 
 
+def answer_granularity(prep: Prepared, config: GlueConfig, alpha: torch.Tensor) -> str:
+    """The granularity a result reports: --granularity auto's answer is model-wide when every group has one α."""
+    if config.granularity != "auto":
+        return config.granularity
+    if bool((alpha == alpha[:1]).all()):
+        return "model"
+    return config.engine_granularity(adapters=prep.kind == "adapters")
+
+
 def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> MergeResult:
     """Evaluate a method's α on the held-out split and package everything as a `MergeResult`."""
     metrics = prep.objective.evaluate(out.alpha, eval_batches(prep, config))
@@ -594,16 +640,17 @@ def to_result(prep: Prepared, config: GlueConfig, out, command: str = "") -> Mer
     if getattr(prep.matrix, "task_vectors", None):
         out.details["task_vectors"] = prep.matrix.task_vectors  # what `hf-glue blend --from-result` re-applies
     matrix = prep.matrix
+    granularity = answer_granularity(prep, config, out.alpha)
     return MergeResult(
         method=config.method,
         method_info=method_info(config.method),
         task=prep.task.name,
-        granularity=config.granularity,
+        granularity=granularity,
         experts=[{"name": e.name, **e.repo.to_dict()} for e in prep.experts],
         dataset=prep.target.to_dict(),
         coefficients=matrix.summarize(out.alpha),
         alpha=out.alpha,
-        group_coefficients=matrix.by_group(out.alpha) if config.granularity != "model" else None,
+        group_coefficients=matrix.by_group(out.alpha) if granularity != "model" else None,
         history=out.history,
         eval=metrics,
         forward_passes=out.forward_passes,
@@ -743,6 +790,7 @@ def run_merge(
     finetune_config = finetune_config or FinetuneConfig()
     tracking_config = tracking_config or TrackingConfig()
     check_method(glue_config.method)  # unknown method or a missing optional package: fail before any work
+    glue_config = with_probe_rate(glue_config, finetune_config)
     if glue_config.method == "weights":
         from .methods.weights import check_weights
 

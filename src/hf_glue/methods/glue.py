@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -59,31 +60,44 @@ class Glue(MergeMethod):
         cfg, matrix, acc = ctx.config, ctx.matrix, ctx.accelerator
         processes = acc.num_processes if acc is not None else 1
         perturbation_parallel = cfg.parallel == "perturbation" and processes > 1
-        spsa = SPSA(
-            initial_alpha(cfg, matrix.num_groups, matrix.num_experts),
-            make_parametrization(cfg.space, cfg.bounds),
-            c=cfg.c,
-            gamma=cfg.perturbation_decay,
-            a=cfg.gain,
-            A=cfg.A,
-            seed=cfg.seed,
-            samples=cfg.spsa_samples,
-            # perturbation-parallel: process p evaluates samples p·q … p·q + q − 1 of every step
-            sample_offset=acc.process_index * cfg.spsa_samples if perturbation_parallel else 0,
-            average_from=cfg.steps - math.ceil(cfg.average_last * cfg.steps) if cfg.average_last > 0 else None,
-        )
+        phases = search_phases(cfg, matrix.num_groups)
+
+        def optimiser(phase: int, alpha0: torch.Tensor) -> SPSA:
+            steps = phases[phase].steps
+            return SPSA(
+                alpha0,
+                make_parametrization(cfg.space, cfg.bounds),
+                c=cfg.c,
+                gamma=cfg.perturbation_decay,
+                a=cfg.gain,
+                A=cfg.A,
+                seed=cfg.seed + PHASE_SEED * phase,  # the later phase draws its own perturbations
+                samples=cfg.spsa_samples,
+                # perturbation-parallel: process p evaluates samples p·q … p·q + q − 1 of every step
+                sample_offset=acc.process_index * cfg.spsa_samples if perturbation_parallel else 0,
+                average_from=steps - math.ceil(cfg.average_last * steps) if cfg.average_last > 0 else None,
+            )
+
         gather = None
         if perturbation_parallel:
             def gather(losses: torch.Tensor) -> torch.Tensor:
                 return acc.gather(losses.to(acc.device))  # [P·2q], in rank order
 
         batches = CountingIterator(ctx.batches)
+        phase = 0
 
         def loss_fn(alphas: torch.Tensor) -> torch.Tensor:
+            # a model-wide phase of --granularity auto searches one row, shared by every group of the engine;
             # data-parallel: the global batch's losses (summed over processes); perturbation-parallel: this
             # process's models on the shared batch, gathered by the optimiser
+            if alphas.shape[-2] != matrix.num_groups:
+                alphas = alphas.expand(-1, matrix.num_groups, -1).contiguous()
             return ctx.objective.losses(alphas, next(batches), reduce=not perturbation_parallel)
 
+        def full(alpha: torch.Tensor) -> torch.Tensor:
+            return alpha.expand(matrix.num_groups, -1).clone()
+
+        spsa = optimiser(0, initial_alpha(cfg, phases[0].groups, matrix.num_experts))
         ckpt = ctx.checkpoint
         history: list[dict] = []
         details: dict = {}
@@ -91,12 +105,15 @@ class Glue(MergeMethod):
         start, passes = time.perf_counter(), ctx.objective.forward_passes
         if ckpt is not None and cfg.resume:
             state = ckpt.load()
+            phase = state.get("phase", 0)
+            if phase > 0:
+                spsa = optimiser(phase, torch.zeros(phases[phase].groups, matrix.num_experts, dtype=torch.float64))
             spsa.load_state_dict(state["spsa"])
             history, details, prior = state["history"], state["details"], state["cost"]
             if ctx.selection is not None and state.get("selection"):
                 ctx.selection.load_state_dict(state["selection"])  # the starts' scores: not paid twice
             batches.skip(state["batches"])
-            details["resumed_at_step"] = spsa.t
+            details["resumed_at_step"] = sum(p.steps for p in phases[:phase]) + spsa.t
         else:
             # the gain is sized at --init, before the start moves: at a screened start near the optimum the gradient
             # is mostly noise and a gain sized there threw the search far from it. Softmax is sized where it starts
@@ -111,58 +128,87 @@ class Glue(MergeMethod):
                     at_start = True
             if cfg.screen_batches > 0 and ctx.selection is not None:  # the simple starts, on the validation rows
                 best = ctx.selection.best_start()
-                start_alpha, details["screening"] = best.alpha, {"on": "validation rows", "chosen": best.name}
+                start_alpha, details["screening"] = best.alpha[:phases[0].groups], \
+                    {"on": "validation rows", "chosen": best.name}
                 if cfg.space == "softmax":
                     # a one-hot start is a logit of log(0): softmax's gradient there is ~0 and the search would
                     # never leave it; keep a tenth of the mass spread evenly
                     start_alpha = 0.9 * start_alpha + 0.1 / matrix.num_experts
                 spsa.restart(start_alpha)
-                details["start"] = matrix.summarize(start_alpha)
+                details["start"] = matrix.summarize(full(start_alpha))
             if at_start:
                 details["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
+            if len(phases) > 1:
+                details["phases"] = [{"coefficients": "model-wide" if p.groups == 1 else "per group",
+                                      "groups": p.groups, "steps": p.steps} for p in phases]
 
         def save() -> None:
             if ckpt is not None:
                 cost = {"forward_passes": prior["forward_passes"] + ctx.objective.forward_passes - passes,
                         "seconds": prior["seconds"] + time.perf_counter() - start}
-                ckpt.save({"spsa": spsa.state_dict(), "history": history, "details": details,
+                ckpt.save({"spsa": spsa.state_dict(), "history": history, "details": details, "phase": phase,
                            "batches": batches.count, "cost": cost,
                            "selection": ctx.selection.state_dict() if ctx.selection is not None else None})
 
-        snapshots = snapshot_steps(cfg.steps)
-        iterates = details.setdefault("iterates", {})  # step → α, the search's candidates (kept across --resume)
-        bar = tqdm(range(spsa.t, cfg.steps), desc="GLUE (SPSA)", disable=not ctx.is_main_process,
-                   dynamic_ncols=True, initial=spsa.t, total=cfg.steps)
+        # name → α ([G, K] lists), the search's candidates, kept across --resume
+        proposed = details.setdefault("proposals", {})
         with stop_signals() as stop:
-            for _ in bar:
-                try:
-                    rec = spsa.step(loss_fn, gather=gather)
-                except NonFiniteLoss as err:
-                    raise GlueError(str(err)) from None
-                coefficients = matrix.summarize(rec.alpha)
-                history.append({"step": rec.step, "loss_plus": rec.loss_plus, "loss_minus": rec.loss_minus,
-                                "gain": rec.gain, "perturbation": rec.perturbation, "coefficients": coefficients,
-                                **({"rejected": True} if rec.rejected else {})})
-                ctx.log_step(history[-1])
-                if spsa.t in snapshots:
-                    iterates[str(spsa.t)] = rec.alpha.tolist()
-                bar.set_postfix_str(f"loss={(rec.loss_plus + rec.loss_minus) / 2:.4f} "
-                                    f"α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
-                signum = _agreed_signal(stop.signum, acc)
-                if signum is not None or (ckpt is not None and ckpt.due(spsa.t) and spsa.t < cfg.steps):
-                    save()
-                if signum is not None:
-                    bar.close()
-                    raise SearchInterrupted(spsa.t, cfg.steps, signum, ckpt.folder if ckpt is not None else None)
-        proposals = {f"search: step {t}": torch.tensor(a, dtype=torch.float64)
-                     for t, a in details.pop("iterates").items()}
-        proposals[f"search: last iterate (step {spsa.t})"] = spsa.alpha.clone()
-        if spsa.averaged_steps:
-            details["averaged_steps"] = spsa.averaged_steps  # the mean α of the last steps' iterates
-            proposals[f"search: mean of the last {spsa.averaged_steps} iterates"] = spsa.result.clone()
-        return MethodOutput(alpha=spsa.result.clone(), history=history, details=details,
-                            prior_forward_passes=prior["forward_passes"], prior_seconds=prior["seconds"],
-                            proposals=proposals)
+            while True:
+                label = phases[phase].label(len(phases))
+                done = sum(p.steps for p in phases[:phase])
+                snapshots = snapshot_steps(phases[phase].steps)
+                bar = tqdm(range(spsa.t, phases[phase].steps), desc=f"GLUE (SPSA{label})",
+                           disable=not ctx.is_main_process, dynamic_ncols=True, initial=spsa.t,
+                           total=phases[phase].steps)
+                for _ in bar:
+                    try:
+                        rec = spsa.step(loss_fn, gather=gather)
+                    except NonFiniteLoss as err:
+                        raise GlueError(str(err)) from None
+                    coefficients = matrix.summarize(full(rec.alpha))
+                    history.append({"step": done + rec.step, "loss_plus": rec.loss_plus,
+                                    "loss_minus": rec.loss_minus, "gain": rec.gain, "perturbation": rec.perturbation,
+                                    "coefficients": coefficients, **({"rejected": True} if rec.rejected else {}),
+                                    **({"phase": phase} if len(phases) > 1 else {})})
+                    ctx.log_step(history[-1])
+                    if spsa.t in snapshots:
+                        proposed[f"search{label}: step {done + spsa.t}"] = full(rec.alpha).tolist()
+                    bar.set_postfix_str(f"loss={(rec.loss_plus + rec.loss_minus) / 2:.4f} "
+                                        f"α=[{' '.join(f'{v:.2f}' for v in coefficients.values())}]")
+                    signum = _agreed_signal(stop.signum, acc)
+                    if signum is not None or (ckpt is not None and ckpt.due(done + spsa.t)
+                                              and done + spsa.t < cfg.steps):
+                        save()
+                    if signum is not None:
+                        bar.close()
+                        raise SearchInterrupted(done + spsa.t, cfg.steps, signum,
+                                                ckpt.folder if ckpt is not None else None)
+                proposed[f"search{label}: last iterate (step {done + spsa.t})"] = full(spsa.alpha).tolist()
+                if spsa.averaged_steps:
+                    details.setdefault("averaged_steps", []).append(spsa.averaged_steps)
+                    proposed[f"search{label}: mean of the last {spsa.averaged_steps} iterates"] = \
+                        full(spsa.result).tolist()
+                if phase + 1 == len(phases):
+                    break
+                # the next, finer phase starts from the best candidate so far (on the validation rows) with this
+                # phase's gain: per-group moves are then smaller than the model-wide ones, a refinement
+                gain = spsa.a
+                if ctx.selection is not None:
+                    best = ctx.selection.choose(_tensors(proposed))
+                    restart, details["phases"][phase + 1]["start"] = best.alpha, best.name
+                else:
+                    restart = full(spsa.result)
+                if cfg.space == "softmax":
+                    restart = 0.9 * restart + 0.1 / matrix.num_experts  # off a vertex, as the first start
+                phase, max_move = phase + 1, spsa.max_move
+                spsa = optimiser(phase, restart)
+                spsa.a, spsa.max_move = gain, max_move
+        proposals = _tensors(details.pop("proposals"))
+        if len(details.get("averaged_steps", [])) == 1:
+            details["averaged_steps"] = details["averaged_steps"][0]
+        return MethodOutput(alpha=spsa.result.clone().expand(matrix.num_groups, -1).clone(), history=history,
+                            details=details, prior_forward_passes=prior["forward_passes"],
+                            prior_seconds=prior["seconds"], proposals=proposals)
 
     @staticmethod
     def _calibrate(spsa: SPSA, loss_fn, cfg, gather) -> float:
@@ -170,6 +216,35 @@ class Glue(MergeMethod):
             return spsa.calibrate(loss_fn, cfg.first_move, cfg.calibration_samples, gather=gather)
         except NonFiniteLoss as err:
             raise GlueError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of the search: its coefficient rows (1: one α shared by every group) and its steps."""
+
+    groups: int
+    steps: int
+
+    def label(self, phases: int) -> str:
+        """How the phase's candidates are named when there are several phases."""
+        return "" if phases == 1 else (", model-wide" if self.groups == 1 else ", per group")
+
+
+#: added to --seed per phase, so a later phase draws other perturbations than the first
+PHASE_SEED = 7919
+
+
+def search_phases(cfg: GlueConfig, groups: int) -> list[Phase]:
+    """One phase at the engine's granularity; --granularity auto: half the steps model-wide, then the rest per
+    group (block, or module for adapters), started from the best candidate of the first half."""
+    if cfg.granularity != "auto" or groups == 1:
+        return [Phase(groups, cfg.steps)]
+    first = math.ceil(cfg.steps / 2)
+    return [Phase(1, first), Phase(groups, cfg.steps - first)] if cfg.steps > first else [Phase(1, first)]
+
+
+def _tensors(proposed: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(alpha, dtype=torch.float64) for name, alpha in proposed.items()}
 
 
 def _agreed_signal(signum, acc):

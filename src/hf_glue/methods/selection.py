@@ -65,7 +65,7 @@ class Selection:
         alpha = alpha.detach().double().cpu().reshape(self.layout.num_groups, self.layout.num_experts)
         for done in self.scored:
             if torch.equal(done.alpha, alpha):  # scored already: a repeated start is skipped, a search's recorded
-                return done if kind == "start" else self._add(name, alpha, done.loss, kind)
+                return done if kind == "start" or done.name == name else self._add(name, alpha, done.loss, kind)
         passes, start = self.objective.forward_passes, time.perf_counter()
         loss = float(self.objective.evaluate(alpha, self.batches()).get("loss", math.inf))
         self.forward_passes += self.objective.forward_passes - passes

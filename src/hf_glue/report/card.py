@@ -115,9 +115,23 @@ def _selection(details: dict) -> Optional[dict]:
     return {"rows": selection["validation_rows"], "seed": selection["split_seed"],
             "held_apart": selection.get("held_apart", True),
             "chosen": _code(selection["chosen"], True),
+            # --granularity auto: the model-wide phase, then the per-group one and where it started
+            "phases": details.get("phases"),
+            # --select probe: the best candidates trained a few steps, their validation loss after them
+            "probe": _probe(details.get("probe")),
             "candidates": [{"name": _code(c["name"], True), "chosen": c["name"] == selection["chosen"],
                             "loss": "–" if c["loss"] is None else f"{c['loss']:.4f}"}
                            for c in selection["candidates"]]}
+
+
+def _probe(probe: Optional[dict]) -> Optional[dict]:
+    if not probe:
+        return None
+    return {"steps": probe["steps"], "learning_rate": _fmt_number(probe["learning_rate"]),
+            "by_loss": _code(probe["by_loss"], True),
+            "rows": [{"name": _code(c["name"], True), "before": f"{c['loss_before']:.4f}",
+                      "after": "–" if c["loss_after"] is None else f"{c['loss_after']:.4f}"}
+                     for c in probe["candidates"]]}
 
 
 def _formula(lora: bool, combine: Optional[str], glue: dict) -> str:
