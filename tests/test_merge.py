@@ -141,8 +141,9 @@ def test_revision_pins_and_is_recorded(cls_experts):
 def test_select_probe_trains_the_best_candidates_and_keeps_the_best_after(cls_experts, tmp_path):
     """--select probe: the best-scored candidates are each trained a few AdamW steps on the same batches; the answer
     is the one with the lowest validation loss after them, and the passes are counted in the method's cost."""
-    config = GlueConfig(steps=10, select="probe", probe_steps=3, probe_candidates=2, probe_learning_rate=1e-3)
-    by_loss = merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=10))
+    config = GlueConfig(steps=10, validation_fraction=0.25, select="probe", probe_steps=3, probe_candidates=2,
+                        probe_learning_rate=1e-3)
+    by_loss = merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=10, validation_fraction=0.25))
     result = merge_experts(cls_experts["ids"], "org/target", config, output_dir=str(tmp_path / "out"))
     probe = result.details["probe"]
     assert probe["steps"] == 3 and probe["learning_rate"] == 1e-3 and len(probe["candidates"]) == 2
@@ -162,10 +163,19 @@ def test_select_probe_trains_the_best_candidates_and_keeps_the_best_after(cls_ex
     assert "| Candidate | Validation loss | After 3 steps |" in card
 
 
-def test_select_probe_refuses_a_sharded_or_streamed_search(cls_experts, tmp_path):
+@pytest.mark.parametrize("case, match", [
+    ({"blend": "on-the-fly"}, "trains each candidate from its whole blend"),
+    ({"method": "uniform"}, "--method uniform has none"),
+    ({"validation_fraction": 0.0}, "pass --validation-fraction"),
+])
+def test_select_probe_refuses_what_it_cannot_do_before_resolving_anything(case, match, cls_experts, monkeypatch):
+    from hf_glue import pipeline
     from hf_glue.config import ExpertsConfig
     from hf_glue.errors import GlueError
 
-    with pytest.raises(GlueError, match="--select probe trains each candidate from its whole blend"):
-        merge_experts(cls_experts["ids"], "org/target", GlueConfig(steps=2, select="probe"),
-                      experts_config=ExpertsConfig(experts=cls_experts["ids"], blend="on-the-fly"))
+    monkeypatch.setattr(pipeline, "resolve_repos", lambda *a, **k: pytest.fail("resolved the experts first"))
+    glue = {"steps": 2, "select": "probe", "validation_fraction": 0.25, **{k: v for k, v in case.items()
+                                                                             if k != "blend"}}
+    experts = ExpertsConfig(experts=cls_experts["ids"], **({"blend": case["blend"]} if "blend" in case else {}))
+    with pytest.raises(GlueError, match=match):
+        merge_experts(cls_experts["ids"], "org/target", GlueConfig(**glue), experts_config=experts)

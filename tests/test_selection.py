@@ -279,15 +279,21 @@ def test_auto_granularity_searches_model_wide_then_per_group():
     assert out.forward_passes == get_method("glue").forward_passes(config) + record["forward_passes"]
 
 
-def test_auto_granularity_keeps_a_model_wide_answer_when_blocks_add_nothing():
-    """Where every group wants the same blend and the validation rows are noisy, a per-group candidate must beat
-    the model-wide ones on those rows to be chosen: the answer is never worse there than the model-wide search's."""
-    bowl = _BlockBowl([[0.6, 0.4, 0.0], [0.6, 0.4, 0.0]], sigma=0.2, validation_noise=[0.05, -0.05, 0.02])
-    out = _run_blocks(bowl, GlueConfig(granularity="auto", steps=40, seed=1))
-    losses = [c["loss"] for c in out.details["selection"]["candidates"]]
-    chosen = next(c["loss"] for c in out.details["selection"]["candidates"]
-                  if c["name"] == out.details["selection"]["chosen"])
-    assert chosen == min(losses)
+def test_auto_granularity_saves_model_when_every_group_has_one_alpha():
+    """The granularity a result records: auto's answer is model-wide exactly when all its rows are equal."""
+    from types import SimpleNamespace
+
+    from hf_glue.pipeline import answer_granularity
+
+    full, adapters = SimpleNamespace(kind="full"), SimpleNamespace(kind="adapters")
+    same = torch.tensor([[0.2, 0.8], [0.2, 0.8], [0.2, 0.8]], dtype=torch.float64)
+    apart = same.clone()
+    apart[1] = torch.tensor([0.3, 0.7])
+    auto = GlueConfig(granularity="auto")
+    assert answer_granularity(full, auto, same) == "model"
+    assert answer_granularity(full, auto, apart) == "block"
+    assert answer_granularity(adapters, auto, apart) == "module"
+    assert answer_granularity(full, GlueConfig(granularity="block"), same) == "block"
 
 
 def test_auto_granularity_resumes_to_the_uninterrupted_answer(tmp_path):

@@ -106,7 +106,8 @@ RUNS = {
     "model": ["--granularity", "model"],
     "block": ["--granularity", "block"],
     "auto": ["--granularity", "auto"],
-    "probe": ["--granularity", "model", "--select", "probe"],
+    # the probe trains on the search rows: the candidates are scored after it on a quarter held apart
+    "probe": ["--granularity", "model", "--select", "probe", "--validation-fraction", "0.25"],
     "bf16": ["--granularity", "model", "--dtype", "bfloat16"],
 }
 DEFAULT_RUNS = ("model", "block")
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(--granularity auto), probe (--select probe), bf16 (the experts in bfloat16); default: "
                              "model block.")
     parser.add_argument("--results-dir", type=Path, default=None,
-                        help="Keep each compare.json here (RESULTS_DIR/<budget>/seed<S>/<granularity>/, small "
+                        help="Keep each compare.json here (RESULTS_DIR/<budget>/seed<S>/<run>/, small "
                              "files to commit, e.g. docs/results/<setup>) and the tables as RESULTS_DIR/<setup>.md; "
                              "with --report-only, read the compare outputs from here instead of WORKDIR/runs.")
     args = parser.parse_args(argv)

@@ -64,7 +64,7 @@ BOUNDS: dict[str, Bound] = {
     "spsa_samples": _COUNT,
     "screen_batches": Bound(0, MAX_STEPS),
     "probe_steps": Bound(1, MAX_STEPS),
-    "probe_candidates": _COUNT,
+    "probe_candidates": Bound(2),
     "probe_learning_rate": _POSITIVE,
     "average_last": Bound(0, 1),
     "proxy_batches": _COUNT,

@@ -116,9 +116,7 @@ def prepare(
     accelerator = accelerator or make_accelerator(experts_config.cpu)
     if glue_config.data_sizes is not None or glue_config.init == "data-size":
         check_data_sizes(glue_config, len(experts_config.experts))
-    if glue_config.select == "probe" and accelerator.num_processes > 1:
-        raise GlueError(f"--select probe trains candidates on one process; this run has {accelerator.num_processes}: "
-                        "run it as one process, or choose by --select loss.")
+    check_probe(experts_config, glue_config, accelerator.num_processes)
     for flag, size in (("--batch-size", glue_config.batch_size), ("--eval-batch-size", glue_config.eval_batch_size)):
         if size % accelerator.num_processes:
             raise GlueError(f"{flag} {size} must be divisible by the number of processes "
@@ -190,6 +188,25 @@ def prepare(
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config, base=base, kind="task-vectors" if base else "full", plan=plan,
                     validation=validation, search=search, validation_seed=glue_config.seed)
+
+
+def check_probe(experts_config: ExpertsConfig, glue_config: GlueConfig, processes: int) -> None:
+    """--select probe trains whole blends on one process, and scores them after on rows it did not train on:
+    refused otherwise before anything is resolved."""
+    if glue_config.select != "probe":
+        return
+    if not get_method(glue_config.method).selects:
+        raise GlueError(f"--select probe chooses among a search's candidates; --method {glue_config.method} has none "
+                        "(use glue, cma or nevergrad).")
+    if processes > 1:
+        raise GlueError(f"--select probe trains candidates on one process; this run has {processes}: run it as one "
+                        "process, or choose by --select loss.")
+    if experts_config.shard or experts_config.blend == "on-the-fly" or experts_config.offload != "none":
+        raise GlueError("--select probe trains each candidate from its whole blend: drop --shard, --offload and "
+                        "--blend on-the-fly, or choose by --select loss.")
+    if glue_config.validation_fraction == 0:
+        raise GlueError("--select probe trains on the search's rows, so it scores the candidates after training on "
+                        "rows held apart: pass --validation-fraction (e.g. 0.25).")
 
 
 def check_search_rows(rows: int, glue_config: GlueConfig, processes: int) -> None:
@@ -397,6 +414,9 @@ def memory_plans(experts: list[Expert], experts_config: ExpertsConfig, data_conf
     parallel_batch = glue_config.batch_size if glue_config.parallel == "perturbation" else \
         glue_config.batch_size // processes
     models = get_method(glue_config.method).models_per_step(glue_config)
+    probe = glue_config.select == "probe"
+    if probe:  # after the search the probe trains a blend: it, its gradient and AdamW's two moments, with backward
+        models = max(models, 3)
     plans = memory.plans(
         layout, len(experts), experts[0].config,
         # the blends a search holds at once: 2q for GLUE's step and the black-box generations, else one
@@ -404,7 +424,7 @@ def memory_plans(experts: list[Expert], experts_config: ExpertsConfig, data_conf
         batch_per_process=max(parallel_batch, glue_config.eval_batch_size // processes),
         sequence_length=data_config.max_length,
         processes=processes,
-        backward=glue_config.method == "full-gradient",
+        backward=glue_config.method == "full-gradient" or probe,
         perturbation=glue_config.parallel == "perturbation",
         widened=blends,  # full experts' blends are float32 for half precision; a PEFT base runs in its own dtype
     )
@@ -592,6 +612,7 @@ def probe_answer(prep: Prepared, config: GlueConfig, selection: Selection, out) 
 
     from .methods.probe import probe
 
+    prep.matrix.release()  # the search's product buffers: the probe holds a model, its gradient and AdamW's moments
     train = list(itertools.islice(batch_iterator(prep, config, prep.search), config.probe_steps))
     learning_rate = config.probe_learning_rate or FinetuneConfig().learning_rate
     chosen, record = probe(selection, prep.objective, train, lambda: validation_batches(prep, config),
@@ -603,6 +624,8 @@ def probe_answer(prep: Prepared, config: GlueConfig, selection: Selection, out) 
     out.forward_passes += record["forward_passes"]
     out.backward_passes += record["backward_passes"]
     out.seconds += record["seconds"]
+    peak = memory.peak_memory_bytes(prep.matrix.device)  # since the method started: the probe's training included
+    out.peak_memory_bytes = peak if out.peak_memory_bytes is None or peak is None else max(peak, out.peak_memory_bytes)
 
 
 def search_checkpoint(prep: Prepared, config: GlueConfig, output_dir: str) -> Checkpoint:

@@ -51,6 +51,13 @@ def print_summary(result, output_dir: Optional[str]) -> None:
     selection = result.details.get("selection")
     if selection:
         print(format_selection(selection))
+    probe = result.details.get("probe")
+    if probe:
+        print(f"Probe: each trained {probe['steps']} AdamW steps at {probe['learning_rate']:g} (validation loss "
+              "before → after; * kept):")
+        rows = [["*" if c["name"] == probe["chosen"] else "", f"{c['loss_before']:.4f}",
+                 "–" if c["loss_after"] is None else f"{c['loss_after']:.4f}", c["name"]] for c in probe["candidates"]]
+        print("\n".join(_table(["", "before", "after", "candidate"], rows)))
     stages = [("merged", result.eval_before or result.eval), ("fine-tuned", result.eval_after)]
     stages = [(stage, metrics) for stage, metrics in stages if metrics]
     if stages:
@@ -84,7 +91,8 @@ def format_metrics(stages: list[tuple[str, dict]]) -> str:
 def format_selection(selection: dict) -> str:
     """Every candidate's loss on the validation rows held apart from the search, the chosen one marked."""
     where = "held apart from the search" if selection.get("held_apart", True) else "the search also used"
-    lines = [f"Chosen on {selection['validation_rows']} train rows {where} (loss; * kept):"]
+    kept = "* kept after the probe below" if selection.get("select") == "probe" else "* kept"
+    lines = [f"Chosen on {selection['validation_rows']} train rows {where} (loss; {kept}):"]
     rows = [["*" if c["name"] == selection["chosen"] else "", "–" if c["loss"] is None else f"{c['loss']:.4f}",
              c["name"]] for c in selection["candidates"]]
     return "\n".join(lines + _table(["", "loss", "candidate"], rows))

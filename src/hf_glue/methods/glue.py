@@ -198,11 +198,11 @@ class Glue(MergeMethod):
                     restart, details["phases"][phase + 1]["start"] = best.alpha, best.name
                 else:
                     restart = full(spsa.result)
-                if cfg.space == "softmax":
+                if cfg.space == "softmax" and float(restart.min()) < 1e-3:
                     restart = 0.9 * restart + 0.1 / matrix.num_experts  # off a vertex, as the first start
-                phase, max_move = phase + 1, spsa.max_move
+                phase, carried = phase + 1, (spsa.max_move, spsa.shrink)
                 spsa = optimiser(phase, restart)
-                spsa.a, spsa.max_move = gain, max_move
+                spsa.a, (spsa.max_move, spsa.shrink) = gain, carried  # a rejected step's caution carries over
         proposals = _tensors(details.pop("proposals"))
         if len(details.get("averaged_steps", [])) == 1:
             details["averaged_steps"] = details["averaged_steps"][0]

@@ -20,8 +20,8 @@ from .selection import Candidate, Selection
 
 def probe(selection: Selection, objective, train_batches: list[dict], validation: Callable[[], Iterable[dict]],
           candidates: int, learning_rate: float) -> tuple[Candidate, dict]:
-    """Train the ``candidates`` best-scored candidates on ``train_batches`` (one AdamW step each, from θ(α), the
-    same batches for every candidate) and return the one with the lowest validation loss after them, with the
+    """Train the ``candidates`` best-scored candidates on ``train_batches`` (one AdamW step per batch, from θ(α),
+    the same batches for every candidate) and return the one with the lowest validation loss after them, with the
     record merge_result.json keeps (``details.probe``)."""
     start, passes = time.perf_counter(), objective.forward_passes
     ranked, seen = [], []

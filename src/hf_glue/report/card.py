@@ -116,7 +116,8 @@ def _selection(details: dict) -> Optional[dict]:
             "held_apart": selection.get("held_apart", True),
             "chosen": _code(selection["chosen"], True),
             # --granularity auto: the model-wide phase, then the per-group one and where it started
-            "phases": details.get("phases"),
+            "phases": [{**p, "start": _code(p["start"], True) if p.get("start") else None}
+                       for p in details["phases"]] if details.get("phases") else None,
             # --select probe: the best candidates trained a few steps, their validation loss after them
             "probe": _probe(details.get("probe")),
             "candidates": [{"name": _code(c["name"], True), "chosen": c["name"] == selection["chosen"],
