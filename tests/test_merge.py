@@ -103,7 +103,7 @@ def test_auto_granularity_saves_the_granularity_it_chose(cls_experts, tmp_path):
                            output_dir=str(tmp_path / "out"))
     saved = json.loads((tmp_path / "out" / "merge_result.json").read_text())
     phases = saved["details"]["phases"]
-    assert [p["steps"] for p in phases] == [10, 10] and phases[0]["groups"] == 1 and phases[1]["groups"] > 1
+    assert [p["steps"] for p in phases] == [10, 6] and phases[0]["groups"] == 1 and phases[1]["groups"] > 1
     per_block = bool((result.alpha != result.alpha[:1]).any())
     assert saved["granularity"] == ("block" if per_block else "model") == result.granularity
     assert ("group_coefficients" in saved) == per_block

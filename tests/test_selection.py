@@ -261,7 +261,10 @@ def test_auto_granularity_searches_model_wide_then_per_group():
     so far; where the groups want different blends the per-group answer wins on the validation rows."""
     from hf_glue.methods.glue import search_phases
 
+    # the second phase's gain calibration (4 probes) is paid from its steps: the forward passes of one search
     assert [(p.groups, p.steps) for p in search_phases(GlueConfig(granularity="auto", steps=101), 6)] == \
+        [(1, 51), (6, 46)]
+    assert [(p.groups, p.steps) for p in search_phases(GlueConfig(granularity="auto", steps=101, gain=0.1), 6)] == \
         [(1, 51), (6, 50)]
     assert [(p.groups, p.steps) for p in search_phases(GlueConfig(granularity="block"), 6)] == [(6, 100)]
     bowl = _BlockBowl([[0.8, 0.2, 0.0], [0.0, 0.2, 0.8]], sigma=0.0)
@@ -270,7 +273,8 @@ def test_auto_granularity_searches_model_wide_then_per_group():
     record = out.details["selection"]
     names = [c["name"] for c in record["candidates"]]
     assert any(", model-wide: step" in n for n in names) and any(", per group: step" in n for n in names)
-    assert [(p["groups"], p["steps"]) for p in out.details["phases"]] == [(1, 40), (2, 40)]
+    assert [(p["groups"], p["steps"]) for p in out.details["phases"]] == [(1, 40), (2, 36)]
+    assert out.details["phases"][1]["calibrated_gain"] > 0  # sized where the per-group phase starts
     assert out.details["phases"][1]["start"] in names  # the per-group phase starts at a scored candidate
     model_wide = min(c["loss"] for c in record["candidates"] if "per group" not in c["name"])
     assert record["chosen"].startswith("search, per group") and min(
@@ -309,7 +313,7 @@ def test_auto_granularity_resumes_to_the_uninterrupted_answer(tmp_path):
     class _Stopping(_BlockBowl):
         def losses(self, alphas, batch, reduce=True):
             self.calls = getattr(self, "calls", 0) + 1
-            if self.calls == 25:  # calibration (4 probes) + 15 model-wide steps + 6 per-group steps
+            if self.calls == 27:  # 4 calibration probes, 15 model-wide steps, 4 probes again, 4 per-group steps
                 os.kill(os.getpid(), signal.SIGINT)
             return super().losses(alphas, batch, reduce)
 

@@ -190,9 +190,10 @@ class Glue(MergeMethod):
                         full(spsa.result).tolist()
                 if phase + 1 == len(phases):
                     break
-                # the next, finer phase starts from the best candidate so far (on the validation rows) with this
-                # phase's gain: per-group moves are then smaller than the model-wide ones, a refinement
-                gain = spsa.a
+                # the next, finer phase starts from the best candidate so far (on the validation rows), with a gain
+                # sized there as --granularity block sizes its own at --init: per-group gradient estimates are
+                # smaller than the model-wide ones (each group's share of the loss change), and the model-wide gain
+                # would move each group about 1/√G as far
                 if ctx.selection is not None:
                     best = ctx.selection.choose(_tensors(proposed))
                     restart, details["phases"][phase + 1]["start"] = best.alpha, best.name
@@ -200,9 +201,11 @@ class Glue(MergeMethod):
                     restart = full(spsa.result)
                 if cfg.space == "softmax" and float(restart.min()) < 1e-3:
                     restart = 0.9 * restart + 0.1 / matrix.num_experts  # off a vertex, as the first start
-                phase, carried = phase + 1, (spsa.max_move, spsa.shrink)
+                phase, shrink = phase + 1, spsa.shrink
                 spsa = optimiser(phase, restart)
-                spsa.a, (spsa.max_move, spsa.shrink) = gain, carried  # a rejected step's caution carries over
+                spsa.shrink = shrink  # a rejected step's caution carries over
+                if spsa.a is None:
+                    details["phases"][phase]["calibrated_gain"] = self._calibrate(spsa, loss_fn, cfg, gather)
         proposals = _tensors(details.pop("proposals"))
         if len(details.get("averaged_steps", [])) == 1:
             details["averaged_steps"] = details["averaged_steps"][0]
@@ -236,11 +239,13 @@ PHASE_SEED = 7919
 
 def search_phases(cfg: GlueConfig, groups: int) -> list[Phase]:
     """One phase at the engine's granularity; --granularity auto: half the steps model-wide, then the rest per
-    group (block, or module for adapters), started from the best candidate of the first half."""
+    group (block, or module for adapters), started from the best candidate of the first half; the second phase's
+    gain calibration (--gain unset) is paid from its steps, so the forward passes are those of one search."""
     if cfg.granularity != "auto" or groups == 1:
         return [Phase(groups, cfg.steps)]
     first = math.ceil(cfg.steps / 2)
-    return [Phase(1, first), Phase(groups, cfg.steps - first)] if cfg.steps > first else [Phase(1, first)]
+    second = cfg.steps - first - (cfg.calibration_samples if cfg.gain is None else 0)
+    return [Phase(1, first), Phase(groups, second)] if second > 0 else [Phase(1, cfg.steps)]
 
 
 def _tensors(proposed: dict) -> dict[str, torch.Tensor]:
