@@ -239,8 +239,8 @@ class GlueConfig:
         metadata={"help": "glue, cma, nevergrad: how the answer is chosen among the candidates. loss (default): the "
                   "lowest validation loss; probe: for a start to fine-tune, the --probe-candidates with the lowest "
                   "validation loss are each trained --probe-steps AdamW steps (at --probe-learning-rate) and the "
-                  "lowest validation loss after them wins (one process, experts held whole: --blend "
-                  "materialized, no --shard)."},
+                  "lowest validation loss after them wins (needs --validation-fraction > 0; one process, experts "
+                  "held whole: no --shard, --offload or --blend on-the-fly)."},
     )
     probe_steps: int = field(default=16, metadata={"help": "--select probe: training steps from each candidate."})
     probe_candidates: int = field(default=3, metadata={"help": "--select probe: how many of the best candidates."})
