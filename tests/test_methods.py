@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -143,6 +145,19 @@ def test_image_classification_merges_end_to_end(image_experts, arch, tmp_path):
         torch.testing.assert_close(tensor, merged_sd[name])
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card
+
+
+def test_a_bfloat16_image_blend_fine_tunes(image_experts):
+    """--dtype bfloat16 with fine-tuning on a vision model: the collator's float32 pixels are cast to the model's
+    dtype (a bfloat16 convolution refuses float32 inputs), for training and for the held-out metrics."""
+    from hf_glue.config import ExpertsConfig
+
+    ids = image_experts["resnet"]
+    result = merge_experts(ids, image_experts["dataset"], GlueConfig(steps=2),
+                           experts_config=ExpertsConfig(experts=ids, dtype="bfloat16"),
+                           finetune_config=FinetuneConfig(finetune_epochs=1))
+    assert next(result.model.parameters()).dtype == torch.bfloat16
+    assert result.eval_after["accuracy"] >= 0 and math.isfinite(result.eval_after["loss"])
 
 
 def test_compare_with_finetuning_reports_both_stages(cls_experts, tmp_path):

@@ -78,7 +78,7 @@ def finetune(
             args=TrainingArguments(**values),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=task.trainer_collator(processor),
+            data_collator=in_model_dtype(task.trainer_collator(processor), model),
             compute_metrics=task.compute_metrics(model_config, processor),
             preprocess_logits_for_metrics=task.preprocess_logits_for_metrics(),
             callbacks=callbacks,
@@ -109,11 +109,25 @@ def task_metrics(model, task: Task, dataset, processor, batch_size: int) -> dict
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
-    for batch in make_loader(dataset, batch_size, task.collator(processor), shuffle=False):
+    for batch in make_loader(dataset, batch_size, in_model_dtype(task.collator(processor), model), shuffle=False):
         batch = to_device(batch, device)
         for key, value in task.batch_stats(model(**task.model_inputs(batch)), batch).items():
             sums[key] = sums.get(key, 0.0) + float(value)
     return {k: float(v) for k, v in task.finalize(sums).items()}
+
+
+def in_model_dtype(collate, model):
+    """``collate`` with its floating inputs (pixel values, audio samples) cast to a half-precision model's dtype:
+    a bfloat16 vision or speech model refuses float32 inputs (labels keep their dtype)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return collate
+
+    def cast(rows):
+        batch = collate(rows)
+        return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "labels" else v
+                for k, v in batch.items()}
+    return cast
 
 
 def _clean(metrics: dict, task: Task) -> dict[str, float]:
