@@ -333,3 +333,16 @@ def test_auto_granularity_is_refused_for_the_other_searches(method):
 
     with pytest.raises(GlueError, match="--granularity auto is GLUE's"):
         GlueConfig(method=method, granularity="auto")
+
+
+def test_compare_refuses_auto_for_the_other_searches_before_loading(cls_experts, tmp_path, monkeypatch, capsys):
+    """compare's default methods include cma and full-gradient: --granularity auto names the method to leave out."""
+    from hf_glue import pipeline
+    from hf_glue.commands import main
+
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("loaded before refusing"))
+    code = main(["compare", "--experts", *cls_experts["ids"], "--dataset", "org/target", "--granularity", "auto",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--granularity auto is GLUE's" in err and "out of --methods" in err, err

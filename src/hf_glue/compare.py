@@ -25,7 +25,10 @@ DEFAULT_METHODS = CompareConfig().methods
 def _methods(glue: GlueConfig, compare: CompareConfig) -> list[str]:
     for name in compare.methods:
         check_method(name)  # unknown, or an optional package missing: before anything is loaded
-        replace(glue, method=name)  # a method the other options refuse (e.g. cma with --granularity auto)
+        try:
+            replace(glue, method=name)  # a method the other options refuse (e.g. cma with --granularity auto)
+        except GlueError as err:
+            raise GlueError(f"{err} Or leave {name} out of --methods.") from None
     methods = list(dict.fromkeys(compare.methods))
     if "data-size" in methods and not glue.data_sizes:
         if compare.methods != DEFAULT_METHODS:
