@@ -26,7 +26,7 @@ class Objective:
         self.forward_passes = 0
         #: blended buffers (e.g. batch-norm running statistics) enter the model as constants: no gradient flows
         #: through them, and batch norm refuses running statistics that require one
-        self._buffers = {name for name, _ in model.named_buffers()}
+        self.buffer_names = {name for name, _ in model.named_buffers()}
         #: the engine's forward passes are collective (sharded): every process runs each one
         self.lockstep = getattr(matrix, "lockstep", False)
 
@@ -45,7 +45,7 @@ class Objective:
     def params_stats(self, params: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         """Local batch sums of the template model run with ``params`` (one forward pass)."""
         if torch.is_grad_enabled():
-            params = {k: v.detach() if k in self._buffers else v for k, v in params.items()}
+            params = {k: v.detach() if k in self.buffer_names else v for k, v in params.items()}
         if params:
             outputs = functional_call(self.model, params, args=(), kwargs=self.task.model_inputs(batch),
                                       tie_weights=True, strict=False)

@@ -67,8 +67,7 @@ def trainable_params(objective, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         blended = next(iter(matrix.models(alpha)))
         params = {k: v.detach().clone() for k, v in blended.items()}
-    buffers = {name for name, _ in objective.model.named_buffers()}
     for name, tensor in params.items():
-        if tensor.is_floating_point() and name not in buffers:
+        if tensor.is_floating_point() and name not in objective.buffer_names:
             tensor.requires_grad_(True)
     return params
