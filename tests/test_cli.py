@@ -27,6 +27,33 @@ def test_help_lists_commands_and_explains_options(capsys):
     assert "SPSA" in text and "simplex" in text
 
 
+def test_help_reads_like_transformers(capsys):
+    """Flags show as flags (``--cpu``, not ``--cpu [CPU]``) and the options a command needs without brackets."""
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    usage = capsys.readouterr().out.split("\n\n", 1)[0]
+    assert "[--cpu]" in usage and "[--resume]" in usage and "[--allow-pickle]" in usage and "[CPU]" not in usage
+    for needed in ("--experts EXPERTS", "--dataset DATASET", "--output-dir OUTPUT_DIR"):
+        assert needed in usage and f"[{needed}" not in usage, needed
+    assert main(["merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target", "--cpu", "false",
+                 "--output-dir", "/nonexistent/x", "--steps", "0"]) == 1  # a flag still takes a value
+    assert "--steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["merge", "--help"], ["compare", "--help"], ["merge", "--steps", "-5"],
+                                  ["estimate", "--experts", "a", "b", "--nonsense"]])
+def test_help_and_argument_errors_come_before_torch_and_transformers(argv):
+    """Help and a bad argument are answered without importing torch or transformers (seconds of start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hf_glue.commands import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_yaml_config_sets_defaults_and_flags_win(cls_experts, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(

@@ -142,3 +142,24 @@ def test_row_numbers_name_the_loaded_split_after_a_carve_out():
     assert [source_row(held_out, i) for i in range(len(held_out))] == held_out["x"] != sorted(held_out["x"])
     picked = rows.select([7, 3])
     assert [source_row(picked, 0), source_row(picked, 1), source_row(rows, 5)] == [7, 3, 5]
+
+
+@pytest.mark.parametrize("spec", ["data/target.csv", "target.jsonl", "./experts/a", "runs/2026/expert", "~/x"])
+def test_missing_local_path_is_no_such_file_not_a_hub_id(spec, tmp_path, monkeypatch):
+    """A path that does not exist is reported as a missing file, naming it, not as a Hub id missing from the cache
+    with `hf download` advice."""
+    from hf_glue import DataConfig
+    from hf_glue.errors import GlueError
+    from hf_glue.tasks.data import load_target
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GlueError, match="no such file or folder") as err:
+        load_target(DataConfig(dataset=spec))
+    assert repr(spec) in str(err.value) and "hf download" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["org/name", "gpt2", "org/name@refs/pr/1", "org/model.v2", "org/name@main"])
+def test_hub_ids_are_not_taken_for_paths(spec):
+    from hf_glue.io.hub import looks_like_path
+
+    assert not looks_like_path(spec)

@@ -16,7 +16,7 @@ from conftest import TEST_ENV
 RUN = Path(__file__).resolve().parents[1] / "scripts" / "experiments" / "run.py"
 
 
-@pytest.mark.parametrize("setup", ["text", "images", "label-skew", "speech"])
+@pytest.mark.parametrize("setup", ["text", "images", "label-skew", "speech", "hospitals", "speech-mix", "lm"])
 def test_quick_experiment_runs_end_to_end(setup, tmp_path):
     env = {**os.environ, **TEST_ENV}
     env.pop("HF_HUB_CACHE")  # run.py points the hub cache at its own work folder
@@ -27,7 +27,10 @@ def test_quick_experiment_runs_end_to_end(setup, tmp_path):
     assert {"base model", "best single expert", "uniform", "GLUE (model)"} <= set(summary)
     glue = summary["GLUE (model)"]
     assert glue["forward_passes"] > 0 and len(glue["merged"]) == len(glue["finetuned"]) == 1
-    assert all(0.0 <= v <= 1.0 for v in glue["merged"] + glue["finetuned"])
+    if setup == "lm":  # perplexity
+        assert all(v >= 1.0 for v in glue["merged"] + glue["finetuned"])
+    else:  # accuracy
+        assert all(0.0 <= v <= 1.0 for v in glue["merged"] + glue["finetuned"])
     assert abs(sum(glue["coefficients"][0].values()) - 1.0) < 1e-6
     table = (tmp_path / "report" / f"{setup}.md").read_text()
     assert "| GLUE (model) |" in table and f"run.py {setup} --quick" in table
@@ -55,19 +58,27 @@ def test_report_only_regenerates_the_tables_from_kept_results(tmp_path):
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-@pytest.mark.parametrize("setup", sorted(p.parent.name for p in RESULTS.glob("*/*.md") if p.stem == p.parent.name))
-def test_committed_results_regenerate_their_tables(setup, tmp_path):
-    """docs/results/<setup>/ holds the raw compare.json of every run behind its table: --report-only rebuilds the
+def _committed_tables() -> list[str]:
+    """docs/results/<setup>/<setup>.md and the task-vector tables <setup>/<setup>-combine*.md beside them."""
+    return sorted(p.relative_to(RESULTS).as_posix() for p in RESULTS.glob("*/*.md")
+                  if p.stem == p.parent.name or p.stem.startswith(p.parent.name + "-combine"))
+
+
+@pytest.mark.parametrize("table", _committed_tables())
+def test_committed_results_regenerate_their_tables(table, tmp_path):
+    """docs/results/<setup>/ holds the raw compare.json of every run behind its tables: --report-only rebuilds each
     committed table from them, to the character."""
     import shutil
 
+    setup = table.split("/")[0]
     kept = tmp_path / setup
     shutil.copytree(RESULTS / setup, kept)
     env = {**os.environ, **TEST_ENV}
     env.pop("HF_HUB_CACHE")
-    table = (RESULTS / setup / f"{setup}.md").read_text()
-    command = table.split("Command: `python scripts/experiments/run.py ", 1)[1].split("`", 1)[0].split()
+    text = (RESULTS / table).read_text()
+    command = text.split("Command: `python scripts/experiments/run.py ", 1)[1].split("`", 1)[0].split()
+    (kept / table.split("/")[1]).unlink()  # written again, or the test fails
     proc = subprocess.run([sys.executable, str(RUN), *command, "--report-only", "--results-dir", str(kept),
                            "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (kept / f"{setup}.md").read_text() == (RESULTS / setup / f"{setup}.md").read_text()
+    assert (kept / table.split("/")[1]).read_text() == text

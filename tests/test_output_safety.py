@@ -302,3 +302,22 @@ def test_diverging_finetune_ends_in_one_line(cls_experts, tmp_path, capsys):
     assert "tensor '" in line and "--learning-rate" in line
     assert not out.exists()
     _no_leftovers(tmp_path)
+
+
+def test_two_runs_finishing_together_never_lose_an_output(tmp_path):
+    """Two writers that both found --output-dir free: the one that renames second fails, naming where its own
+    complete output went, and the first one's output is untouched (it was moved aside and deleted before)."""
+    from hf_glue.errors import GlueError
+    from hf_glue.io.output import atomic_dir
+
+    final = tmp_path / "out" / "C"
+    with pytest.raises(GlueError, match="written by another run") as err:
+        with atomic_dir(final) as mine:
+            (mine / "merge_result.json").write_text(json.dumps({"run": "second"}))
+            # the other run checked the folder before we wrote, and finished while we ran
+            with atomic_dir(final) as other:
+                (other / "merge_result.json").write_text(json.dumps({"run": "first"}))
+    assert json.loads((final / "merge_result.json").read_text())["run"] == "first"
+    kept = final.with_name("C-2")
+    assert str(kept) in str(err.value) and json.loads((kept / "merge_result.json").read_text())["run"] == "second"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["C", "C-2"]  # no partial left

@@ -358,10 +358,13 @@ def _kind(rows: Rows) -> str:
 
 def to_dataset(rows: Rows, label_names: Optional[list[str]] = None):
     """Rows -> datasets.Dataset with Image() / float arrays (audio at 16 kHz) / Value("string") and ClassLabel
-    features, for the glue tool's loaders."""
+    features, for the glue tool's loaders; rows without a label (language modelling) give a text column alone."""
     import datasets
 
     kind = _kind(rows)
+    if "label" not in rows[0]:
+        return datasets.Dataset.from_dict({kind: [r[kind] for r in rows]},
+                                          features=datasets.Features({kind: datasets.Value("string")}))
     if label_names is None:
         label_names = {"image": [str(i) for i in range(10)], "audio": DIGIT_WORDS}.get(kind, ["negative", "positive"])
     column = {"image": datasets.Image(), "audio": datasets.List(datasets.Value("float32")),
@@ -437,3 +440,60 @@ if __name__ == "__main__":
             print(f"load_dataset({sub}):", {k: len(v) for k, v in dd.items()}, dict(dd["train"].features))
             assert set(dd) == {"train", "test"} and isinstance(dd["train"].features["label"], datasets.ClassLabel)
     print("self-check ok")
+
+
+# --- causal LM: text that ships with Python itself and with every Debian system -------------------------------
+
+#: characters per language-modelling row (about 130-200 tokens of the setup's BPE; rows are cut to 128 tokens)
+LM_CHUNK = 512
+
+
+def _chunks(texts: Sequence[str], size: int = LM_CHUNK) -> list[str]:
+    """Consecutive ``size``-character pieces of each text (the last, shorter piece of a text dropped)."""
+    return [t[i:i + size] for t in texts for i in range(0, len(t) - size + 1, size)]
+
+
+def python_documentation() -> list[str]:
+    """English prose about Python that ships with the interpreter: the language reference topics behind `help()`
+    (pydoc_data) and IDLE's help and README (the LM setup's pretraining text)."""
+    import sysconfig
+
+    from pydoc_data import topics
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [topics.topics[k] for k in sorted(topics.topics)]
+    for name in ("idlelib/help.html", "idlelib/README.txt", "idlelib/NEWS.txt"):
+        raw = (stdlib / name).read_text(encoding="utf-8", errors="replace")
+        texts.append(html.unescape(re.sub(r"<[^>]+>", "", raw)) if name.endswith(".html") else raw)
+    return _chunks(texts)
+
+
+def lm_domains() -> dict[str, list[str]]:
+    """The LM setup's three domains, as rows of LM_CHUNK characters in a fixed order: Python source of the
+    standard library's top-level modules, the C headers Python installs, and Debian's common licence texts
+    (/usr/share/common-licenses: every Debian system has them; symlinks skipped)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    python = sorted(Path(paths["stdlib"]).glob("*.py"))
+    headers = sorted(Path(paths["include"]).rglob("*.h"))
+    licences = sorted(p for p in Path("/usr/share/common-licenses").iterdir() if p.is_file() and not p.is_symlink())
+    if not licences:
+        raise SystemExit("the lm setup reads Debian's licence texts from /usr/share/common-licenses (base-files)")
+    read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731
+    return {"python": _chunks(read(python)), "c": _chunks(read(headers)), "licences": _chunks(read(licences))}
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on ``texts``, saved as a transformers fast tokenizer (end-of-text doubles
+    as padding, as GPT-2's does)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>", model_max_length=1024)
+    tokenizer.save_pretrained(folder)

@@ -47,9 +47,10 @@ COMBINE_METHODS = ["task-arithmetic", "ties", "dare", "dare-ties"]
 COMBINE_DEFAULT_METHODS = ["glue", "uniform", "cma"]
 
 
-def combine_runs(workdir: Path, combine: str, density: float) -> Path:
-    """Where the compare outputs of one --combine setting go (the density is named when it is not the default)."""
-    return workdir / (f"runs-combine-{combine}" + ("" if density == 0.5 else f"-d{density:g}"))
+def combine_runs(workdir: Path, combine: str, density: float, kept: bool = False) -> Path:
+    """Where the compare outputs of one --combine setting go (the density is named when it is not the default);
+    ``kept``: the copies under --results-dir (``combine-<method>``, beside the simplex runs' budget folders)."""
+    return workdir / (("combine-" if kept else "runs-combine-") + combine + ("" if density == 0.5 else f"-d{density:g}"))
 
 
 def hub_env(workdir: Path) -> dict:
@@ -71,8 +72,8 @@ def build(setup: Setup, workdir: Path, quick: bool) -> dict:
         setup.make_base(base)
     publish_to_cache(base, ids["base"], workdir / "hub")
     for (name, rows), repo_id in zip(setup.experts.items(), ids["experts"]):
-        folder = models / name
-        if not (folder / "config.json").is_file():
+        folder = models / (f"lora-{name}" if setup.lora else name)
+        if not (folder / ("adapter_config.json" if setup.lora else "config.json")).is_file():
             from transformers import AutoConfig
             from hf_glue.tasks import detect_task
 
@@ -80,11 +81,21 @@ def build(setup: Setup, workdir: Path, quick: bool) -> dict:
             task = detect_task(AutoConfig.from_pretrained(base).to_dict(), None)
             model = task.model_class().from_pretrained(base)
             processor = task.load_processor(base)
-            train_model(model, processor, rows, epochs=setup.expert_epochs, lr=setup.expert_lr,
+            if setup.lora:
+                import torch
+                from peft import LoraConfig, get_peft_model
+
+                torch.manual_seed(0)
+                model = get_peft_model(model, LoraConfig(**setup.lora))
+            train_model(model, processor, rows, epochs=setup.epochs_for(len(rows)), lr=setup.expert_lr,
                         batch_size=setup.batch_size, seed=0, max_length=setup.max_length)
             tmp = folder.with_name(folder.name + ".tmp")
             model.save_pretrained(tmp)
             copy_processor(base, tmp)
+            if setup.lora:  # the adapter names its base by the repo id it is published as
+                config = json.loads((tmp / "adapter_config.json").read_text())
+                (tmp / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": ids["base"]},
+                                                                    indent=2))
             tmp.rename(folder)
             print(f"[{setup.name}] expert {name}: {len(rows)} rows, {time.perf_counter() - start:.0f} s", flush=True)
         publish_to_cache(folder, repo_id, workdir / "hub")
@@ -146,7 +157,8 @@ def compare(setup: Setup, ids: dict, dataset: str, budget: Budget, seed: int, ou
         # --seed too: compare draws the DARE mask once, from --seed, for all its --seeds; so each seed its own mask
         args += ["--base-model", ids["base"], "--combine", combine, "--density", f"{density:g}", "--seed", str(seed)]
     elif run == "model":
-        args += ["--baselines", ids["base"]]
+        if not setup.lora:  # adapters: the base alone is not a start `compare` takes beside them
+            args += ["--baselines", ids["base"]]
     else:
         args += ["--no-include-experts"]
     if budget.eval_steps and epochs:
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         setup.budgets = [b for b in setup.budgets if b.name in args.budgets]
     if args.combine:
         return main_combine(args, setup, seeds, workdir)
-    methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
+    methods = args.methods or (QUICK_METHODS if args.quick else setup.methods or METHODS)
     outputs = []
     if args.report_only:
         runs_dir = args.results_dir or workdir / "runs"
@@ -260,13 +272,16 @@ def main_combine(args, setup: Setup, seeds: list[int], workdir: Path) -> int:
     """--combine: one model-granularity compare per method, budget and seed, then the task-vector table."""
     methods = args.methods or COMBINE_DEFAULT_METHODS
     outputs = []
+    # where the outputs are read from with --report-only (and kept with --results-dir): RESULTS_DIR/combine-<method>/
+    kept = args.results_dir or workdir
     if args.report_only:
         outputs = [(combine, budget, seed, folder) for combine in args.combine for budget in setup.budgets
                    for seed in seeds
-                   for folder in [combine_runs(workdir, combine, args.density) / budget.name / f"seed{seed}" / "model"]
+                   for folder in [combine_runs(kept, combine, args.density, args.results_dir is not None)
+                                  / budget.name / f"seed{seed}" / "model"]
                    if (folder / "compare.json").is_file()]
         if not outputs:
-            raise SystemExit(f"no --combine compare outputs under {workdir} for seeds {seeds}.")
+            raise SystemExit(f"no --combine compare outputs under {kept} for seeds {seeds}.")
     else:
         ids = build(setup, workdir, args.quick)
         for combine in args.combine:
@@ -277,8 +292,13 @@ def main_combine(args, setup: Setup, seeds: list[int], workdir: Path) -> int:
                     outputs.append((combine, budget, seed, compare(setup, ids, dataset, budget, seed, out, workdir,
                                                                    methods, "model", args.quick, combine=combine,
                                                                    density=args.density)))
+    if args.results_dir and not args.report_only:
+        outputs = [(combine, budget, seed,
+                    keep(folder, combine_runs(args.results_dir, combine, args.density, True) / budget.name
+                         / f"seed{seed}" / "model")) for combine, budget, seed, folder in outputs]
+    runs_dir = args.results_dir or workdir / "runs"
     references = [(budget, seed, folder) for budget in setup.budgets for seed in seeds
-                  for folder in [workdir / "runs" / budget.name / f"seed{seed}" / "model"]
+                  for folder in [runs_dir / budget.name / f"seed{seed}" / "model"]
                   if (folder / "compare.json").is_file()]
     command = " ".join(["python scripts/experiments/run.py", args.setup] + (["--quick"] if args.quick else [])
                        + ["--seeds", *map(str, seeds), "--combine", *args.combine]
@@ -287,6 +307,9 @@ def main_combine(args, setup: Setup, seeds: list[int], workdir: Path) -> int:
                        + (["--methods", *args.methods] if args.methods else []))
     text = report.write_combine(setup, outputs, references, workdir / "report-combine", command=command,
                                 density=args.density)
+    if args.results_dir:
+        suffix = "" if args.density == 0.5 else f"-d{args.density:g}"
+        (args.results_dir / f"{setup.name}-combine{suffix}.md").write_text(text + "\n")
     print(text)
     return 0
 

@@ -17,7 +17,8 @@ import importlib
 from types import ModuleType
 
 #: the subcommands; each is a module with HELP, DESCRIPTION, CONFIGS, run(args, parser) and optionally
-#: add_arguments(parser), imported when the parser is built (``--version`` needs none of them, nor transformers)
+#: add_arguments(parser) and NEEDED (the options it cannot run without), imported when the parser is built
+#: (``--version`` needs none of them; none imports torch or transformers before its arguments are parsed)
 COMMANDS = ("merge", "compare", "blend", "estimate", "push", "card")
 
 
@@ -41,7 +42,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parsers = {}
     for name in COMMANDS:
         module = command(name)
-        parsers[name] = add_command_parser(subparsers, name, module.HELP, module.DESCRIPTION, module.CONFIGS)
+        parsers[name] = add_command_parser(subparsers, name, module.HELP, module.DESCRIPTION, module.CONFIGS,
+                                           getattr(module, "NEEDED", ()))
         if hasattr(module, "add_arguments"):
             module.add_arguments(parsers[name])
     return parser, parsers
@@ -55,9 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"hf-glue {version('hf-glue')}")
         return 0
     from ..config import hub_environment
-    from ..errors import GlueError
+    from ..errors import GlueError, SearchInterrupted
     from ..io import hub
-    from ..io.checkpoint import SearchInterrupted
 
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         guess = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
@@ -97,6 +98,8 @@ def close_process_group(synchronize: bool = False) -> None:
     to exit handlers, gloo's threads can abort the process after its work is done. ``synchronize`` (every process
     finished the command): meet first, so that no process tears its connections down while another still uses
     them (a process aborted that way under load, once, after its work was done)."""
+    if "torch.distributed" not in sys.modules:  # never started (and --help never imports torch)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

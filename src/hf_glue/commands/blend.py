@@ -16,12 +16,14 @@ DESCRIPTION = (
     "--output-dir blended --dtype bfloat16"
 )
 CONFIGS = (ExpertsConfig, BlendConfig, OutputConfig)
+#: shown without brackets in the usage (a --config file may give them instead)
+NEEDED = ("output_dir",)
 
 
 def run(args: list[str], parser) -> int:
+    experts, blend, output, _ = build_configs(parser, CONFIGS, args)  # before the heavy imports: --help at once
     from ..blend_files import run_blend
 
-    experts, blend, output, _ = build_configs(parser, CONFIGS, args)
     folder = run_blend(experts, blend, output, command=hub_environment() + shlex.join(["hf-glue", "blend", *args]))
     form = " (one LoRA adapter)" if output.save_as == "adapter" else ""
     print(f"Wrote the blend{form} to {folder}")

@@ -23,9 +23,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args: list[str], parser) -> int:
+    (extra,) = build_configs(parser, CONFIGS, args)  # before the heavy imports: --help at once
     from ..report.result import RESULT_FILE, write_card
 
-    (extra,) = build_configs(parser, CONFIGS, args)
     folder = Path(extra.folder)
     if not (folder / RESULT_FILE).is_file():
         raise GlueError(f"{str(folder)!r} has no {RESULT_FILE}: is it an hf-glue output folder?")

@@ -14,14 +14,17 @@ DESCRIPTION = (
     "--experts org/a org/b org/c --dataset org/target --data-sizes 1000 5000 2000 --seeds 0 1 2"
 )
 CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, CompareConfig)
+#: shown without brackets in the usage (a --config file may give them instead)
+NEEDED = ("experts", "dataset")
 
 
 def run(args: list[str], parser) -> int:
-    from ..compare import run_compare
     from ..errors import GlueError
 
     if any(a == "--method" or a.startswith("--method=") for a in args):  # GlueConfig's field, unused by compare
         raise GlueError("compare runs every method in --methods (plural); --method has no effect here.")
     experts, data, glue, finetune, compare, _ = build_configs(parser, CONFIGS, args)
+    from ..compare import run_compare  # after parsing: --help and argument errors come at once
+
     run_compare(experts, data, glue, finetune, compare)
     return 0

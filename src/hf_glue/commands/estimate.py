@@ -17,12 +17,14 @@ DESCRIPTION = (
     "--max-memory 80GiB --device cuda"
 )
 CONFIGS = (ExpertsConfig, EstimateConfig)
+#: shown without brackets in the usage (a --config file may give them instead)
+NEEDED = ("experts",)
 
 
 def run(args: list[str], parser) -> int:
+    experts, config, _ = build_configs(parser, CONFIGS, args)  # before the heavy imports: --help at once
     from ..plan import estimate_merge, format_estimate
 
-    experts, config, _ = build_configs(parser, CONFIGS, args)
     report = estimate_merge(experts, config)
     print(json.dumps(report, indent=2) if config.json else format_estimate(report))
     return 0

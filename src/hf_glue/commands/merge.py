@@ -17,12 +17,14 @@ DESCRIPTION = (
     "--dataset org/target --output-dir merged --steps 100"
 )
 CONFIGS = (ExpertsConfig, DataConfig, GlueConfig, FinetuneConfig, OutputConfig, PushConfig, TrackingConfig)
+#: shown without brackets in the usage (a --config file may give them instead)
+NEEDED = ("experts", "dataset", "output_dir")
 
 
 def run(args: list[str], parser) -> int:
-    from ..pipeline import run_merge
-
     experts, data, glue, finetune, output, push, trackers, _ = build_configs(parser, CONFIGS, args)
+    from ..pipeline import run_merge  # after parsing: --help and argument errors come before torch loads
+
     if not output.output_dir:
         raise GlueError("no output folder: pass --output-dir DIR.")
     command = shlex.join(["hf-glue", "merge", *(a for a in args if a != "--resume")])  # reproduces, resumed or not

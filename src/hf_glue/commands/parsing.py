@@ -1,4 +1,5 @@
-"""Options from the dataclass configs (`HfArgumentParser`), with ``--config FILE.yaml`` as defaults.
+"""Options from the dataclass configs (`DataclassArgumentParser`, `HfArgumentParser`'s rules without importing
+transformers), with ``--config FILE.yaml`` as defaults.
 
 Flags on the command line override the file; unknown keys in the file and unknown flags are errors (one line,
 with the closest option when there is one).
@@ -12,13 +13,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from transformers import HfArgumentParser
-
 from ..config import read_mapping_file
 from ..errors import GlueError
+from .dataclass_args import DataclassArgumentParser, FlagFormatter
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(FlagFormatter):
     """Each option's default once: appended only where the help text does not give it already, and only when there
     is one to show (not None, False or an empty list); the description's examples keep their lines."""
 
@@ -32,18 +32,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
-class GlueArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` whose usage errors are `GlueError`s: the CLI prints them as one line."""
+class GlueArgumentParser(DataclassArgumentParser):
+    """A dataclass parser whose usage errors are `GlueError`s: the CLI prints them as one line."""
 
     def error(self, message: str) -> NoReturn:
         raise GlueError(message)
 
 
-def add_command_parser(subparsers, name: str, help: str, description: str, configs: Sequence[type]):
+def add_command_parser(subparsers, name: str, help: str, description: str, configs: Sequence[type],
+                       needed: Sequence[str] = ()):
     parser = subparsers.add_parser(
         name, help=help, description=description, dataclass_types=list(configs), formatter_class=HelpFormatter,
         allow_abbrev=False,  # --step must not silently mean --steps, nor --expert replace --experts
     )
+    parser.needed = tuple(needed)
     for action in parser._actions:  # --data_sizes still parses; help, usage and errors show --data-sizes only
         dashed = [s for s in action.option_strings if "_" not in s]
         if dashed:
@@ -59,8 +61,7 @@ def build_configs(parser, configs: Sequence[type], argv: Sequence[str]) -> list:
     if config_file is not None:
         parser.set_defaults(**_read_yaml(config_file, configs))
     try:
-        *outputs, remaining = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True, look_for_args_file=False)
+        *outputs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except GlueError:  # usage errors and the configs' own validation: already one line naming the option
         raise
     except (TypeError, ValueError) as err:

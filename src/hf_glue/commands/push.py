@@ -22,10 +22,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args: list[str], parser) -> int:
+    push, extra = build_configs(parser, CONFIGS, args)  # before the heavy imports: --help at once
     from ..io.hub import check_repo_id, push_folder
     from ..report.result import RESULT_FILE
 
-    push, extra = build_configs(parser, CONFIGS, args)
     folder = Path(extra.folder)
     if not (folder / "config.json").is_file() or not (folder / RESULT_FILE).is_file():
         raise GlueError(f"{str(folder)!r} is not an hf-glue output folder (no config.json and {RESULT_FILE}).")

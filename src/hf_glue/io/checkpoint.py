@@ -16,23 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..errors import GlueError
+from ..errors import GlueError, SearchInterrupted
 from .output import strict_json
 
+__all__ = ["STATE_FILE", "Checkpoint", "SearchInterrupted", "StopRequest", "state_dir_for", "stop_signals"]
+
 STATE_FILE = "search_state.json"
-
-
-class SearchInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the search after a step; the state was saved for ``--resume`` (if there is one)."""
-
-    def __init__(self, step: int, total: int, signum: int, state_dir: Optional[Path]) -> None:
-        self.step, self.total, self.signum, self.state_dir = step, total, signum, state_dir
-        where = f"; the search state is saved in {state_dir}" if state_dir else ""
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step} of {total}{where}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 def state_dir_for(output_dir: str | Path) -> Path:

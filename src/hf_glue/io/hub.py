@@ -44,6 +44,21 @@ def split_spec(spec: str) -> tuple[str, Optional[str]]:
     return spec, None
 
 
+#: suffixes of files a user names (data, weights, configs): a spec ending in one is a path, never a Hub repo id
+FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow", ".safetensors", ".bin", ".pt",
+                 ".yaml", ".yml")
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` names a local file or folder rather than a Hub repo (``org/name[@rev]``): it starts like
+    a path (``/``, ``./``, ``../``, ``~``), has more than one separator before any revision, or ends in a file
+    suffix (``data/target.csv``)."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or spec in (".", ".."):
+        return True
+    repo_id = spec.split("@", 1)[0]
+    return repo_id.count("/") > 1 or "\\" in repo_id or repo_id.lower().endswith(FILE_SUFFIXES)
+
+
 def check_repo_id(repo_id: str) -> None:
     """Refuse, before any work, a push target that is not a valid ``org/name`` repo id."""
     from huggingface_hub.errors import HFValidationError
@@ -66,6 +81,9 @@ def resolve(
     local = Path(spec).expanduser()
     if local.exists():
         return ResolvedRepo(spec=spec, repo_id=spec, revision=None, path=local.resolve(), repo_type=repo_type)
+    if looks_like_path(spec):
+        raise GlueError(f"{what} {spec!r}: no such file or folder ({local.absolute()}); check the path "
+                        "(a Hub repo id is org/name).")
     repo_id, revision = split_spec(spec)
     path = _snapshot(repo_id, revision=revision, repo_type=repo_type, allow_patterns=allow_patterns, what=what, spec=spec)
     return ResolvedRepo(spec=spec, repo_id=repo_id, revision=path.name, path=path, repo_type=repo_type)

@@ -191,21 +191,38 @@ def atomic_dir(output_dir: str | Path, overwrite: bool = False, marker: str = RE
         with _sigterm_raises(final):
             yield tmp
             _finish(tmp, marker)
-            if final.exists() or final.is_symlink():
+            if overwrite and (final.exists() or final.is_symlink()):
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{tag}", dir=final.parent))
                 final.rename(old / final.name)
             try:
+                # without --overwrite-output-dir the rename itself is the check: it fails, atomically, when
+                # another run filled the folder after this one checked it
                 tmp.rename(final)
-            except BaseException:
+            except OSError:
                 if old is not None:
                     (old / final.name).rename(final)
-                raise
+                    raise
+                if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+                    raise
+                kept = _free_name(final)
+                tmp.rename(kept)
+                raise GlueError(f"output folder {str(output_dir)!r} was written by another run while this one ran; "
+                                f"that output is left as it was, and this run's complete output is in {str(kept)!r}.") \
+                    from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _free_name(path: Path) -> Path:
+    """``path`` with the first free ``-N`` suffix (``out/C`` → ``out/C-2``)."""
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
 
 
 def _finish(folder: Path, marker: str) -> None:
