@@ -1,4 +1,5 @@
-"""Dataclass configs shared by the CLI (via `HfArgumentParser`), YAML files and the Python API.
+"""Dataclass configs shared by the CLI (`commands.dataclass_args`: `HfArgumentParser`'s rules), YAML files and the
+Python API.
 
 Each field's `metadata["help"]` is its `--help` text; `__post_init__` checks every field against its type hint
 and `BOUNDS` (YAML values and API arguments bypass argparse's typing) and rejects bad values naming the flag.
@@ -95,7 +96,7 @@ def check_fields(config: Any) -> None:
 
 @cache
 def _field_hints(cls: type) -> dict[str, Any]:
-    hints = get_type_hints(cls)  # from the annotations: HfArgumentParser rewrites ``Field.type`` in place
+    hints = get_type_hints(cls)  # from the annotations (``Field.type`` is a string under postponed evaluation)
     return {f.name: hints[f.name] for f in fields(cls) if f.init}
 
 
