@@ -117,3 +117,16 @@ def test_underscore_spellings_still_parse():
     configs = build_configs(parsers["merge"], merge.CONFIGS, ["--eval_batch_size", "8", "--data-sizes", "1", "2"])
     glue = next(c for c in configs if type(c).__name__ == "GlueConfig")
     assert glue.eval_batch_size == 8 and glue.data_sizes == [1, 2]
+
+
+def test_redirected_output_logs_lines_not_bars(cls_experts, tmp_path):
+    """With stderr in a file, progress comes as a few plain lines (search and fine-tuning), no carriage-return
+    redraws (from our loops, transformers' weight loading, datasets' tokenizing or the Trainer)."""
+    from conftest import run_cli
+
+    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target", "--steps", "30",
+                   "--finetune-epochs", "1", "--output-dir", str(tmp_path / "out"), env={"TQDM_DISABLE": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("GLUE (SPSA): ")]
+    assert 3 <= len(lines) <= 12 and lines[-1].startswith("GLUE (SPSA): 30/30 (loss="), lines

@@ -12,6 +12,7 @@ import torch
 
 from .config import FinetuneConfig, check_value, read_mapping_file
 from .errors import GlueError
+from .io.progress import on_terminal
 from .tasks import Task
 from .tracking import TrackingRun
 
@@ -69,6 +70,7 @@ def finetune(
             "remove_unused_columns": False,
             "use_cpu": cpu,
             "logging_strategy": "epoch",
+            "disable_tqdm": not on_terminal(),  # redirected: the Trainer logs a line per epoch instead of a bar
             "dataloader_pin_memory": not cpu and torch.cuda.is_available(),
             **reporting,
             **overrides,

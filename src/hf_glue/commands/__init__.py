@@ -59,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..config import hub_environment
     from ..errors import GlueError, SearchInterrupted
     from ..io import hub
+    from ..io.progress import quiet_library_bars
 
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         guess = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
@@ -72,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     name = argv[0]
     hub.new_run()
+    quiet_library_bars()  # redirected output: lines, not redrawn bars (before datasets and transformers load)
     finished = False
     try:
         code = command(name).run(argv[1:], parsers[name])

@@ -5,8 +5,8 @@ gradient is projected onto the simplex's tangent plane before Adam, and α onto 
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
+from ..io.progress import progress
 from ..optim.spsa import Parametrization, make_parametrization
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 
@@ -36,7 +36,7 @@ class FullGradient(MergeMethod):
         x = param.init(initial_alpha(cfg, matrix.num_groups, matrix.num_experts)).requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=cfg.adam_lr)
         history = []
-        bar = tqdm(range(cfg.steps), desc="Full-gradient", disable=not ctx.is_main_process, dynamic_ncols=True)
+        bar = progress(range(cfg.steps), "Full-gradient", disable=not ctx.is_main_process)
         for step in bar:
             value, grad = loss_and_grad(ctx.objective, param, x, next(ctx.batches))
             optimizer.zero_grad()

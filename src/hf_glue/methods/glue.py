@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
-
 from ..errors import GlueError
 from ..io.checkpoint import SearchInterrupted, stop_signals
 from ..optim.spsa import SPSA, NonFiniteLoss, make_parametrization
+from ..io.progress import progress
 from ..config import GlueConfig
 from .base import MergeContext, MergeMethod, MethodOutput, initial_alpha, register_method
 from .selection import snapshot_steps
@@ -157,9 +156,8 @@ class Glue(MergeMethod):
                 label = phases[phase].label(len(phases))
                 done = sum(p.steps for p in phases[:phase])
                 snapshots = snapshot_steps(phases[phase].steps)
-                bar = tqdm(range(spsa.t, phases[phase].steps), desc=f"GLUE (SPSA{label})",
-                           disable=not ctx.is_main_process, dynamic_ncols=True, initial=spsa.t,
-                           total=phases[phase].steps)
+                bar = progress(range(spsa.t, phases[phase].steps), f"GLUE (SPSA{label})", initial=spsa.t,
+                               total=phases[phase].steps, disable=not ctx.is_main_process)
                 for _ in bar:
                     try:
                         rec = spsa.step(loss_fn, gather=gather)

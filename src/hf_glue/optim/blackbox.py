@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..config import GlueConfig
 from ..errors import GlueError
+from ..io.progress import progress
 from .spsa import make_parametrization
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def run_search(ctx: MergeContext, optimizer: type[AskTell], label: str) -> Metho
     snapshots = snapshot_steps(len(sizes))
     proposals: dict[str, torch.Tensor] = {}
     history: list[dict] = []
-    bar = tqdm(sizes, desc=label, disable=not ctx.is_main_process, dynamic_ncols=True)
+    bar = progress(sizes, label, disable=not ctx.is_main_process)
     for step, n in enumerate(bar):
         alphas = to_alpha(opt.ask(n))
         batch = next(ctx.batches)
