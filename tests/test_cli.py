@@ -35,6 +35,11 @@ def test_help_reads_like_transformers(capsys):
     assert "[--cpu]" in usage and "[--resume]" in usage and "[--allow-pickle]" in usage and "[CPU]" not in usage
     for needed in ("--experts EXPERTS", "--dataset DATASET", "--output-dir OUTPUT_DIR"):
         assert needed in usage and f"[{needed}" not in usage, needed
+    assert "--method {glue,uniform,data-size,proxy,full-gradient,cma,nevergrad,weights}" in usage
+    from hf_glue.config import BUILTIN_METHODS
+    from hf_glue.methods import available_methods
+
+    assert sorted(BUILTIN_METHODS) == sorted(available_methods())  # the list --help shows is the registry's
     assert main(["merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target", "--cpu", "false",
                  "--output-dir", "/nonexistent/x", "--steps", "0"]) == 1  # a flag still takes a value
     assert "--steps" in capsys.readouterr().err

@@ -17,6 +17,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 from .errors import GlueError
 
+#: the merge methods hf-glue ships (methods/: the registry is the truth, a test keeps the two equal); named here so
+#: that `--help` lists them without importing torch
+BUILTIN_METHODS = ("glue", "uniform", "data-size", "proxy", "full-gradient", "cma", "nevergrad", "weights")
+
 #: The longest search accepted: a million SPSA steps is two million forward passes, far past any useful run.
 MAX_STEPS = 1_000_000
 #: Seeds feed numpy and torch generators, which take unsigned 32-bit seeds.
@@ -164,7 +168,7 @@ class GlueConfig:
 
     method: str = field(
         default="glue",
-        metadata={"help": "How α is chosen: glue (SPSA, default), uniform, data-size, proxy, full-gradient, "
+        metadata={"metavar": "{" + ",".join(BUILTIN_METHODS) + "}", "help": "How α is chosen: glue (SPSA, default), uniform, data-size, proxy, full-gradient, "
                   "cma (CMA-ES) or nevergrad (NGOpt) on GLUE's forward-pass budget, or weights (the coefficients "
                   "given with --weights)."},
     )
@@ -567,7 +571,8 @@ class EstimateConfig:
     device: Literal["auto", "cuda", "cpu"] = field(
         default="auto", metadata={"help": "The device kind to plan for (auto: a GPU if this machine has one); with "
                                   "--max-memory you can plan for a machine you are not on."})
-    method: str = field(default=_glue_default("method"), metadata={"help": "The merge method (see `merge --help`)."})
+    method: str = field(default=_glue_default("method"), metadata={"metavar": "{" + ",".join(BUILTIN_METHODS) + "}",
+                                                                   "help": "The merge method (see `merge --help`)."})
     batch_size: int = field(default=_glue_default("batch_size"), metadata={"help": "Global batch size per step."})
     eval_batch_size: int = field(default=_glue_default("eval_batch_size"),
                                  metadata={"help": "Batch size for held-out evaluation."})
