@@ -30,6 +30,17 @@ def test_projection_known_values():
                                torch.tensor([[1.0, 0.0]], dtype=torch.float64))
 
 
+def test_projection_of_huge_coordinates_stays_on_the_simplex():
+    """NGOpt proposed coordinates near 1e16 on a text run: the projection summed to 2 (a model twice the size of
+    two experts, saved as its answer). Rows far from the simplex still land on it, and on the right point."""
+    rows = torch.tensor([[0.0, 1e16, 3.0, 1e16 + 2], [0.0, 1e17, 0.0, 1e17], [-5.0, 1e300, 2.0, 3.0],
+                         [1e12, 1e12 + 0.5, -1e12, 1e12 - 0.5]], dtype=torch.float64)
+    p = project_simplex(rows)
+    torch.testing.assert_close(p.sum(-1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(p, torch.tensor([[0, 0, 0, 1], [0, 0.5, 0, 0.5], [0, 1, 0, 0], [0.25, 0.75, 0, 0]],
+                                               dtype=torch.float64))
+
+
 def _quadratic(target: torch.Tensor):
     """Loss(α) = ||α − target||² for a batch of coefficient sets."""
     return lambda alphas: ((alphas - target) ** 2).sum(dim=(1, 2))

@@ -19,7 +19,12 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row of ``v`` onto the probability simplex (Duchi et al., 2008)."""
+    """Euclidean projection of each row of ``v`` onto the probability simplex (Duchi et al., 2008).
+
+    Rows are first shifted so that their largest entry is 0 (the projection is unchanged by adding a constant to a
+    row): coordinates of 1e16, which an unbounded optimiser (NGOpt) can propose, otherwise cancel in the running
+    sums and give rows that sum to 0 or 2."""
+    v = v - v.max(dim=-1, keepdim=True).values
     u, _ = torch.sort(v, dim=-1, descending=True)
     css = u.cumsum(-1) - 1
     ind = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype, device=v.device)
