@@ -31,7 +31,7 @@ def test_help_reads_like_transformers(capsys):
     """Flags show as flags (``--cpu``, not ``--cpu [CPU]``) and the options a command needs without brackets."""
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
-    usage = capsys.readouterr().out.split("\n\n", 1)[0]
+    usage = " ".join(capsys.readouterr().out.split("\n\n", 1)[0].split())  # argparse wraps at the terminal width
     assert "[--cpu]" in usage and "[--resume]" in usage and "[--allow-pickle]" in usage and "[CPU]" not in usage
     for needed in ("--experts EXPERTS", "--dataset DATASET", "--output-dir OUTPUT_DIR"):
         assert needed in usage and f"[{needed}" not in usage, needed
@@ -127,10 +127,18 @@ def test_underscore_spellings_still_parse():
 def test_redirected_output_logs_lines_not_bars(cls_experts, tmp_path):
     """With stderr in a file, progress comes as a few plain lines (search and fine-tuning), no carriage-return
     redraws (from our loops, transformers' weight loading, datasets' tokenizing or the Trainer)."""
-    from conftest import run_cli
+    import os
+    import subprocess
+    import sys
 
-    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target", "--steps", "30",
-                   "--finetune-epochs", "1", "--output-dir", str(tmp_path / "out"), env={"TQDM_DISABLE": ""})
+    from conftest import TEST_ENV
+
+    # nothing inherited that would turn the libraries' bars off already (an in-process run of `main` sets them)
+    env = {k: v for k, v in {**os.environ, **TEST_ENV}.items()
+           if k not in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    proc = subprocess.run([sys.executable, "-m", "hf_glue", "merge", "--experts", "org/expert-0", "org/expert-1",
+                           "--dataset", "org/target", "--steps", "30", "--finetune-epochs", "1",
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("GLUE (SPSA): ")]

@@ -16,7 +16,7 @@ from conftest import TEST_ENV
 RUN = Path(__file__).resolve().parents[1] / "scripts" / "experiments" / "run.py"
 
 
-@pytest.mark.parametrize("setup", ["text", "images", "label-skew", "speech", "hospitals", "speech-mix", "lm"])
+@pytest.mark.parametrize("setup", ["text", "images", "label-skew", "speech", "hospitals", "speech-mix", "lm", "lm-lora"])
 def test_quick_experiment_runs_end_to_end(setup, tmp_path):
     env = {**os.environ, **TEST_ENV}
     env.pop("HF_HUB_CACHE")  # run.py points the hub cache at its own work folder
@@ -27,7 +27,7 @@ def test_quick_experiment_runs_end_to_end(setup, tmp_path):
     assert {"base model", "best single expert", "uniform", "GLUE (model)"} <= set(summary)
     glue = summary["GLUE (model)"]
     assert glue["forward_passes"] > 0 and len(glue["merged"]) == len(glue["finetuned"]) == 1
-    if setup == "lm":  # perplexity
+    if setup.startswith("lm"):  # perplexity
         assert all(v >= 1.0 for v in glue["merged"] + glue["finetuned"])
     else:  # accuracy
         assert all(0.0 <= v <= 1.0 for v in glue["merged"] + glue["finetuned"])

@@ -321,3 +321,28 @@ def test_two_runs_finishing_together_never_lose_an_output(tmp_path):
     kept = final.with_name("C-2")
     assert str(kept) in str(err.value) and json.loads((kept / "merge_result.json").read_text())["run"] == "second"
     assert sorted(p.name for p in final.parent.iterdir()) == ["C", "C-2"]  # no partial left
+
+
+def test_overwrite_racing_another_run_keeps_both_outputs(tmp_path, monkeypatch):
+    """--overwrite-output-dir moved the previous output aside, then another run filled the folder before our rename:
+    both complete outputs survive (ours beside), one line says where, no traceback."""
+    from hf_glue.errors import GlueError
+    from hf_glue.io import output
+
+    final = tmp_path / "C"
+    with output.atomic_dir(final) as previous:
+        (previous / "merge_result.json").write_text(json.dumps({"run": "previous"}))
+    real = output._place
+
+    def racing(tmp: Path, dest: Path) -> None:  # the other run lands between our move-aside and our rename
+        dest.mkdir()
+        (dest / "merge_result.json").write_text(json.dumps({"run": "other"}))
+        real(tmp, dest)
+
+    monkeypatch.setattr(output, "_place", racing)
+    with pytest.raises(GlueError, match="written by another run"):
+        with output.atomic_dir(final, overwrite=True) as mine:
+            (mine / "merge_result.json").write_text(json.dumps({"run": "mine"}))
+    assert json.loads((final / "merge_result.json").read_text())["run"] == "other"
+    assert json.loads((tmp_path / "C-2" / "merge_result.json").read_text())["run"] == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["C", "C-2"]

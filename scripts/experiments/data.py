@@ -463,6 +463,8 @@ def python_documentation() -> list[str]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [topics.topics[k] for k in sorted(topics.topics)]
     for name in ("idlelib/help.html", "idlelib/README.txt", "idlelib/NEWS.txt"):
+        if not (stdlib / name).is_file():  # IDLE's files vary across Python versions and distributions
+            continue
         raw = (stdlib / name).read_text(encoding="utf-8", errors="replace")
         texts.append(html.unescape(re.sub(r"<[^>]+>", "", raw)) if name.endswith(".html") else raw)
     return _chunks(texts)
@@ -477,7 +479,8 @@ def lm_domains() -> dict[str, list[str]]:
     paths = sysconfig.get_paths()
     python = sorted(Path(paths["stdlib"]).glob("*.py"))
     headers = sorted(Path(paths["include"]).rglob("*.h"))
-    licences = sorted(p for p in Path("/usr/share/common-licenses").iterdir() if p.is_file() and not p.is_symlink())
+    common = Path("/usr/share/common-licenses")
+    licences = sorted(p for p in common.iterdir() if p.is_file() and not p.is_symlink()) if common.is_dir() else []
     if not licences:
         raise SystemExit("the lm setup reads Debian's licence texts from /usr/share/common-licenses (base-files)")
     read = lambda files: [f.read_text(encoding="utf-8", errors="replace") for f in files]  # noqa: E731

@@ -299,7 +299,7 @@ def write_combine(setup, outputs: list, references: list, folder: Path, command:
                              f"{' '.join(f'{v:.2f}' for v in lam)} | {wins} | {rs[0]['forward_passes']} | "
                              f"{seconds:.1f} |")
                 summary[budget.name][f"{combine} · {label}"] = {
-                    "accuracy": acc, "loss": loss, "lambda_mean": lam, "seconds": seconds,
+                    metric.key: acc, "loss": loss, "lambda_mean": lam, "seconds": seconds,
                     "coefficients": [r["coefficients"] for r in rs], "seeds": sorted(by_seed)}
         ref = {}
         for b, seed, out in references:
@@ -324,7 +324,7 @@ def write_combine(setup, outputs: list, references: list, folder: Path, command:
                 lines.append(f"| simplex (runs/, seeds {ref_seeds}) | {label} | {_stat(acc, metric)} | "
                              f"{_stat_plain(loss)} | {' '.join(f'{v:.2f}' for v in lam)} | – | "
                              f"{rs[0]['forward_passes']} | {statistics.fmean(r['seconds'] for r in rs):.1f} |")
-                summary[budget.name][f"simplex · {label}"] = {"accuracy": acc, "loss": loss, "lambda_mean": lam,
+                summary[budget.name][f"simplex · {label}"] = {metric.key: acc, "loss": loss, "lambda_mean": lam,
                                                              "seeds": sorted(by_seed)}
         lines.append("")
     suffix = "" if density == 0.5 else f"-d{density:g}"

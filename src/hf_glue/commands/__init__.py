@@ -73,10 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     name = argv[0]
     hub.new_run()
-    quiet_library_bars()  # redirected output: lines, not redrawn bars (before datasets and transformers load)
     finished = False
     try:
-        code = command(name).run(argv[1:], parsers[name])
+        with quiet_library_bars():  # redirected output: lines, not redrawn bars (before datasets etc. load)
+            code = command(name).run(argv[1:], parsers[name])
         finished = True
         return code
     except GlueError as err:

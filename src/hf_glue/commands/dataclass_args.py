@@ -44,8 +44,15 @@ class DataclassArgumentParser(argparse.ArgumentParser):
     def _add_field(self, field: dataclasses.Field, kind: Any) -> None:
         options = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
         kwargs: dict[str, Any] = dict(field.metadata)
+        aliases = kwargs.pop("aliases", [])
+        options += [aliases] if isinstance(aliases, str) else list(aliases)
         if get_origin(kind) in (Union, types.UnionType):  # Optional[X] → X
-            kind = next(a for a in get_args(kind) if a is not type(None))
+            args = [a for a in get_args(kind) if a is not type(None)]
+            if len(args) != 1:
+                raise TypeError(f"field {field.name!r}: only Optional[X] unions are supported, got {kind}")
+            kind = args[0]
+        if not (kind in (str, int, float, bool) or get_origin(kind) in (Literal, list)):
+            raise TypeError(f"field {field.name!r}: type {kind} has no command-line form here")
         has_default = field.default is not dataclasses.MISSING
         default = (field.default if has_default else field.default_factory()
                    if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
@@ -67,7 +74,7 @@ class DataclassArgumentParser(argparse.ArgumentParser):
         self.add_argument(*options, **kwargs)
         if kind is bool and default is True:
             self.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
-                              dest=field.name, help=field.metadata.get("help"))
+                              dest=field.name, default=False, help=field.metadata.get("help"))
 
     #: fields a command cannot run without (given as flags or in --config): shown in the usage without brackets
     needed: tuple[str, ...] = ()

@@ -195,19 +195,20 @@ def atomic_dir(output_dir: str | Path, overwrite: bool = False, marker: str = RE
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{tag}", dir=final.parent))
                 final.rename(old / final.name)
             try:
-                # without --overwrite-output-dir the rename itself is the check: it fails, atomically, when
-                # another run filled the folder after this one checked it
-                tmp.rename(final)
+                _place(tmp, final)
             except OSError:
-                if old is not None:
-                    (old / final.name).rename(final)
+                restored = False
+                if old is not None:  # --overwrite-output-dir: put the previous output back
+                    try:
+                        (old / final.name).rename(final)
+                        restored = True
+                    except OSError:
+                        pass  # another run's output took the place meanwhile: ours goes beside it, below
+                if restored or not (final.exists() or final.is_symlink()):
                     raise
-                if not final.exists() or (final.is_dir() and not any(final.iterdir())):
-                    raise
-                kept = _free_name(final)
-                tmp.rename(kept)
+                kept = _place_beside(tmp, final)
                 raise GlueError(f"output folder {str(output_dir)!r} was written by another run while this one ran; "
-                                f"that output is left as it was, and this run's complete output is in {str(kept)!r}.") \
+                                f"that output is left as it is, and this run's complete output is in {str(kept)!r}.") \
                     from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,12 +218,32 @@ def atomic_dir(output_dir: str | Path, overwrite: bool = False, marker: str = RE
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _free_name(path: Path) -> Path:
-    """``path`` with the first free ``-N`` suffix (``out/C`` → ``out/C-2``)."""
-    n = 2
-    while path.with_name(f"{path.name}-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}-{n}")
+def _place(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``. The rename is the check against another run: it fails, atomically,
+    when ``final`` was filled after this run checked it; an empty folder there (allowed by the check) is removed
+    first where the system will not rename onto it (Windows)."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final.is_dir() and not final.is_symlink() and not any(final.iterdir())):
+            raise
+        final.rmdir()  # fails in turn if another run fills it now
+        tmp.rename(final)
+
+
+def _place_beside(tmp: Path, final: Path) -> Path:
+    """Rename ``tmp`` to the first free ``final-N`` (``out/C`` → ``out/C-2``); returns it."""
+    for n in range(2, 10_000):
+        kept = final.with_name(f"{final.name}-{n}")
+        if kept.exists() or kept.is_symlink():
+            continue
+        try:
+            tmp.rename(kept)
+            return kept
+        except OSError:
+            if not (kept.exists() or kept.is_symlink()):
+                raise
+    raise OSError(f"no free name beside {final}")
 
 
 def _finish(folder: Path, marker: str) -> None:

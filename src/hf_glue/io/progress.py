@@ -3,6 +3,7 @@ a plain line about every tenth of the way (as the Trainer logs), never hundreds 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -10,11 +11,14 @@ from typing import Any, Iterable, Iterator, Optional
 
 #: lines a redirected loop prints at most (plus its last one)
 LINES = 10
+#: seconds between the lines of a loop whose length is unknown
+EVERY_SECONDS = 30.0
 
 
 def on_terminal() -> bool:
-    """Whether stderr is an interactive terminal (where a redrawn bar reads well)."""
-    return sys.stderr.isatty()
+    """Whether stderr is shown live: a terminal, or a notebook's output stream (ipykernel's says it is no tty, yet
+    tqdm.auto draws its widget there)."""
+    return sys.stderr.isatty() or type(sys.stderr).__module__.split(".")[0] in ("ipykernel", "google")
 
 
 class LineProgress:
@@ -25,15 +29,19 @@ class LineProgress:
         self.iterable, self.desc, self.initial = iterable, desc, initial
         self.total = total if total is not None else (initial + len(iterable) if hasattr(iterable, "__len__")
                                                       else None)
-        self.every = max(1, (self.total or LINES) // LINES)
+        # a line every tenth of the loop; of a loop of unknown length, one every EVERY_SECONDS
+        self.every = max(1, self.total // LINES) if self.total else None
         self.postfix, self.start = "", time.perf_counter()
 
     def __iter__(self) -> Iterator[Any]:
-        n = self.initial
+        n, last = self.initial, self.start
         for item in self.iterable:
             yield item
             n += 1
-            if n % self.every == 0 or n == self.total:
+            now = time.perf_counter()
+            due = n % self.every == 0 if self.every else now - last >= EVERY_SECONDS
+            if due or n == self.total:
+                last = now
                 of = f"/{self.total}" if self.total is not None else ""
                 postfix = f" ({self.postfix})" if self.postfix else ""
                 print(f"{self.desc}: {n}{of}{postfix} {time.perf_counter() - self.start:.1f} s", file=sys.stderr,
@@ -65,10 +73,23 @@ def progress(iterable: Iterable, desc: str, *, total: Optional[int] = None, init
     return LineProgress(iterable, desc, total, initial)
 
 
-def quiet_library_bars() -> None:
-    """When stderr is redirected, turn off the bars of datasets, huggingface_hub and transformers (weight loading,
-    tokenizing, downloads) before they are imported; the user's own settings win."""
-    if on_terminal():
-        return
-    for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        os.environ.setdefault(name, "1")
+LIBRARY_BARS = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+@contextlib.contextmanager
+def quiet_library_bars() -> Iterator[None]:
+    """While a command runs with stderr redirected, the bars of datasets, huggingface_hub and transformers (weight
+    loading, tokenizing, downloads) are off (set before they are imported; the user's own settings win, and the
+    environment is restored after, for callers of `main` in a longer process)."""
+    saved = {name: os.environ.get(name) for name in LIBRARY_BARS}
+    if not on_terminal():
+        for name in LIBRARY_BARS:
+            os.environ.setdefault(name, "1")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
