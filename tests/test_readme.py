@@ -131,6 +131,37 @@ def test_readme_compare_table_has_the_columns_compare_prints():
     assert "--finetune-epochs" in command and "(fine-tuned)" in lines[1]
 
 
+def test_resumed_trainer_run_continues_from_its_checkpoint(cls_experts, tmp_path):
+    """A Trainer run with GlueCallback, stopped after a checkpoint and resumed, ends with the weights of the same run
+    uninterrupted (the blend is not copied over the checkpoint's weights again)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    from hf_glue import GlueCallback, GlueConfig, merge_experts, testing
+
+    result = merge_experts(cls_experts["ids"][:2], "org/target", GlueConfig(steps=4))
+    tokenizer = AutoTokenizer.from_pretrained(cls_experts["paths"][0])
+    rows = testing.classification_rows(0, 32, 5)
+    data = Dataset.from_list([{**tokenizer(r["text"], truncation=True, max_length=16, padding="max_length"),
+                               "labels": r["label"]} for r in rows])
+
+    def train(output: Path, max_steps: int, resume: bool = False):
+        model = AutoModelForSequenceClassification.from_pretrained(cls_experts["paths"][1])  # not the blend
+        args = TrainingArguments(str(output), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
+                                 save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, seed=0,
+                                 disable_tqdm=True, logging_strategy="no", lr_scheduler_type="constant")
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[GlueCallback(result=result)]).train(
+            resume_from_checkpoint=resume or None)
+        return model.state_dict()
+
+    whole = train(tmp_path / "whole", 4)
+    train(tmp_path / "split", 2)
+    resumed = train(tmp_path / "split", 4, resume=True)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor)
+
+
 def test_callback_starts_from_the_blend(cls_experts):
     """The Trainer's model holds θ(α) when training begins."""
     import torch

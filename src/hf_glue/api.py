@@ -52,7 +52,10 @@ class GlueCallback(TrainerCallback):
 
         trainer = Trainer(model=model, ..., callbacks=[GlueCallback(["org/a", "org/b"], "org/target")])
 
-    The model must have the experts' architecture; after training, ``callback.result`` holds α for the card.
+    The model must have the experts' architecture; after training, ``callback.result`` holds α for the card. A run
+    resumed from a checkpoint (``trainer.train(resume_from_checkpoint=...)``) continues from the checkpoint's
+    weights: the callback neither blends nor searches again (``callback.result`` is then the ``result=`` given, if
+    any).
     """
 
     def __init__(
@@ -76,6 +79,10 @@ class GlueCallback(TrainerCallback):
 
         from .errors import GlueError
 
+        if getattr(state, "global_step", 0) > 0:
+            # resumed: the Trainer loaded the checkpoint's weights (θ(α) trained so far) before this event; the blend
+            # would overwrite them and the search would run again
+            return control
         if self.result is None:
             self.result = merge_experts(self.experts, self.dataset, self.config, data_config=self.data_config,
                                         experts_config=self.experts_config)
