@@ -135,11 +135,29 @@ def test_redirected_output_logs_lines_not_bars(cls_experts, tmp_path):
 
     # nothing inherited that would turn the libraries' bars off already (an in-process run of `main` sets them)
     env = {k: v for k, v in {**os.environ, **TEST_ENV}.items()
-           if k not in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+           if k not in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS",
+                        "OMP_NUM_THREADS")}
     proc = subprocess.run([sys.executable, "-m", "hf_glue", "merge", "--experts", "org/expert-0", "org/expert-1",
                            "--dataset", "org/target", "--steps", "30", "--finetune-epochs", "1",
                            "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stderr, proc.stderr[-2000:]
+    assert "CPU threads per process: 1 (experts of " in proc.stderr  # tiny experts: one thread, said once
     lines = [line for line in proc.stderr.splitlines() if line.startswith("GLUE (SPSA): ")]
     assert 3 <= len(lines) <= 12 and lines[-1].startswith("GLUE (SPSA): 30/30 (loss="), lines
+
+
+def test_threads_per_process_are_chosen_and_can_be_overridden(monkeypatch):
+    """Tiny experts: one thread; larger ones: the cores divided among this machine's processes; --threads and
+    OMP_NUM_THREADS win."""
+    from hf_glue.engine import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 16)
+    assert threads.choose_threads(None, 100_000, 1)[0] == 1
+    assert threads.choose_threads(None, 50_000_000, 1)[0] == 16
+    assert threads.choose_threads(None, 50_000_000, 4)[0] == 4
+    assert threads.choose_threads(None, 50_000_000, 32)[0] == 1
+    assert threads.choose_threads(3, 100_000, 1) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads.choose_threads(None, 100_000, 1)[0] is None  # the user's setting is kept

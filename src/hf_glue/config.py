@@ -67,6 +67,7 @@ BOUNDS: dict[str, Bound] = {
     "first_step": _POSITIVE,
     "stability": _NON_NEGATIVE,  # A < 0 makes (t + 1 + A) negative: the gain sequence is not defined
     "spsa_samples": _COUNT,
+    "threads": Bound(1, 4096),
     "screen_batches": Bound(0, MAX_STEPS),
     "probe_steps": Bound(1, MAX_STEPS),
     "probe_candidates": Bound(2),
@@ -356,6 +357,11 @@ class ExpertsConfig:
                   "adapters it defaults to the base their adapter_config.json names."},
     )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is available."})
+    threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "CPU threads per process (on CPU runs). Default: 1 for experts under 2M parameters, else "
+                  "the cores divided among the processes on this machine; OMP_NUM_THREADS, when set, is kept."},
+    )
     max_memory: Optional[str] = field(
         default=None,
         metadata={"help": "Memory budget per device, e.g. 20GiB (default: what the device has free); a run "

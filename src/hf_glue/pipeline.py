@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
@@ -174,6 +175,7 @@ def prepare(
         logger.info("checkpoint keys differ from %s's modules: reading experts through from_pretrained",
                     task.model_class().__name__)
         read_through_transformers(inputs, task.model_class(), experts_config.trust_remote_code)
+    use_threads(experts, experts_config, accelerator)
     check_free_space(output_dir, output_bytes(experts[0].tensors.values(), torch_dtype(experts_config.dtype)))
     plan = check_memory(inputs, experts_config, data_config, glue_config, accelerator,
                         exclude=excluded_strategies(experts, experts_config, glue_config, finetune, whole))
@@ -188,6 +190,20 @@ def prepare(
     return Prepared(experts, task, target, train, held_out, processor, matrix, model, objective, accelerator,
                     experts_config, data_config, base=base, kind="task-vectors" if base else "full", plan=plan,
                     validation=validation, search=search, validation_seed=glue_config.seed)
+
+
+def use_threads(experts: list[Expert], experts_config: ExpertsConfig, accelerator) -> None:
+    """On CPU, set the threads per process (`engine.threads`) and say so once."""
+    if accelerator.device.type != "cpu":
+        return
+    import os
+
+    from .engine.threads import apply_threads
+
+    parameters = sum(t.numel for t in experts[0].tensors.values())
+    line = apply_threads(experts_config.threads, parameters, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if accelerator.is_main_process:
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_probe(experts_config: ExpertsConfig, glue_config: GlueConfig, processes: int) -> None:
@@ -377,6 +393,7 @@ def prepare_adapters(repos, experts_config: ExpertsConfig, data_config: DataConf
     target.check_cells(columns)
     with accelerator.main_process_first():
         fetch_weights([base], experts_config.allow_pickle)
+    use_threads([base], experts_config, accelerator)  # the base does the work; the adapters' factors are small
     check_free_space(output_dir, output_bytes(base.tensors.values(), torch_dtype(experts_config.dtype)))
     check_adapter_memory(base, adapters, experts_config, data_config, glue_config, accelerator)
     processor = task.load_processor(base.repo.path, experts_config.trust_remote_code)
