@@ -7,7 +7,9 @@ offline.
         --experts example/expert-0 example/expert-1 example/expert-2 --dataset example/target --output-dir merged
 
 Every command that reads the example (merge, compare, blend --from-result, the Python examples) needs those
-two variables: the repo ids exist only in that cache.
+two variables: the repo ids exist only in that cache. The experts' base is published too, as
+``example/expert-base``, and each expert's model card names it, so task-vector merges (``--combine ties``) run on
+the example without ``--base-model``.
 
 With ``--adapters`` it publishes the LoRA example (into the same cache, beside anything already there): a tiny base
 ``example/base``, three PEFT LoRA adapters of it ``example/lora-{0,1,2}`` (each trained on one domain, with its own
@@ -24,11 +26,15 @@ classification head) and the same target dataset ``example/target``:
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from hf_glue.testing import build_adapters, build_experts, publish_to_cache, write_dataset
+
+#: the repo id of the base the example's full experts were fine-tuned from (the LoRA example's base is example/base)
+BASE_ID = "example/expert-base"
 
 
 def make_example(cache_dir: str | Path, task: str = "sequence-classification", experts: int = 3,
@@ -42,9 +48,20 @@ def make_example(cache_dir: str | Path, task: str = "sequence-classification", e
 
 def publish_example(cache_dir: str | Path, expert_paths: list[Path], dataset: Path, target_domain: int = 0,
                     log: Callable[[str], None] = print) -> Path:
-    """Publish built experts as ``example/expert-{d}`` and ``dataset`` as ``example/target`` into ``cache_dir``."""
-    models = [(f"example/expert-{d}", path, f"fine-tuned on domain {d}") for d, path in enumerate(expert_paths)]
-    return _publish(cache_dir, models, dataset, target_domain, log)
+    """Publish built experts as ``example/expert-{d}``, the base they were fine-tuned from (``base/`` beside them)
+    as ``example/expert-base`` and ``dataset`` as ``example/target`` into ``cache_dir``. Each expert gets a model
+    card naming that base (``base_model``), as a Hub fine-tune's card does, so ``--combine`` finds it."""
+    base = Path(expert_paths[0]).parent / "base"
+    models = [(BASE_ID, base, "the base the experts were fine-tuned from")] if (base / "config.json").is_file() else []
+    with tempfile.TemporaryDirectory() as tmp:
+        for d, path in enumerate(expert_paths):
+            folder = shutil.copytree(path, Path(tmp) / f"expert-{d}")
+            if models:
+                (folder / "README.md").write_text(
+                    f"---\nbase_model: {BASE_ID}\n---\n\n# example/expert-{d}\n\nA tiny expert of hf-glue's bundled "
+                    f"example, fine-tuned from {BASE_ID} on domain {d}.\n")
+            models.append((f"example/expert-{d}", folder, f"fine-tuned on domain {d}"))
+        return _publish(cache_dir, models, dataset, target_domain, log)
 
 
 def _publish(cache_dir: str | Path, models: list[tuple[str, Path, str]], dataset: Path, target_domain: int,
@@ -53,9 +70,9 @@ def _publish(cache_dir: str | Path, models: list[tuple[str, Path, str]], dataset
     cache = Path(cache_dir)
     for repo_id, path, what in models:
         sha = publish_to_cache(path, repo_id, cache)
-        log(f"{repo_id:<17} @ {sha[:10]}  ({what})")
+        log(f"{repo_id:<19} @ {sha[:10]}  ({what})")
     sha = publish_to_cache(dataset, "example/target", cache, repo_type="dataset")
-    log(f"{'example/target':<17} @ {sha[:10]}  (dataset, domain {target_domain})")
+    log(f"{'example/target':<19} @ {sha[:10]}  (dataset, domain {target_domain})")
     return cache
 
 

@@ -107,6 +107,18 @@ def test_readme_blend_command_runs_on_the_example(api_run, example_hub):
     assert CACHE_VARIABLES in result  # its own reproduce command carries them too
 
 
+def test_readme_task_vector_example_runs(example_hub, tmp_path):
+    """The README's `--combine ties` line on the example runs as written: the base comes from the experts' cards."""
+    line = next(c for c in readme_commands() if "--combine ties" in c and "example/" in c)
+    (tmp_path / "example-hub").symlink_to(example_hub)
+    env = {k: v for k, v in example_env(example_hub).items() if k not in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    proc = subprocess.run(["bash", "-c", line + " --steps 6"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = (tmp_path / "example-ties" / "merge_result.json").read_text()
+    assert '"example/expert-base"' in result and '"ties"' in result
+
+
 def test_readme_compare_table_has_the_columns_compare_prints():
     """The README's compare output is compare's own format: same header, same note on the memory column."""
     from hf_glue.report.comparison import PEAK_NOTE, format_table

@@ -368,8 +368,8 @@ def card_base(experts: list[Expert]) -> str:
         named = meta.get("base_model") if isinstance(meta, dict) else None
         named = named[0] if isinstance(named, list) and len(named) == 1 else named
         if not isinstance(named, str):
-            raise GlueError(f"--combine needs the experts' base model: pass --base-model (expert {expert.name!r}'s "
-                            "model card names no single base_model).")
+            raise GlueError(f"--combine needs the experts' base model: pass --base-model (the model card of expert "
+                            f"{expert.name!r} names no single base_model).")
         bases[expert.name] = named
     if len(set(bases.values())) > 1:
         listed = "; ".join(f"{n!r} over {b!r}" for n, b in bases.items())
