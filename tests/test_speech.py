@@ -180,6 +180,18 @@ def test_wav_audio_column_decodes_through_wave(speech_experts):
     assert result.task == "ctc" and result.eval["cer"] < 0.6
 
 
+@pytest.mark.parametrize("task, prefix", [("audio-classification", "ac"), ("ctc", "asr")])
+def test_audiofolder_target_loads_without_torchcodec(speech_experts, tmp_path, task, prefix):
+    """A target in datasets' AudioFolder layout (WAV files and metadata.csv per split), as the Hub documents for
+    audio: loaded and merged with the WAVs read by `wave` (datasets alone needs torchcodec to load it)."""
+    folder = speech.write_speech_dataset(tmp_path / "target", task, domain=0, n_train=32, n_test=16,
+                                         form="audiofolder")
+    assert sorted(p.name for p in folder.iterdir()) == ["test", "train"]
+    result = merge_experts(speech_experts[prefix][:2], str(folder), GlueConfig(steps=3, seed=0, batch_size=8))
+    assert result.task == task and result.eval["loss"] == result.eval["loss"]  # finite, read from the WAV files
+    assert (result.eval.get("accuracy", 1.0) > 0.5) and result.eval.get("cer", 0.0) < 0.6
+
+
 def _prepare(task_name, dataset_dir, experts, **data):
     """Run the task's column resolution and preprocessing on a local dataset, as the pipeline does."""
     from hf_glue.pipeline import data_mod

@@ -55,6 +55,48 @@ class TargetData:
         return {"id": repo_id, "revision": revision, "train_split": self.train_split, "eval_split": self.eval_split}
 
 
+#: files `datasets`' AudioFolder reads as audio
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aiff")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+
+
+def load_audio_folder(folder: Path, spec: str):
+    """A dataset in `datasets`' AudioFolder layout (audio files and a ``metadata.csv``/``.jsonl`` naming them in
+    ``file_name``; one split at the top, or one per subfolder) as a DatasetDict whose ``audio`` column is an
+    undecoded `datasets.Audio` (path per row): `datasets` itself would encode every file with torchcodec, which
+    does not even import with a CPU build of torch; hf-glue reads the WAVs with `wave`. None for any other layout."""
+    import datasets
+    import pandas as pd
+    import pyarrow as pa
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    tops = [folder / m for m in METADATA_FILES if (folder / m).is_file()]
+    places = {"train": tops[0]} if tops else {
+        sub.name: next(sub / m for m in METADATA_FILES if (sub / m).is_file())
+        for sub in sorted(folder.iterdir()) if sub.is_dir() and any((sub / m).is_file() for m in METADATA_FILES)}
+    if not places or not any(f.suffix.lower() in AUDIO_SUFFIXES for f in folder.rglob("*") if f.is_file()):
+        return None
+    splits = {}
+    for split, metadata in places.items():
+        frame = (pd.read_json(metadata, lines=True) if metadata.suffix == ".jsonl"
+                 else pd.read_csv(metadata, keep_default_na=False))
+        if "file_name" not in frame.columns:
+            raise GlueError(f"dataset {spec!r}: {metadata.relative_to(folder)} has no file_name column (AudioFolder "
+                            "names each row's audio file there).")
+        paths = [metadata.parent / str(name) for name in frame.pop("file_name")]
+        missing = next((p for p in paths if not p.is_file()), None)
+        if missing is not None:
+            raise GlueError(f"dataset {spec!r}: {metadata.relative_to(folder)} names {missing.name!r}, which is not "
+                            f"in {str(missing.parent)!r}.")
+        table = pa.Table.from_pandas(frame, preserve_index=False).append_column(
+            "audio", pa.array([{"bytes": None, "path": str(p)} for p in paths],
+                              type=pa.struct({"bytes": pa.binary(), "path": pa.string()})))
+        splits[split] = datasets.Dataset(table).cast_column("audio", datasets.Audio(decode=False))
+    return datasets.DatasetDict(splits)
+
+
 def load_target(data: DataConfig, seed: int = 0) -> TargetData:
     """Resolve and load the dataset, then pick the train split and a held-out split."""
     if not data.dataset:
@@ -75,7 +117,8 @@ def load_target(data: DataConfig, seed: int = 0) -> TargetData:
         else:
             repo = hub.resolve(spec, repo_type="dataset", what="dataset")
             with _quiet_datasets():
-                loaded = datasets.load_dataset(str(repo.path), name=data.dataset_config)
+                loaded = (load_audio_folder(repo.path, spec)
+                          or datasets.load_dataset(str(repo.path), name=data.dataset_config))
     except GlueError:
         raise
     except (ValueError, TypeError, OSError, datasets.exceptions.DatasetsError) as err:

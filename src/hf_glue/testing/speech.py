@@ -202,7 +202,8 @@ def write_speech_dataset(folder: Path, task: str, domain: int, n_train: int = 96
 
     ``form``: ``jsonl`` (plain float arrays; with ``sampling_rate_column`` a ``sampling_rate`` column too) or
     ``wav`` (parquet files with a `datasets` Audio column of embedded PCM WAV bytes, as Hub datasets store audio;
-    rows cycle through 16-bit mono, 8-bit mono, 32-bit stereo). ``rate``: the clips' sampling rate."""
+    rows cycle through 16-bit mono, 8-bit mono, 32-bit stereo) or ``audiofolder`` (16-bit WAV files and a
+    ``metadata.csv`` per split, `datasets`' AudioFolder layout). ``rate``: the clips' sampling rate."""
     from ..tasks.audio import write_wav
 
     folder = Path(folder)
@@ -221,6 +222,16 @@ def write_speech_dataset(folder: Path, task: str, domain: int, n_train: int = 96
             (folder / f"{split}.jsonl").write_text("".join(lines))
         elif form == "wav":
             _write_audio_parquet(folder / f"{split}.parquet", rows, rate, write_wav)
+        elif form == "audiofolder":  # datasets' AudioFolder layout: <split>/<n>.wav and <split>/metadata.csv
+            (folder / split).mkdir(exist_ok=True)
+            names = [f"{i:04d}.wav" for i in range(len(rows))]
+            for name, r in zip(names, rows):
+                write_wav(str(folder / split / name), np.asarray(r["audio"], dtype=np.float32), rate)
+            other = [k for k in rows[0] if k not in ("audio", "track")]
+            lines = ["file_name," + ",".join(other)] + [
+                name + "," + ",".join(json.dumps(r[k]) if isinstance(r[k], str) else str(r[k]) for k in other)
+                for name, r in zip(names, rows)]
+            (folder / split / "metadata.csv").write_text("\n".join(lines) + "\n")
         else:
             raise ValueError(f"unknown form {form!r}")
     return folder
