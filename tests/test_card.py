@@ -39,6 +39,47 @@ def test_card_parses_with_the_merge_metadata(merged, cls_experts):
     assert metric["type"] == "accuracy" and metric["value"] == pytest.approx(result["eval"]["accuracy"], abs=1e-6)
 
 
+def test_card_says_how_to_use_the_merge_and_names_it(merged):
+    """The full merge's card has a runnable loading snippet and names the model by its folder (its repo id once
+    pushed) in the model index, not a generic name; the experts' cards state no licence, and the card says so."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(merged / "README.md")
+    assert "## How to use" in card.text
+    assert 'AutoModelForSequenceClassification.from_pretrained("merged")' in card.text
+    assert 'pipeline("text-classification", model="merged")' in card.text
+    assert card.data.to_dict()["model-index"][0]["name"] == "merged"
+    assert "license" not in card.data.to_dict() and "## Licence" in card.text and "not stated" in card.text
+    import subprocess
+    import sys
+
+    from conftest import TEST_ENV
+
+    snippet = card.text.split("## How to use\n\n```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", snippet + "print(pipe('a b c')[0]['label'])"], cwd=merged.parent,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **TEST_ENV})
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]  # the snippet runs as written
+
+
+def test_card_carries_the_licence_the_experts_agree_on(cls_experts, tmp_path):
+    """Experts whose cards state one licence give the merge that licence; differing ones give none and a note."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    ids = []
+    for d, licence in enumerate(("apache-2.0", "apache-2.0", "mit")):
+        folder = shutil.copytree(cls_experts["paths"][d], tmp_path / f"lic-{d}")
+        (folder / "README.md").write_text(f"---\nlicense: {licence}\n---\n# expert {d}\n")
+        ids.append(str(folder))
+    merge_experts(ids[:2], "org/target", GlueConfig(steps=2), output_dir=str(tmp_path / "agree"))
+    card = ModelCard.load(tmp_path / "agree" / "README.md")
+    assert card.data.to_dict()["license"] == "apache-2.0" and "## Licence" not in card.text
+    merge_experts(ids[1:], "org/target", GlueConfig(steps=2), output_dir=str(tmp_path / "differ"))
+    card = ModelCard.load(tmp_path / "differ" / "README.md")
+    assert "license" not in card.data.to_dict() and "apache-2.0" in card.text and "mit" in card.text
+
+
 def test_card_template_lives_in_the_top_level_model_cards_folder():
     """The template is model_cards/merge.md at the top of the repository, the only copy (tests/test_packaging.py
     checks that wheels and editable installs ship it as hf_glue.model_cards)."""

@@ -353,19 +353,9 @@ def build_engine(strategy: str, experts: list[Expert], base: Optional[Expert], t
 def card_base(experts: list[Expert]) -> str:
     """The base model the experts' model cards name (``base_model:`` in README.md), for --combine without
     --base-model; refused when a card names none or the cards disagree."""
-    import yaml
-
     bases = {}
     for expert in experts:
-        card = expert.repo.path / "README.md"
-        text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
-        meta = {}
-        if text.startswith("---"):
-            try:
-                meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-            except yaml.YAMLError:
-                meta = {}
-        named = meta.get("base_model") if isinstance(meta, dict) else None
+        named = expert.repo.card_metadata().get("base_model")
         named = named[0] if isinstance(named, list) and len(named) == 1 else named
         if not isinstance(named, str):
             raise GlueError(f"--combine needs the experts' base model: pass --base-model (the model card of expert "

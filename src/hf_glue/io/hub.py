@@ -33,7 +33,27 @@ class ResolvedRepo:
         return self.revision is None
 
     def to_dict(self) -> dict:
-        return {"id": self.repo_id, "revision": self.revision}
+        """Its id and revision, and the licence its model card states (when it states one)."""
+        licence = self.card_metadata().get("license")
+        return {"id": self.repo_id, "revision": self.revision,
+                **({"license": str(licence)} if isinstance(licence, (str, int, float)) else {})}
+
+    def card_metadata(self) -> dict:
+        """The YAML front matter of the repo's README.md (its model card), or {} when there is none or it is
+        unreadable."""
+        import yaml
+
+        card = self.path / "README.md" if self.path.is_dir() else None
+        if card is None or not card.is_file():
+            return {}
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if not text.startswith("---"):
+            return {}
+        try:
+            meta = yaml.safe_load(text.split("---", 2)[1])
+        except yaml.YAMLError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
 
 def split_spec(spec: str) -> tuple[str, Optional[str]]:

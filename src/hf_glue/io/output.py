@@ -166,6 +166,12 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str, advice:
             raise GlueError(f"{what} tensor {name!r} holds NaN or inf values; nothing was written: {advice}")
 
 
+def final_name(folder: Path) -> str:
+    """The name ``folder`` will have when its write finishes (an `atomic_dir` partial's target's name)."""
+    match = re.fullmatch(r"\.(.+)\.partial-\d+@.+", Path(folder).resolve().name)
+    return match.group(1) if match else Path(folder).resolve().name
+
+
 def remove_stale_partials(output_dir: Path) -> None:
     """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` folders beside ``output_dir`` whose writer (on this host) is
     gone; a running writer's are kept."""

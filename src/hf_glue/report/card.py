@@ -23,9 +23,10 @@ def _fmt(value) -> str:
 
 
 def generate_card(result: dict, *, trajectory_png: Optional[str] = None, comparison: Optional[dict] = None,
-                  mergekit_yaml: Optional[str] = None) -> str:
+                  mergekit_yaml: Optional[str] = None, folder_name: Optional[str] = None) -> str:
     """Render the card for a merge result dict (the content of ``merge_result.json``); ``mergekit_yaml``: the
-    blend as a mergekit configuration (`mergekit.mergekit_config`), shown in a section of its own."""
+    blend as a mergekit configuration (`mergekit.mergekit_config`), shown in a section of its own; ``folder_name``:
+    the output folder's name, the model's id in the card until it is pushed (then its repo id)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from ..tasks import get_task
@@ -51,7 +52,10 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     lora = bool(base) and not combine
     save_as = result.get("save_as") if lora else None
     hub_base = [base["id"]] if base and base.get("revision") else []
+    model_id = result.get("model_name") or folder_name or "path/to/this/folder"
+    licence, licence_note = _licence(result["experts"] + ([base] if lora else []))
     card_data = ModelCardData(
+        license=licence,
         # an adapter's parent is its base; a merge's are the base and the adapters (or the experts)
         base_model=(hub_base if save_as == "adapter" else hub_base + hub_experts) or None,
         base_model_relation="adapter" if save_as == "adapter" else "merge",
@@ -61,7 +65,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         tags=["merge", "hf-glue"] + (["lora"] if lora else []) + ([combine] if combine else [])
         + ([task.pipeline_tag] if task else []),
         eval_results=_eval_results(result, task) if task and dataset else None,
-        model_name=result.get("model_name") or "hf-glue-merge",
+        model_name=model_id if model_id != "path/to/this/folder" else "hf-glue-merge",
     )
     groups = result.get("group_coefficients") or {}
     finetune = (result.get("config") or {}).get("finetune") or {}
@@ -79,7 +83,10 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
                                  else _code(base["id"]))} if lora else None),
         save_as=save_as,
         auto_class=task.auto_model if task else "AutoModel",
-        model_id=result.get("model_name") or "path/to/this/folder",
+        model_id=model_id,
+        processor_class="AutoProcessor",
+        pipeline_tag=task.pipeline_tag if task else None,
+        licence_note=licence_note,
         method_pretty=method["pretty_name"],
         method_description=_describe(method["description"], result.get("details") or {}),
         experts=experts,
@@ -105,6 +112,18 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         versions=result.get("versions", {}),
     )
     return str(card)
+
+
+def _licence(inputs: list[dict]) -> tuple[Optional[str], Optional[str]]:
+    """(the licence every input's card states, or None; a note when they differ or some state none): a merge is a
+    derivative of each input, so one licence is carried only when all agree."""
+    stated = {i["id"]: i.get("license") for i in inputs}
+    found = set(stated.values())
+    if len(found) == 1 and None not in found:
+        return next(iter(found)), None
+    listed = "; ".join(f"{name}: {value or 'not stated'}" for name, value in stated.items())
+    return None, (f"The inputs' model cards do not state one licence ({listed}): this merge derives from each of "
+                  "them, so check their terms before using or sharing it.")
 
 
 def _selection(details: dict) -> Optional[dict]:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..io.experts import PROCESSOR_FILES
-from ..io.output import RESULT_FILE, atomic_dir, check_finite, strict_json
+from ..io.output import RESULT_FILE, atomic_dir, check_finite, final_name, strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def write_card(folder: Path, data: Optional[dict] = None) -> Path:
     comparison = json.loads(compare.read_text()).get("card") if compare.is_file() else None
     mergekit_yaml = write_mergekit_config(folder, data)
     (folder / "README.md").write_text(generate_card(data, trajectory_png=png.name if png else None,
-                                                    comparison=comparison, mergekit_yaml=mergekit_yaml))
+                                                    comparison=comparison, mergekit_yaml=mergekit_yaml,
+                                                    folder_name=final_name(folder)))
     return folder / "README.md"
 
