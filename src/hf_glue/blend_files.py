@@ -22,7 +22,7 @@ from .methods import method_info
 from .methods.weights import check_weights
 from .io.output import (RESULT_FILE, atomic_dir, check_free_space, check_output_dir, input_paths, output_bytes,
                         strict_json)
-from .report.result import copy_processor_files, settle_remote_code, write_card
+from .report.result import copy_processor_files, save_model, settle_remote_code, write_card
 
 
 def _convex(values: Sequence, where: str) -> list[float]:
@@ -195,7 +195,7 @@ def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_con
     out = output_model(matrix.to_adapter_model(alpha, {"base_model_name_or_path": base.repo.repo_id,
                                                        "revision": base.repo.revision}), output.save_as)
     with atomic_dir(output.output_dir, output.overwrite_output_dir) as tmp:
-        out.save_pretrained(tmp, safe_serialization=True)
+        save_model(out, tmp)
         copy_processor_files(base.repo.path, tmp)
         result = _blend_result(source, names, adapters, coefficients, experts_config, command, start,
                                task=task.name, granularity=granularity, base=base,

@@ -114,7 +114,7 @@ class MergeResult:
                             if self.eval_after is not None else
                             ("the merged model's", "check the coefficients and the experts' weights."))
             check_finite(self.model.state_dict().items(), what, advice)
-            self.model.save_pretrained(folder, safe_serialization=True)
+            save_model(self.model, folder)
         if self.source_dir is not None:
             copy_processor_files(self.source_dir, folder)
         elif self.processor is not None:
@@ -160,6 +160,16 @@ def settle_remote_code(folder: Path, source: Optional[Path], trusted: bool) -> N
     if dropped:
         logger.warning("note: dropped auto_map from %s: it names the experts' own code, which the output does not "
                        "ship without --trust-remote-code.", ", ".join(dropped))
+
+
+def save_model(model, folder: Path) -> None:
+    """``model.save_pretrained`` in safetensors; a PEFT adapter without PEFT's check of the base's vocabulary (it
+    looks the base up by id, warns "Could not find a config file" for a cache-only or local base, and a blend never
+    resizes the vocabulary)."""
+    from peft import PeftModel
+
+    extra = {"save_embedding_layers": False} if isinstance(model, PeftModel) else {}
+    model.save_pretrained(folder, safe_serialization=True, **extra)
 
 
 def write_card(folder: Path, data: Optional[dict] = None) -> Path:
