@@ -140,7 +140,6 @@ def test_block_granularity_saves_agree(lora_experts, tmp_path):
     proc = run_cli("blend", "--from-result", str(tmp_path / "merged" / "merge_result.json"), "--save-as", "adapter",
                    "--output-dir", str(tmp_path / "blended-adapter"))
     assert proc.returncode == 0, proc.stderr
-    assert "Could not find a config file" not in proc.stderr  # PEFT's vocabulary check of the base, not ours
     with torch.no_grad():
         blended = AutoModelForSequenceClassification.from_pretrained(tmp_path / "blended").eval()(**batch).logits
         base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
@@ -383,3 +382,27 @@ def test_two_processes_merge_lora_adapters_like_one(lora_experts, tmp_path):
     a, b, _ = one_and_two_processes(common, tmp_path)
     assert b["eval"]["loss"] == pytest.approx(a["eval"]["loss"], abs=1e-5)
     assert (tmp_path / "two" / "adapter_config.json").is_file()
+
+
+def test_saved_adapter_skips_peft_base_lookup(lora_experts, tmp_path):
+    """An adapter whose base is a cache-only repo id: PEFT's own save looks the base up on the Hub and warns "Could not
+    find a config file" (offline); hf-glue's save does not (a blend never resizes the vocabulary)."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_glue.report.result import save_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(lora_experts["base"])
+    model = PeftModel.from_pretrained(base, lora_experts["paths"][0])
+    model.peft_config["default"].base_model_name_or_path = "org/lora-base"  # a repo id, as the adapters name it
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        save_model(model, tmp_path / "ours")
+    assert any("Could not find a config file" in str(w.message) for w in plain)  # the check this avoids
+    assert not any("Could not find a config file" in str(w.message) for w in ours)
+    assert (tmp_path / "ours" / "adapter_model.safetensors").is_file()
