@@ -176,3 +176,21 @@ def test_card_of_a_fine_tuned_merge_does_not_call_it_the_blend():
     assert "**fine-tuned from a merge**" in finetuned and "**not θ(α)**" in finetuned
     assert "after 2 epoch(s) of fine-tuning" in finetuned and "learning rate 0.003" in finetuned
     assert "## Coefficients of the merge (before fine-tuning)" in finetuned
+
+
+def test_trajectory_plot_marks_the_returned_alpha_on_labelled_axes(tmp_path, monkeypatch):
+    """The card's plot: the returned α starred at the end, both axes labelled, the losses on a log scale."""
+    import matplotlib.pyplot as plt
+
+    from hf_glue.report.plots import plot_trajectories
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    history = [{"step": t, "loss_plus": 0.5 / (t + 1), "loss_minus": 0.6 / (t + 1),
+                "coefficients": {"a": 0.5 + t / 40, "b": 0.5 - t / 40}} for t in range(10)]
+    result = {"history": history, "experts": [{"name": "a"}, {"name": "b"}], "coefficients": {"a": 0.7, "b": 0.3}}
+    assert plot_trajectories(result, tmp_path / "t.png").is_file()
+    ax_a, ax_l = figures[0].axes
+    stars = [line for line in ax_a.lines if line.get_marker() == "*" and len(line.get_ydata()) == 1]
+    assert sorted(float(line.get_ydata()[0]) for line in stars) == [0.3, 0.7]
+    assert ax_l.get_yscale() == "log" and ax_a.get_ylabel() and ax_l.get_ylabel() and ax_a.get_xlabel() == "step"
