@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -71,6 +72,11 @@ def test_blend_from_result_reproduces_a_merge(cls_experts, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
     result = json.loads((out / "merge_result.json").read_text())
     assert result["group_coefficients"] and result["method"] == "glue"
+    # the card tells what learning α cost and how θ(α) scored, not "0 forward passes" and no metrics
+    source = json.loads((merged / "merge_result.json").read_text())
+    card = (out / "README.md").read_text()
+    assert f"cost {source['forward_passes']} forward passes" in card and not re.search(r"(?<!\d)0 forward passes", card)
+    assert "merged (measured by the search that learned α)" in card and f"{source['eval']['accuracy']:.4f}" in card
 
 
 def test_blend_refuses_bad_weights(cls_experts, tmp_path):

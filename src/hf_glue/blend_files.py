@@ -230,6 +230,13 @@ def _blend_result(source: Optional[dict], names: list[str], inputs, coefficients
     }
     if source and source.get("group_coefficients"):
         result["group_coefficients"] = source["group_coefficients"]
+    if source and source.get("method") != "weights":
+        # what the search that learned α cost, and θ(α)'s held-out metrics as it measured them (same weights, up
+        # to rounding): the card shows them, marked as the search's
+        result["learned_by"] = {k: source.get(k) for k in ("forward_passes", "backward_passes", "seconds")}
+        merged_eval = source.get("eval_before") or (None if source.get("eval_after") else source.get("eval"))
+        if merged_eval:
+            result["learned_by"]["eval"] = merged_eval
     return result
 
 

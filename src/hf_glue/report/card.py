@@ -105,6 +105,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         trajectory_png=trajectory_png,
         selection=_selection(result.get("details") or {}),
         mergekit_yaml=(mergekit_yaml or "").rstrip("\n"),
+        learned_by=result.get("learned_by"),
         forward_passes=result.get("forward_passes", 0),
         backward_passes=result.get("backward_passes", 0),
         seconds=result.get("seconds", 0.0),
@@ -192,7 +193,9 @@ def _code(text: str, in_table: bool = False) -> str:
 
 
 def _metric_rows(result: dict) -> tuple[list[dict], list[str]]:
-    stages = [("merged", result.get("eval_before") or result.get("eval")), ("fine-tuned", result.get("eval_after"))]
+    learned = (result.get("learned_by") or {}).get("eval")
+    stages = [("merged", result.get("eval_before") or result.get("eval")), ("fine-tuned", result.get("eval_after")),
+              ("merged (measured by the search that learned α)", None if result.get("eval") else learned)]
     stages = [(s, m) for s, m in stages if m]
     names = sorted({k for _, m in stages for k in m})
     return [{"stage": s, "values": [_fmt(m.get(k, "")) for k in names]} for s, m in stages], names
