@@ -148,6 +148,8 @@ def test_block_granularity_saves_agree(lora_experts, tmp_path):
     torch.testing.assert_close(blended_adapter, merged, rtol=0, atol=1e-5)
     blended_result = json.loads((tmp_path / "blended-adapter" / "merge_result.json").read_text())
     assert blended_result["group_coefficients"] == groups
+    card = (tmp_path / "blended-adapter" / "README.md").read_text()  # the search's cost and metrics, not 0 passes
+    assert "## Results on the held-out split" in card and "forward passes" in card and "the search that learned" in card
     assert blended_result["base_model"]["id"] == "org/lora-base"
 
 

@@ -235,7 +235,8 @@ def _blend_result(source: Optional[dict], names: list[str], inputs, coefficients
         # to rounding): the card shows them, marked as the search's
         result["learned_by"] = {k: source.get(k) for k in ("forward_passes", "backward_passes", "seconds")}
         merged_eval = source.get("eval_before") or (None if source.get("eval_after") else source.get("eval"))
-        if merged_eval:
+        source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+        if merged_eval and source_dtype == experts_config.dtype:  # else measured on other weights: left out
             result["learned_by"]["eval"] = merged_eval
     return result
 
