@@ -85,28 +85,19 @@ def test_named_columns_then_work(cls_experts, tmp_path):
 def test_allow_pickle_loads_bin_weights(cls_experts, odd_experts):
     from hf_glue import ExpertsConfig, GlueConfig, merge_experts
 
+    import torch
+    from safetensors.torch import load_file
+
     result = merge_experts(["org/expert-0", "org/pickled"], "org/target", GlueConfig(method="uniform"),
                            experts_config=ExpertsConfig(allow_pickle=True))
     assert result.coefficients == {"org/expert-0": 0.5, "org/pickled": 0.5}
-
-
-def test_existing_output_dir_is_refused_then_overwritten(cls_experts, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
-                   "--output-dir", str(out), "--method", "uniform")
-    assert proc.returncode != 0 and "--overwrite-output-dir" in proc.stderr
-    assert (out / "keep.txt").read_text() == "mine"
-    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
-                   "--output-dir", str(out), "--method", "uniform", "--overwrite-output-dir")
-    assert proc.returncode != 0 and "'keep.txt'" in proc.stderr  # not an hf-glue output: never deleted
-    assert (out / "keep.txt").read_text() == "mine"
-    (out / "keep.txt").unlink()
-    proc = run_cli("merge", "--experts", "org/expert-0", "org/expert-1", "--dataset", "org/target",
-                   "--output-dir", str(out), "--method", "uniform", "--overwrite-output-dir")
-    assert proc.returncode == 0, proc.stderr
-    assert (out / "model.safetensors").is_file()
+    # the .bin weights were read: the blend is the mean of expert-0 and expert-2 (the pickled copy's source)
+    first, second = (load_file(cls_experts["paths"][d] / "model.safetensors") for d in (0, 2))
+    merged = result.model.state_dict()
+    floats = [n for n, t in first.items() if t.is_floating_point() and not torch.equal(t, second[n])]
+    assert floats
+    for name in floats:
+        torch.testing.assert_close(merged[name], (first[name] + second[name]) / 2)
 
 
 def test_task_that_would_replace_the_experts_head_is_refused():

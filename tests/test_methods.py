@@ -106,11 +106,16 @@ def test_finetuning_improves_the_merge_and_the_card_keeps_both(cls_experts, tmp_
     rows = {l.split()[0]: l.split()[1:] for l in lines if l.split()[:1] in (["merged"], ["fine-tuned"])}
     for stage, metrics in (("merged", before), ("fine-tuned", after)):
         assert float(rows[stage][header.index("accuracy") - 1]) == pytest.approx(metrics["accuracy"], abs=1e-4)
-    # the saved model is the fine-tuned one
-    from transformers import AutoModelForSequenceClassification
+    # the saved model is the fine-tuned one: not θ(α), the blend of the experts with the recorded coefficients
+    from safetensors.torch import load_file
 
-    model = AutoModelForSequenceClassification.from_pretrained(out)
-    assert model is not None
+    saved = load_file(out / "model.safetensors")
+    experts = [load_file(cls_experts["paths"][d] / "model.safetensors") for d in (1, 2)]
+    alpha = [result["coefficients"][f"org/expert-{d}"] for d in (1, 2)]
+    blend = {n: alpha[0] * experts[0][n] + alpha[1] * experts[1][n] for n, t in experts[0].items()
+             if t.is_floating_point()}
+    moved = max(float((saved[n].float() - blend[n]).abs().max()) for n in blend)
+    assert moved > 1e-3, moved  # 1 epoch at 3e-3 moves weights far beyond rounding
 
 
 def test_training_args_file(cls_experts, tmp_path):

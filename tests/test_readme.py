@@ -73,11 +73,19 @@ def test_readme_merge_experts_example_runs(api_run):
     assert (cwd / "merged-api" / "model.safetensors").is_file()
 
 
-def test_readme_callback_example_runs(example_hub, tmp_path):
-    proc = run_python(readme_example("callback"), example_hub, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = eval(proc.stdout.strip().splitlines()[-1])
-    assert metrics["eval_loss"] < 0.2  # trained from the GLUE blend (expert-0 alone is the target's expert)
+def test_readme_callback_example_runs_from_the_blend(example_hub, tmp_path):
+    """The README's callback example, with two changes that make its outcome depend on the callback: the Trainer's
+    model is loaded from expert-2 (another domain: poor on the target alone) and the learning rate is ~0 (training
+    cannot fix it). A low held-out loss then means the callback put θ(α) into the model."""
+    code = readme_example("callback")
+    start, rate = "from_pretrained(experts[0])  # the experts' architecture", "learning_rate=1e-3"
+    assert start in code and rate in code
+    code = code.replace(start, "from_pretrained(experts[2])").replace(rate, "learning_rate=1e-12")
+    proc = run_python(code, example_hub, tmp_path)
+    alone = run_python(re.sub(r"callbacks=\[GlueCallback\(.*\n", "callbacks=[],\n", code), example_hub, tmp_path)
+    assert proc.returncode == 0 and alone.returncode == 0, (proc.stderr + alone.stderr)[-3000:]
+    with_blend, without = (eval(p.stdout.strip().splitlines()[-1])["eval_loss"] for p in (proc, alone))
+    assert with_blend < 0.2 < without, (with_blend, without)
 
 
 def test_readme_commands_on_the_example_give_its_cache_variables():
