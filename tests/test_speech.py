@@ -345,3 +345,34 @@ def test_unmasked_feature_extractor_is_noted_once(speech_experts, caplog):
         _preprocess("ctc", rows, processor, config)
         _preprocess("ctc", rows, processor, config)
     assert caplog.text.count("no attention mask") == 1
+
+
+def test_audiofolder_layouts_follow_datasets(tmp_path):
+    """Which folders are read as AudioFolders, and how: a top-level metadata file naming files in split folders gives
+    those splits; metadata.jsonl keeps strings as strings; unknown split folders, other data files beside the audio
+    or a metadata file without file_name are left to `datasets` (None)."""
+    from hf_glue.tasks.audio import write_wav
+    from hf_glue.tasks.data import load_audio_folder
+
+    def wav(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(str(path), np.zeros(800, dtype=np.float32), 16000)
+
+    wav(tmp_path / "a" / "train" / "x.wav")
+    wav(tmp_path / "a" / "test" / "y.wav")
+    (tmp_path / "a" / "metadata.csv").write_text("file_name,label\ntrain/x.wav,0\ntest/y.wav,1\n")
+    loaded = load_audio_folder(tmp_path / "a", "a")
+    assert {k: len(v) for k, v in loaded.items()} == {"train": 1, "test": 1}
+    assert loaded["test"][0]["audio"]["path"].endswith("test/y.wav") and loaded["test"][0]["label"] == 1
+    wav(tmp_path / "b" / "val" / "x.wav")
+    (tmp_path / "b" / "val" / "metadata.jsonl").write_text('{"file_name": "x.wav", "text": "123"}\n')
+    assert load_audio_folder(tmp_path / "b", "b")["validation"][0]["text"] == "123"
+    wav(tmp_path / "c" / "clips" / "x.wav")
+    (tmp_path / "c" / "clips" / "metadata.csv").write_text("file_name,label\nx.wav,1\n")
+    wav(tmp_path / "d" / "sample.wav")
+    (tmp_path / "d" / "metadata.csv").write_text("a,b\n1,2\n")
+    wav(tmp_path / "e" / "train" / "x.wav")
+    (tmp_path / "e" / "train" / "metadata.csv").write_text("file_name,label\nx.wav,1\n")
+    (tmp_path / "e" / "train.parquet").write_bytes(b"")
+    assert [load_audio_folder(tmp_path / n, n) for n in "cde"] == [None, None, None]
+    assert load_audio_folder(tmp_path / "a", "a", config="other") is None  # --dataset-config: datasets decides

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -9,6 +11,9 @@ from transformers import TrainerCallback
 
 from .config import DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, OutputConfig, TrackingConfig
 from .report.result import MergeResult
+
+
+logger = logging.getLogger(__name__)
 
 
 def merge_experts(
@@ -35,13 +40,19 @@ def merge_experts(
         finetune_config (`FinetuneConfig`, *optional*): fine-tune the merged model with the Trainer afterwards.
         tracking_config (`TrackingConfig`, *optional*): experiment trackers the search and fine-tuning log to.
     """
+    import torch
+
     from .pipeline import run_merge
 
     experts_config = replace(experts_config or ExpertsConfig(), experts=list(experts))
     data_config = replace(data_config or DataConfig(), dataset=dataset)
-    return run_merge(experts_config, data_config, config or GlueConfig(),
-                     OutputConfig(output_dir=output_dir, overwrite_output_dir=overwrite_output_dir),
-                     finetune_config=finetune_config, tracking_config=tracking_config)
+    threads = torch.get_num_threads()  # the run chooses its CPU threads; the caller's setting comes back after
+    try:
+        return run_merge(experts_config, data_config, config or GlueConfig(),
+                         OutputConfig(output_dir=output_dir, overwrite_output_dir=overwrite_output_dir),
+                         finetune_config=finetune_config, tracking_config=tracking_config)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class GlueCallback(TrainerCallback):
@@ -82,6 +93,10 @@ class GlueCallback(TrainerCallback):
         if getattr(state, "global_step", 0) > 0:
             # resumed: the Trainer loaded the checkpoint's weights (θ(α) trained so far) before this event; the blend
             # would overwrite them and the search would run again
+            if self.result is None:
+                logger.warning("GlueCallback: resumed at step %d from a checkpoint, so no search ran in this process "
+                               "and callback.result is None; pass result= (the first run's MergeResult) to keep "
+                               "its α for the card.", state.global_step)
             return control
         if self.result is None:
             self.result = merge_experts(self.experts, self.dataset, self.config, data_config=self.data_config,

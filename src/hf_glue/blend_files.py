@@ -234,6 +234,8 @@ def _blend_result(source: Optional[dict], names: list[str], inputs, coefficients
         # what the search that learned α cost, and θ(α)'s held-out metrics as it measured them (same weights, up
         # to rounding): the card shows them, marked as the search's
         result["learned_by"] = {k: source.get(k) for k in ("forward_passes", "backward_passes", "seconds")}
+        if source.get("learned_by"):  # a blend of a blend: the search behind the first
+            result["learned_by"] = dict(source["learned_by"])
         merged_eval = source.get("eval_before") or (None if source.get("eval_after") else source.get("eval"))
         source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
         if merged_eval and source_dtype == experts_config.dtype:  # else measured on other weights: left out

@@ -25,8 +25,8 @@ def choose_threads(requested: Optional[int], parameters: int, processes_here: in
     parameters; threads None: leave torch's setting (``OMP_NUM_THREADS`` was set by the user)."""
     if requested:
         return requested, "--threads"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    if os.environ.get("OMP_NUM_THREADS"):  # the user's, or the launcher's (torchrun and accelerate set it)
+        return None, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} in the environment; --threads N to change"
     if parameters < SMALL_MODEL:
         return 1, (f"experts of {parameters / 1e6:.2g}M parameters: more threads cost more than they save; "
                    "--threads N to change")

@@ -36,7 +36,7 @@ class ResolvedRepo:
         """Its id and revision, and the licence its model card states (when it states one)."""
         licence = self.card_metadata().get("license")
         return {"id": self.repo_id, "revision": self.revision,
-                **({"license": str(licence)} if isinstance(licence, (str, int, float)) else {})}
+                "license": str(licence) if isinstance(licence, (str, int, float)) else None}
 
     def card_metadata(self) -> dict:
         """The YAML front matter of the repo's README.md (its model card), or {} when there is none or it is

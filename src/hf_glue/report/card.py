@@ -53,7 +53,7 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
     save_as = result.get("save_as") if lora else None
     hub_base = [base["id"]] if base and base.get("revision") else []
     model_id = result.get("model_name") or folder_name or "path/to/this/folder"
-    licence, licence_note = _licence(result["experts"] + ([base] if lora else []))
+    licence, licence_note = _licence(result["experts"] + ([base] if base else []))  # task vectors: θ_base + Σλτ
     card_data = ModelCardData(
         license=licence,
         # an adapter's parent is its base; a merge's are the base and the adapters (or the experts)
@@ -85,7 +85,8 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
         auto_class=task.auto_model if task else "AutoModel",
         model_id=model_id,
         processor_class="AutoProcessor",
-        pipeline_tag=task.pipeline_tag if task else None,
+        # transformers 5 removed the text2text-generation pipeline: the snippet loads the model only there
+        pipeline_tag=task.pipeline_tag if task and task.pipeline_tag != "text2text-generation" else None,
         licence_note=licence_note,
         method_pretty=method["pretty_name"],
         method_description=_describe(method["description"], result.get("details") or {}),
@@ -118,9 +119,11 @@ def generate_card(result: dict, *, trajectory_png: Optional[str] = None, compari
 def _licence(inputs: list[dict]) -> tuple[Optional[str], Optional[str]]:
     """(the licence every input's card states, or None; a note when they differ or some state none): a merge is a
     derivative of each input, so one licence is carried only when all agree."""
+    if not any("license" in i for i in inputs):
+        return None, None  # a result written before licences were recorded: nothing known, nothing claimed
     stated = {i["id"]: i.get("license") for i in inputs}
     found = set(stated.values())
-    if len(found) == 1 and None not in found:
+    if len(found) == 1 and None not in found and found != {"other"}:  # "other" names no licence to carry
         return next(iter(found)), None
     listed = "; ".join(f"{name}: {value or 'not stated'}" for name, value in stated.items())
     return None, (f"The inputs' model cards do not state one licence ({listed}): this merge derives from each of "

@@ -60,36 +60,69 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 
 
-def load_audio_folder(folder: Path, spec: str):
+#: split folder names `datasets` recognises, as the split they name
+SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing": "test", "eval": "test",
+                 "evaluation": "test", "validation": "validation", "valid": "validation", "val": "validation",
+                 "dev": "validation"}
+#: files that make a folder another kind of dataset (metadata files aside)
+DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".tsv", ".txt")
+
+
+def load_audio_folder(folder: Path, spec: str, config: Optional[str] = None):
     """A dataset in `datasets`' AudioFolder layout (audio files and a ``metadata.csv``/``.jsonl`` naming them in
-    ``file_name``; one split at the top, or one per subfolder) as a DatasetDict whose ``audio`` column is an
-    undecoded `datasets.Audio` (path per row): `datasets` itself would encode every file with torchcodec, which
-    does not even import with a CPU build of torch; hf-glue reads the WAVs with `wave`. None for any other layout."""
+    ``file_name``; one metadata file at the top, or one per split folder: train, test, validation, ...) as a
+    DatasetDict whose ``audio`` column is an undecoded `datasets.Audio` (path per row): `datasets` itself would
+    encode every file with torchcodec, which does not even import with a CPU build of torch; hf-glue reads the WAVs
+    with `wave`. None for any other layout (data files beside the audio, a named --dataset-config, a metadata file
+    without file_name, an unknown split folder): `datasets` loads those."""
     import datasets
     import pandas as pd
     import pyarrow as pa
 
     folder = Path(folder)
-    if not folder.is_dir():
+    if config is not None or not folder.is_dir():
+        return None
+    files = [f for f in folder.rglob("*") if f.is_file() and ".git" not in f.parts and ".cache" not in f.parts]
+    if not any(f.suffix.lower() in AUDIO_SUFFIXES for f in files) or any(
+            f.suffix.lower() in DATA_SUFFIXES and f.name not in METADATA_FILES for f in files):
         return None
     tops = [folder / m for m in METADATA_FILES if (folder / m).is_file()]
-    places = {"train": tops[0]} if tops else {
-        sub.name: next(sub / m for m in METADATA_FILES if (sub / m).is_file())
-        for sub in sorted(folder.iterdir()) if sub.is_dir() and any((sub / m).is_file() for m in METADATA_FILES)}
-    if not places or not any(f.suffix.lower() in AUDIO_SUFFIXES for f in folder.rglob("*") if f.is_file()):
+    if tops:
+        places = {None: tops[0]}
+    else:
+        places = {}
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            metadata = next((sub / m for m in METADATA_FILES if (sub / m).is_file()), None)
+            if metadata is None:
+                continue
+            if sub.name.lower() not in SPLIT_FOLDERS:
+                return None
+            places[SPLIT_FOLDERS[sub.name.lower()]] = metadata
+    if not places:
         return None
-    splits = {}
+    frames: dict[str, list] = {}
     for split, metadata in places.items():
-        frame = (pd.read_json(metadata, lines=True) if metadata.suffix == ".jsonl"
+        frame = (pd.read_json(metadata, lines=True, dtype=False, convert_dates=False) if metadata.suffix == ".jsonl"
                  else pd.read_csv(metadata, keep_default_na=False))
         if "file_name" not in frame.columns:
-            raise GlueError(f"dataset {spec!r}: {metadata.relative_to(folder)} has no file_name column (AudioFolder "
-                            "names each row's audio file there).")
-        paths = [metadata.parent / str(name) for name in frame.pop("file_name")]
+            return None
+        names = [str(name) for name in frame.pop("file_name")]
+        paths = [metadata.parent / name for name in names]
         missing = next((p for p in paths if not p.is_file()), None)
         if missing is not None:
-            raise GlueError(f"dataset {spec!r}: {metadata.relative_to(folder)} names {missing.name!r}, which is not "
-                            f"in {str(missing.parent)!r}.")
+            raise GlueError(f"dataset {spec!r}: {metadata.relative_to(folder)} names {str(missing.relative_to(folder))!r}, "
+                            "which is not in the folder.")
+        # a top-level metadata file may name files in split folders (train/x.wav): those rows are that split's
+        row_splits = [split if split is not None else
+                      SPLIT_FOLDERS.get(Path(name).parts[0].lower() if len(Path(name).parts) > 1 else "", "train")
+                      for name in names]
+        for name in sorted(set(row_splits)):
+            keep = [i for i, s in enumerate(row_splits) if s == name]
+            frames.setdefault(name, []).append((frame.iloc[keep].reset_index(drop=True), [paths[i] for i in keep]))
+    splits = {}
+    for split, parts in frames.items():
+        frame = pd.concat([f for f, _ in parts], ignore_index=True)
+        paths = [p for _, ps in parts for p in ps]
         table = pa.Table.from_pandas(frame, preserve_index=False).append_column(
             "audio", pa.array([{"bytes": None, "path": str(p)} for p in paths],
                               type=pa.struct({"bytes": pa.binary(), "path": pa.string()})))
@@ -117,7 +150,7 @@ def load_target(data: DataConfig, seed: int = 0) -> TargetData:
         else:
             repo = hub.resolve(spec, repo_type="dataset", what="dataset")
             with _quiet_datasets():
-                loaded = (load_audio_folder(repo.path, spec)
+                loaded = (load_audio_folder(repo.path, spec, data.dataset_config)
                           or datasets.load_dataset(str(repo.path), name=data.dataset_config))
     except GlueError:
         raise
