@@ -137,7 +137,8 @@ def test_revision_pins_and_is_recorded(cls_experts):
 
     sha = Path(snapshot_download("org/expert-1")).name
     result = merge_experts(["org/expert-0", f"org/expert-1@{sha}"], "org/target", GlueConfig(method="uniform"))
-    assert result.experts[1] == {"name": f"org/expert-1@{sha}", "id": "org/expert-1", "revision": sha}
+    assert result.experts[1] == {"name": f"org/expert-1@{sha}", "id": "org/expert-1", "revision": sha,
+                                 "license": None}  # its card states none
     assert f"org/expert-1@{sha}" in result.coefficients
 
 
