@@ -154,3 +154,15 @@ def test_hub_ids_are_not_taken_for_paths(spec):
     from hf_glue.io.hub import looks_like_path
 
     assert not looks_like_path(spec)
+
+
+def test_missing_local_dataset_is_reported_before_the_experts_are_fetched(cls_experts, tmp_path, monkeypatch):
+    """A dataset path that does not exist is named first, before any expert is resolved (which could download)."""
+    from hf_glue import DataConfig, ExpertsConfig, GlueConfig
+    from hf_glue.errors import GlueError
+    from hf_glue.pipeline import prepare
+
+    monkeypatch.chdir(tmp_path)
+    experts = ExpertsConfig(experts=["org/does-not-exist-a", "org/does-not-exist-b"])
+    with pytest.raises(GlueError, match="dataset 'data/target.csv': no such file or folder"):
+        prepare(experts, DataConfig(dataset="data/target.csv"), GlueConfig())

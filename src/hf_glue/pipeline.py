@@ -23,7 +23,7 @@ from .config import (DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, Outp
                      torch_dtype)
 from .errors import GlueError
 from .io.checkpoint import STATE_FILE, Checkpoint, state_dir_for
-from .io.hub import check_repo_id
+from .io.hub import check_repo_id, looks_like_path
 from .io.adapters import is_adapter
 from .io.experts import (
     Expert,
@@ -122,6 +122,7 @@ def prepare(
         if size % accelerator.num_processes:
             raise GlueError(f"{flag} {size} must be divisible by the number of processes "
                             f"({accelerator.num_processes}).")
+    check_local_inputs(experts_config, data_config)
     # 1. metadata only: repo ids, configs, tokenizers, parameter shapes
     with accelerator.main_process_first():
         repos = resolve_repos(experts_config.experts)
@@ -204,6 +205,17 @@ def use_threads(experts: list[Expert], experts_config: ExpertsConfig, accelerato
     line = apply_threads(experts_config.threads, parameters, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if accelerator.is_main_process:
         print(line, file=sys.stderr, flush=True)
+
+
+def check_local_inputs(experts_config: ExpertsConfig, data_config: DataConfig) -> None:
+    """Refuse, before any Hub lookup or download, an input that names a local path (``./x``, ``data/t.csv``) that
+    does not exist: the run would otherwise resolve and fetch the others first."""
+    inputs = [("dataset", data_config.dataset), ("base model", experts_config.base_model),
+              *(("expert", e) for e in experts_config.experts)]
+    for what, spec in inputs:
+        if spec and looks_like_path(spec) and not Path(spec).expanduser().exists():
+            raise GlueError(f"{what} {spec!r}: no such file or folder ({Path(spec).expanduser().absolute()}); check "
+                            "the path (a Hub repo id is org/name).")
 
 
 def check_probe(experts_config: ExpertsConfig, glue_config: GlueConfig, processes: int) -> None:
