@@ -106,7 +106,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
         if not base_spec:
             raise GlueError(f"--from-result {blend.from_result!r} has task vectors but names no base_model.")
         experts.append(resolve_experts([base_spec], what="base model", minimum=1)[0])
-        source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+        source_dtype = source_dtype_of(source)
         transform = _task_vector_transform(task_vectors, torch_dtype(source_dtype))
     check_model_types(experts)
     check_processor_files(experts)
@@ -148,7 +148,7 @@ def run_blend(experts_config: ExpertsConfig, blend: BlendConfig, output: OutputC
             result["config"]["glue"] = source["config"]["glue"]
             result["details"] = {"task_vectors": task_vectors}
         if source and source.get("eval"):
-            source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+            source_dtype = source_dtype_of(source)
             if source_dtype == experts_config.dtype:  # the same weights: the source's metrics hold
                 result["eval"] = source["eval"]
             else:  # measured on the source's weights only: kept apart, out of the card
@@ -206,6 +206,11 @@ def _blend_adapters(repos, names: list[str], source: Optional[dict], experts_con
     return Path(output.output_dir)
 
 
+def source_dtype_of(source: dict) -> str:
+    """The --dtype the source merge's experts were held in (its metrics hold for a blend in the same dtype)."""
+    return ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+
+
 def _blend_result(source: Optional[dict], names: list[str], inputs, coefficients: dict, experts_config: ExpertsConfig,
                   command: str, start: float, *, task: Optional[str], granularity: str, base, versions: dict) -> dict:
     """The ``merge_result.json`` of a blend: the coefficients applied (and the source merge's method, dataset and
@@ -237,7 +242,7 @@ def _blend_result(source: Optional[dict], names: list[str], inputs, coefficients
         if source.get("learned_by"):  # a blend of a blend: the search behind the first
             result["learned_by"] = dict(source["learned_by"])
         merged_eval = source.get("eval_before") or (None if source.get("eval_after") else source.get("eval"))
-        source_dtype = ((source.get("config") or {}).get("experts") or {}).get("dtype", "auto")
+        source_dtype = source_dtype_of(source)
         if merged_eval and source_dtype == experts_config.dtype:  # else measured on other weights: left out
             result["learned_by"]["eval"] = merged_eval
     return result

@@ -23,7 +23,7 @@ from .config import (DataConfig, ExpertsConfig, FinetuneConfig, GlueConfig, Outp
                      torch_dtype)
 from .errors import GlueError
 from .io.checkpoint import STATE_FILE, Checkpoint, state_dir_for
-from .io.hub import check_repo_id, looks_like_path
+from .io.hub import check_repo_id, refuse_missing_path
 from .io.adapters import is_adapter
 from .io.experts import (
     Expert,
@@ -213,9 +213,8 @@ def check_local_inputs(experts_config: ExpertsConfig, data_config: DataConfig) -
     inputs = [("dataset", data_config.dataset), ("base model", experts_config.base_model),
               *(("expert", e) for e in experts_config.experts)]
     for what, spec in inputs:
-        if spec and looks_like_path(spec) and not Path(spec).expanduser().exists():
-            raise GlueError(f"{what} {spec!r}: no such file or folder ({Path(spec).expanduser().absolute()}); check "
-                            "the path (a Hub repo id is org/name).")
+        if spec:
+            refuse_missing_path(spec, what)
 
 
 def check_probe(experts_config: ExpertsConfig, glue_config: GlueConfig, processes: int) -> None:

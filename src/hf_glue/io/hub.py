@@ -79,6 +79,14 @@ def looks_like_path(spec: str) -> bool:
     return repo_id.count("/") > 1 or "\\" in repo_id or repo_id.lower().endswith(FILE_SUFFIXES)
 
 
+def refuse_missing_path(spec: str, what: str) -> None:
+    """Refuse ``spec`` when it names a local path (`looks_like_path`) that does not exist, naming ``what``."""
+    local = Path(spec).expanduser()
+    if looks_like_path(spec) and not local.exists():
+        raise GlueError(f"{what} {spec!r}: no such file or folder ({local.absolute()}); check the path "
+                        "(a Hub repo id is org/name).")
+
+
 def check_repo_id(repo_id: str) -> None:
     """Refuse, before any work, a push target that is not a valid ``org/name`` repo id."""
     from huggingface_hub.errors import HFValidationError
@@ -101,9 +109,7 @@ def resolve(
     local = Path(spec).expanduser()
     if local.exists():
         return ResolvedRepo(spec=spec, repo_id=spec, revision=None, path=local.resolve(), repo_type=repo_type)
-    if looks_like_path(spec):
-        raise GlueError(f"{what} {spec!r}: no such file or folder ({local.absolute()}); check the path "
-                        "(a Hub repo id is org/name).")
+    refuse_missing_path(spec, what)
     repo_id, revision = split_spec(spec)
     path = _snapshot(repo_id, revision=revision, repo_type=repo_type, allow_patterns=allow_patterns, what=what, spec=spec)
     return ResolvedRepo(spec=spec, repo_id=repo_id, revision=path.name, path=path, repo_type=repo_type)
